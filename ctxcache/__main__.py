@@ -1,0 +1,3 @@
+from ctxcache.cli import main
+
+raise SystemExit(main())

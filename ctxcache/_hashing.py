@@ -1,0 +1,206 @@
+"""Streaming xxh3-128 digests of models (with their external data) and files, behind a stat memo.
+
+A warm launch must not re-read a multi-GB model, so a digest is remembered against the files' stat
+signatures (size, mtime, ctime, inode): one ``stat`` per file and one small JSON read decide whether the
+remembered digest still holds. ctime is in the signature because a tool can reset mtime after editing a
+file (``touch -r``) but nothing in user space can reset ctime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from . import _fs
+from ._onnxproto import WireError, read_facts, resolve_external
+from .errors import InvalidModelError, ModelNotFoundError
+
+log = logging.getLogger("ctxcache")
+
+# 1 MiB reads keep the Python overhead per byte negligible (measured in benchmarks/bench_hashing.py)
+# while the buffer, reused for every read, keeps memory flat whatever the model size.
+_CHUNK = 1 << 20
+
+Signature = tuple[int, int, int, int]
+
+
+def signature(st: os.stat_result) -> Signature:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _hash_stream(h: xxhash.xxh3_128, path: Path, buf: bytearray) -> int:
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                return total
+            h.update(view[:n])
+            total += n
+
+
+def file_digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    _hash_stream(h, path, bytearray(_CHUNK))
+    return h.hexdigest()
+
+
+def bytes_digest(data: bytes) -> str:
+    """Digest of an in-memory model; equal to :func:`model_digest` of the same bytes on disk."""
+    h = xxhash.xxh3_128()
+    h.update(b"model\0")
+    h.update(data)
+    return h.hexdigest()
+
+
+def _digest_files(model: Path, externals: Sequence[tuple[str, Path]]) -> str:
+    buf = bytearray(_CHUNK)
+    h = xxhash.xxh3_128()
+    h.update(b"model\0")
+    _hash_stream(h, model, buf)
+    for name, path in externals:
+        # The name is hashed too: the model refers to its data by name, and two files swapped
+        # between names must not give the same digest.
+        h.update(b"\0external\0" + name.encode("utf-8") + b"\0")
+        _hash_stream(h, path, buf)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelDigest:
+    digest: str
+    files: tuple[str, ...]  # the model first, then its external-data files
+    size: int  # bytes hashed (or that would be hashed)
+    memo_hit: bool
+
+
+def _memo_path(memo_dir: Path, key: str) -> Path:
+    return memo_dir / f"{xxhash.xxh3_64_hexdigest(key.encode('utf-8', 'surrogatepass'))}.json"
+
+
+def _read_memo(memo_file: Path, key: str) -> dict[str, object] | None:
+    try:
+        data = json.loads(memo_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    return data
+
+
+def _memo_valid(data: dict[str, object]) -> bool:
+    files = data.get("files")
+    if not isinstance(files, list) or not files:
+        return False
+    for item in files:
+        if not isinstance(item, list) or len(item) != 2:
+            return False
+        path, sig = item
+        try:
+            if list(signature(os.stat(path))) != sig:
+                return False
+        except (OSError, TypeError):
+            return False
+    return isinstance(data.get("digest"), str)
+
+
+def model_digest(model: Path, memo_dir: Path | None) -> ModelDigest:
+    """Digest of ``model`` and every external-data file it references.
+
+    Raises :class:`ModelNotFoundError` / :class:`InvalidModelError` for bad input.
+    """
+    model = Path(os.path.abspath(model))
+    key = str(model)
+    memo_file = _memo_path(memo_dir, key) if memo_dir is not None else None
+    if memo_file is not None:
+        data = _read_memo(memo_file, key)
+        if data is not None and _memo_valid(data):
+            files = data["files"]
+            assert isinstance(files, list)
+            return ModelDigest(
+                str(data["digest"]), tuple(f[0] for f in files), int(str(data.get("size", 0))), True
+            )
+
+    try:
+        st = os.stat(model)
+    except FileNotFoundError:
+        raise ModelNotFoundError(
+            f"model file not found: {model}. Check the path, or pass the model as bytes.", path=str(model)
+        ) from None
+    except OSError as e:
+        raise InvalidModelError(
+            f"cannot read model {model}: {e.strerror}. Check the file's permissions.", path=str(model), detail=str(e)
+        ) from None
+    if not os.path.isfile(model):
+        raise InvalidModelError(
+            f"{model} is not a file. Pass the path of an .onnx model file.", path=str(model), detail="not a file"
+        )
+    try:
+        facts = read_facts(model)
+    except (WireError, OSError, ValueError) as e:
+        raise InvalidModelError(
+            f"{model} is not a valid ONNX model ({e}). Re-export it, or check that the download is complete.",
+            path=str(model),
+            detail=str(e),
+        ) from None
+    externals: list[tuple[str, Path]] = []
+    for location in sorted(facts.external_locations):
+        try:
+            path = resolve_external(model, location)
+        except WireError as e:
+            raise InvalidModelError(f"{model}: {e}.", path=str(model), detail=str(e)) from None
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"{model} references external data {location!r}, but {path} does not exist. "
+                "Keep the model's data files beside it.",
+                path=str(path),
+            )
+        externals.append((location, path))
+
+    sigs_before = [signature(st)] + [signature(os.stat(p)) for _, p in externals]
+    digest = _digest_files(model, externals)
+    paths = [str(model)] + [str(p) for _, p in externals]
+    size = sum(s[0] for s in sigs_before)
+    if memo_file is not None:
+        sigs_after = [signature(os.stat(p)) for p in paths]
+        # A file that changed while we read it must not be memoised under its new signature.
+        if sigs_after == sigs_before:
+            payload = {"key": key, "digest": digest, "size": size, "files": [[p, list(s)] for p, s in zip(paths, sigs_after)]}
+            try:
+                _fs.atomic_write(memo_file, json.dumps(payload).encode(), durable=False)
+            except OSError as e:
+                log.debug("could not write hash memo %s: %s", memo_file, e)
+    return ModelDigest(digest, tuple(paths), size, False)
+
+
+def files_digest(paths: Iterable[Path], memo_dir: Path | None) -> dict[str, str]:
+    """Digest each file (native libraries), memoised by stat signature like models."""
+    out: dict[str, str] = {}
+    for path in paths:
+        key = "file:" + os.path.abspath(path)
+        memo_file = _memo_path(memo_dir, key) if memo_dir is not None else None
+        data = _read_memo(memo_file, key) if memo_file is not None else None
+        if data is not None and _memo_valid(data):
+            out[path.name] = str(data["digest"])
+            continue
+        try:
+            sig = signature(os.stat(path))
+            digest = file_digest(path)
+        except OSError:
+            out[path.name] = "missing"
+            continue
+        out[path.name] = digest
+        if memo_file is not None:
+            payload = {"key": key, "digest": digest, "files": [[os.path.abspath(path), list(sig)]]}
+            try:
+                _fs.atomic_write(memo_file, json.dumps(payload).encode(), durable=False)
+            except OSError as e:
+                log.debug("could not write hash memo %s: %s", memo_file, e)
+    return out

@@ -1,0 +1,568 @@
+"""The hit / miss / fallback / bypass state machine; returns a session and a report of what happened.
+
+    load -> resolve providers -> fingerprint -> lookup -> verify -> session on the context   = hit
+    no entry -> per-key lock -> look again -> compile into staging -> publish -> session    = miss
+    load or verify fails -> invalidate (quarantine, reason kept) -> session on the original  = fallback
+    nothing compilable / provider missing / cache unusable -> session on the original       = bypass
+
+The application never sees a cache fault: every fault becomes a fallback with a logged reason, unless
+strict mode asks for an exception (for CI).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import onnxruntime as ort
+
+from . import _events, _fingerprint, providers
+from ._compile import CompileFailed, NothingCompiled, compile_into
+from ._hashing import ModelDigest, bytes_digest, files_digest, model_digest
+from ._onnxproto import WireError, read_facts, read_facts_from_bytes
+from ._store import BrokenEntry, Entry
+from .errors import CacheFaultError, InvalidModelError, LockTimeoutError, ModelNotFoundError, ProviderOptionError
+from .providers import ExecutionProvider
+
+if TYPE_CHECKING:
+    from ._cache import ContextCache
+
+log = logging.getLogger("ctxcache")
+
+Outcome = Literal["hit", "miss", "fallback", "bypass"]
+ModelArg = str | bytes | os.PathLike[str]
+ProvidersArg = Sequence[str | tuple[str, Mapping[str, Any]]] | None
+
+# Session-config entries copied onto the sessions ctxcache creates. ORT has no way to list the entries
+# of a SessionOptions, so the useful documented ones are copied by name; ep.context_* are left out on
+# purpose (they would make ORT dump its own contexts beside ours).
+_CONFIG_KEYS = (
+    "session.disable_cpu_ep_fallback",
+    "session.intra_op.allow_spinning",
+    "session.inter_op.allow_spinning",
+    "session.use_env_allocators",
+    "session.disable_prepacking",
+    "session.set_denormal_as_zero",
+    "session.use_device_allocator_for_initializers",
+    "session.intra_op_thread_affinities",
+    "session.disable_quant_qdq",
+    "session.enable_quant_qdq_cleanup",
+    "session.qdq_matmulnbits_accuracy_level",
+    "session.disable_aot_function_inlining",
+    "session.dynamic_block_base",
+)
+_SO_ATTRS = (
+    "enable_cpu_mem_arena",
+    "enable_mem_pattern",
+    "enable_mem_reuse",
+    "enable_profiling",
+    "execution_mode",
+    "execution_order",
+    "graph_optimization_level",
+    "inter_op_num_threads",
+    "intra_op_num_threads",
+    "log_severity_level",
+    "log_verbosity_level",
+    "logid",
+    "profile_file_prefix",
+    "use_deterministic_compute",
+    "use_per_session_threads",
+)
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a load was a fallback or a bypass. ``code`` is stable and machine-readable.
+
+    Codes: ``nothing_to_compile``, ``provider_unavailable``, ``not_compilable``, ``cache_unwritable``,
+    ``lock_timeout``, ``compile_failed``, ``manifest_missing``, ``manifest_corrupt``,
+    ``manifest_unreadable``, ``artifact_missing``, ``artifact_size``, ``artifact_digest``,
+    ``artifact_not_regular``, ``artifact_unreadable``, ``crashed_during_load``, ``incompatible``,
+    ``load_failed``, ``wrong_provider``, ``publish_failed``.
+    """
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each step of a load."""
+
+    hash: float = 0.0
+    lock_wait: float = 0.0
+    compile: float = 0.0
+    load: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class LoadResult:
+    """What :meth:`ContextCache.load` returns."""
+
+    session: ort.InferenceSession
+    outcome: Outcome
+    key: str | None = None
+    reason: Reason | None = None
+    timings: Timings = field(default_factory=Timings)
+    providers: list[str] = field(default_factory=list)
+    entry_path: Path | None = None
+    model_digest: str | None = None
+    #: compile seconds this hit avoided (the entry's recorded compile time), for stats
+    saved_seconds: float = field(default=0.0, repr=False)
+
+    def __repr__(self) -> str:
+        why = f", reason={self.reason}" if self.reason else ""
+        key = self.key[:12] if self.key else None
+        return f"LoadResult(outcome={self.outcome!r}, key={key!r}, total={self.timings.total:.3f}s{why})"
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+@dataclass
+class _Model:
+    path: Path | None
+    data: bytes | None
+
+    @property
+    def source(self) -> str | bytes:
+        return self.data if self.data is not None else str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else "<bytes>"
+
+
+def _model_arg(model: ModelArg) -> _Model:
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return _Model(None, bytes(model))
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(os.path.abspath(os.fspath(model)))
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"model file not found: {path}. Check the path, or pass the model as bytes.", path=str(path)
+            )
+        if not path.is_file():
+            raise InvalidModelError(
+                f"{path} is not a file. Pass the path of an .onnx model file.", path=str(path), detail="not a file"
+            )
+        return _Model(path, None)
+    raise TypeError(f"model must be a path or bytes, not {type(model).__name__}")
+
+
+Chain = list[tuple[ExecutionProvider, dict[str, str]]]
+
+
+def resolve_providers(providers_arg: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None) -> Chain:
+    """Turn ORT's ``providers=`` / ``provider_options=`` forms into provider modules + normalised options."""
+    if providers_arg is None:
+        return []
+    if isinstance(providers_arg, (str, bytes)):
+        raise ProviderOptionError(
+            f"providers must be a list, e.g. [{providers_arg!r}], not a string.", provider=str(providers_arg), option="providers"
+        )
+    items = list(providers_arg)
+    if provider_options is not None:
+        opts_list = list(provider_options)
+        if len(opts_list) != len(items):
+            raise ProviderOptionError(
+                f"provider_options has {len(opts_list)} item(s) for {len(items)} provider(s); give one dict per provider.",
+                provider="",
+                option="provider_options",
+            )
+        if any(isinstance(p, tuple) for p in items):
+            raise ProviderOptionError(
+                "pass options either as (name, options) tuples or in provider_options, not both.",
+                provider="",
+                option="provider_options",
+            )
+        items = [(p, o) for p, o in zip(items, opts_list)]  # type: ignore[misc]
+    chain: Chain = []
+    for item in items:
+        if isinstance(item, str):
+            name, opts = item, {}
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Mapping):
+            name, opts = item[0], item[1]
+        else:
+            raise ProviderOptionError(
+                f"cannot read provider entry {item!r}; use 'Name' or ('Name', {{options}}).", provider=str(item), option=""
+            )
+        ep = providers.get(name)
+        chain.append((ep, ep.normalize_options(opts)))
+    return chain
+
+
+def clone_session_options(src: ort.SessionOptions | None) -> ort.SessionOptions:
+    """A fresh SessionOptions with the user's settings.
+
+    A plugin EP is added to a SessionOptions with ``add_provider_for_devices``, which ORT refuses to
+    do twice on one object; copying keeps the caller's object untouched and reusable.
+    """
+    dst = ort.SessionOptions()
+    if src is None:
+        return dst
+    for attr in _SO_ATTRS:
+        if hasattr(src, attr):
+            try:
+                setattr(dst, attr, getattr(src, attr))
+            except Exception:
+                pass
+    for key in _CONFIG_KEYS:
+        try:
+            dst.add_session_config_entry(key, src.get_session_config_entry(key))
+        except Exception:
+            pass
+    return dst
+
+
+# -- the state machine ----------------------------------------------------------------------------
+class Loader:
+    def __init__(self, cache: ContextCache) -> None:
+        self.cache = cache
+        self.store = cache.store
+        # Versions, library digests and devices do not change within a process; a second load of any
+        # model skips collecting them.
+        self._env_parts: dict[str, list[tuple[str, Any]]] = {}
+
+    # ---- helpers
+    def _session(
+        self, source: str | bytes, chain: Chain, target: int | None, so: ort.SessionOptions | None
+    ) -> ort.InferenceSession:
+        if target is None:
+            names = [ep.name for ep, _ in chain]
+            opts = [o for _, o in chain]
+            kw: dict[str, Any] = {"providers": names, "provider_options": opts} if chain else {}
+            return ort.InferenceSession(source, sess_options=clone_session_options(so), **kw)
+        ep, options = chain[target]
+        rest = [(e.name, o) for e, o in chain[target + 1 :]]
+        return ep.session(source, clone_session_options(so), options, rest)
+
+    def _original(
+        self, model: _Model, chain: Chain, target: int | None, so: ort.SessionOptions | None
+    ) -> ort.InferenceSession:
+        """A session on the original model; ORT's own error if even that fails (not a cache fault)."""
+        try:
+            return self._session(model.source, chain, target, so)
+        except Exception as e:
+            if isinstance(e, (InvalidModelError, ModelNotFoundError)):
+                raise
+            try:
+                if model.data is not None:
+                    read_facts_from_bytes(model.data)
+                else:
+                    assert model.path is not None
+                    read_facts(model.path)
+            except (WireError, OSError, ValueError) as bad:
+                where = str(model.path) if model.path else "<bytes>"
+                raise InvalidModelError(
+                    f"{where} is not a valid ONNX model ({bad}). Re-export it, or check that the download is complete.",
+                    path=where,
+                    detail=str(bad),
+                ) from e
+            raise
+
+    def _env(self, ep: ExecutionProvider, options: dict[str, str]) -> list[tuple[str, Any]]:
+        memo_key = ep.name + _fingerprint.canonical_json(options)
+        parts = self._env_parts.get(memo_key)
+        if parts is None:
+            parts = [
+                ("onnxruntime", ort.__version__),
+                ("ep_versions", ep.versions()),
+                ("ep_libraries", files_digest(ep.library_files(options), self.store.memo_dir)),
+                ("devices", ep.device_identity()),
+                ("host", f"{sys.platform}-{platform.machine().lower()}"),
+            ]
+            self._env_parts[memo_key] = parts
+        return parts
+
+    def fingerprint(
+        self, digest: str, ep: ExecutionProvider, options: dict[str, str], so: ort.SessionOptions | None
+    ) -> _fingerprint.Fingerprint:
+        level = (so.graph_optimization_level if so is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        env = dict(self._env(ep, options))
+        return _fingerprint.build(
+            [
+                ("format", _fingerprint.FORMAT_VERSION),
+                ("model", digest),
+                ("ep", ep.name),
+                ("ep_options", ep.binary_options(options)),
+                ("onnxruntime", env["onnxruntime"]),
+                ("ep_versions", env["ep_versions"]),
+                ("ep_libraries", env["ep_libraries"]),
+                ("devices", env["devices"]),
+                ("graph_optimization", str(level).rsplit(".", 1)[-1]),
+                ("embed_mode", int(self.cache.embed)),
+                ("host", env["host"]),
+                ("extra", self.cache.extra_key),
+            ]
+        )
+
+    def digest(self, model: _Model) -> ModelDigest:
+        if model.data is not None:
+            try:
+                read_facts_from_bytes(model.data)
+            except WireError as e:
+                raise InvalidModelError(
+                    f"<bytes> is not a valid ONNX model ({e}).", path="<bytes>", detail=str(e)
+                ) from None
+            return ModelDigest(bytes_digest(model.data), (), len(model.data), False)
+        assert model.path is not None
+        return model_digest(model.path, self.store.memo_dir)
+
+    # ---- entry point
+    def load(
+        self,
+        model_arg: ModelArg,
+        providers_arg: ProvidersArg,
+        provider_options: Sequence[Mapping[str, Any]] | None,
+        so: ort.SessionOptions | None,
+    ) -> LoadResult:
+        start = time.perf_counter()
+        model = _model_arg(model_arg)
+        chain = resolve_providers(providers_arg, provider_options)
+        result = self._load(model, chain, so)
+        result.timings.total = time.perf_counter() - start
+        try:
+            result.providers = list(result.session.get_providers())
+        except Exception:
+            pass
+        self._report(model, result)
+        return result
+
+    def _report(self, model: _Model, result: LoadResult) -> None:
+        try:
+            _events.record(
+                self.store.events_path,
+                result.outcome,
+                result.key,
+                result.reason.code if result.reason else None,
+                result.timings.compile,
+                result.saved_seconds,
+            )
+        except OSError:
+            pass
+        level = logging.WARNING if result.outcome == "fallback" else logging.INFO
+        why = f" ({result.reason})" if result.reason else ""
+        log.log(level, "%s: %s in %.3f s%s", model.name, result.outcome, result.timings.total, why)
+
+    def _fault(self, key: str | None, reason: Reason) -> None:
+        if self.cache.strict:
+            raise CacheFaultError(f"cache fault ({reason}); strict mode is on", code=reason.code, key=key)
+        log.warning("cache fault for %s: %s", key[:12] if key else "-", reason)
+
+    def _load(self, model: _Model, chain: Chain, so: ort.SessionOptions | None) -> LoadResult:
+        timings = Timings()
+        target = next((i for i, (ep, _) in enumerate(chain) if ep.compiles), None)
+        if target is None:
+            why = "no execution provider given" if not chain else "no provider in the list compiles a context (CPU only)"
+            return LoadResult(self._original(model, chain, None, so), "bypass", reason=Reason("nothing_to_compile", why), timings=timings)
+        ep, options = chain[target]
+        unavailable = ep.unavailable_reason()
+        if unavailable is not None:
+            rest = [(e, o) for e, o in chain if e is not ep and e.unavailable_reason() is None]
+            return LoadResult(
+                self._original(model, rest, None, so), "bypass", reason=Reason("provider_unavailable", unavailable), timings=timings
+            )
+
+        t = time.perf_counter()
+        digest = self.digest(model)  # bad input raises here, before the cache is touched
+        timings.hash = time.perf_counter() - t
+        try:
+            self.store.ensure()
+        except OSError as e:
+            reason = Reason("cache_unwritable", f"cannot create cache at {self.store.root}: {e.strerror or e}")
+            self._fault(None, reason)
+            return LoadResult(self._original(model, chain, target, so), "bypass", reason=reason, timings=timings, model_digest=digest.digest)
+        fp = self.fingerprint(digest.digest, ep, options, so)
+        key = fp.key
+
+        def done(session: ort.InferenceSession, outcome: Outcome, reason: Reason | None = None, entry: Entry | None = None) -> LoadResult:
+            saved = entry.compile_seconds if (entry is not None and outcome == "hit") else 0.0
+            return LoadResult(session, outcome, key, reason, timings, entry_path=entry.path if entry else None,
+                              model_digest=digest.digest, saved_seconds=saved)
+
+        failed = self.store.failure(key, self.cache.negative_ttl)
+        if failed is not None:
+            reason = Reason("not_compilable", f"remembered: {failed.get('message', '')}")
+            return done(self._original(model, chain, target, so), "bypass", reason)
+
+        # ---- hit?
+        try:
+            entry = self.store.lookup(key)
+        except BrokenEntry as b:
+            return self._fallback(model, chain, target, so, key, None, Reason(b.code, b.message), done)
+        if entry is not None:
+            session, reason = self._open(entry, chain, target, so, timings)
+            if session is not None:
+                return done(session, "hit", entry=entry)
+            assert reason is not None
+            return self._fallback(model, chain, target, so, key, entry, reason, done)
+
+        # ---- miss: compile under the key's lock
+        return self._miss(model, chain, target, so, key, fp, digest, timings, done)
+
+    def _open(
+        self, entry: Entry, chain: Chain, target: int, so: ort.SessionOptions | None, timings: Timings
+    ) -> tuple[ort.InferenceSession | None, Reason | None]:
+        ep, _ = chain[target]
+        if self.store.poisoned(entry.key):
+            return None, Reason("crashed_during_load", "a process died while loading this context; not loading it again")
+        problem = self.store.verify(entry, full=self.cache.verify == "full")
+        if problem is not None:
+            return None, Reason(*problem)
+        for ep_name, info in entry.manifest.get("compat", {}).items():
+            if ep_name == ep.name and isinstance(info, str):
+                verdict = ep.compatibility(info)
+                if verdict is not None:
+                    return None, Reason("incompatible", verdict)
+        marker = self.store.mark_loading(entry.key)
+        t = time.perf_counter()
+        try:
+            session = self._session(str(entry.context_path), chain, target, so)
+        except Exception as e:
+            return None, Reason("load_failed", f"{type(e).__name__}: {e}".strip()[:2000])
+        finally:
+            timings.load = time.perf_counter() - t
+            self.store.clear_marker(marker)
+        if ep.name not in session.get_providers():
+            # ORT silently put the graph on CPU: never report that as the provider's session.
+            return None, Reason("wrong_provider", f"the context session runs on {session.get_providers()}, not {ep.name}")
+        self.store.touch(entry)
+        return session, None
+
+    def _fallback(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
+                  entry: Entry | None, reason: Reason, done: Any) -> LoadResult:
+        self.invalidate_broken(key, entry, reason)
+        self._fault(key, reason)
+        return done(self._original(model, chain, target, so), "fallback", reason)
+
+    def invalidate_broken(self, key: str, entry: Entry | None, reason: Reason) -> None:
+        from ._locking import release, try_lock
+
+        # Under the key's lock when it is free: a compiler holding it may be replacing this very entry
+        # (it will find and handle the broken one itself). The entry_id check covers the rest.
+        handle = try_lock(self.store.lock_path(key))
+        if handle is None:
+            log.info("entry %s is being rebuilt by another process; leaving it to that process", key[:12])
+            return
+        try:
+            self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id if entry else None)
+        finally:
+            release(handle)
+
+    def _miss(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
+              fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: Any) -> LoadResult:
+        import filelock
+
+        from ._locking import key_lock
+
+        ep, options = chain[target]
+        try:
+            lock = key_lock(self.store.lock_path(key), self.cache.lock_timeout, model.name)
+            waited = lock.__enter__()
+        except filelock.Timeout:
+            if self.cache.on_lock_timeout == "raise":
+                raise LockTimeoutError(
+                    f"another process kept compiling {model.name} for over {self.cache.lock_timeout} s "
+                    f"(lock {self.store.lock_path(key)}). Raise lock_timeout, or use on_lock_timeout='jit'.",
+                    lock_path=str(self.store.lock_path(key)),
+                    timeout=float(self.cache.lock_timeout or 0),
+                ) from None
+            reason = Reason("lock_timeout", f"another process is still compiling after {self.cache.lock_timeout} s")
+            return done(self._original(model, chain, target, so), "bypass", reason)
+        except OSError as e:
+            reason = Reason("cache_unwritable", f"cannot create lock in {self.store.locks_dir}: {e.strerror or e}")
+            self._fault(key, reason)
+            return done(self._original(model, chain, target, so), "bypass", reason)
+        try:
+            timings.lock_wait = waited.seconds
+            # Look again: the process we waited for has probably published it.
+            try:
+                entry = self.store.lookup(key)
+            except BrokenEntry as b:
+                self.store.quarantine(key, b.code, b.message)
+                entry = None
+            if entry is not None:
+                session, reason = self._open(entry, chain, target, so, timings)
+                if session is not None:
+                    return done(session, "hit", entry=entry)
+                assert reason is not None
+                self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id)
+                self._fault(key, reason)
+                return done(self._original(model, chain, target, so), "fallback", reason)
+            return self._compile_and_publish(model, chain, target, so, key, fp, digest, timings, done)
+        finally:
+            lock.__exit__(None, None, None)
+
+    def _compile_and_publish(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
+                             fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: Any) -> LoadResult:
+        import shutil
+
+        ep, options = chain[target]
+        self.store.clean_staging()
+        try:
+            staging = self.store.new_staging(key)
+        except OSError as e:
+            reason = Reason("cache_unwritable", f"cannot write in {self.store.staging_dir}: {e.strerror or e}")
+            self._fault(key, reason)
+            return done(self._original(model, chain, target, so), "bypass", reason)
+        try:
+            level = so.graph_optimization_level if so is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            severity = so.log_severity_level if so is not None else 2
+            try:
+                timings.compile = compile_into(staging, model.source, ep, options, level, self.cache.embed, severity)
+            except NothingCompiled as e:
+                self.store.remember_failure(key, "not_compilable", str(e)[:500])
+                reason = Reason("not_compilable", f"{ep.name} compiled no node of this model")
+                return done(self._original(model, chain, target, so), "bypass", reason)
+            except CompileFailed as e:
+                self.store.remember_failure(key, "compile_failed", str(e)[:500])
+                reason = Reason("compile_failed", str(e)[:2000])
+                self._fault(key, reason)
+                return done(self._original(model, chain, target, so), "fallback", reason)
+            try:
+                facts = read_facts(staging / "ctx.onnx")
+                compat = {
+                    k.split(".", 1)[1]: v for k, v in facts.metadata.items() if k.startswith("ep_compatibility_info.")
+                }
+                manifest = {
+                    "parts": [list(p) for p in fp.parts],
+                    "model": {"name": model.name, "path": str(model.path) if model.path else None, "size": digest.size},
+                    "provider": ep.name,
+                    "created": time.time(),
+                    "compile_seconds": round(timings.compile, 4),
+                    "compat": compat,
+                    "ctxcache_version": _version(),
+                }
+                entry = self.store.publish(staging, key, manifest)
+            except (OSError, BrokenEntry, WireError) as e:
+                reason = Reason("publish_failed", f"{type(e).__name__}: {e}")
+                self._fault(key, reason)
+                return done(self._original(model, chain, target, so), "fallback", reason)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info("compiled %s for %s in %.2f s -> %s", model.name, ep.name, timings.compile, entry.path)
+        self.cache._after_publish(entry)
+        session, reason = self._open(entry, chain, target, so, timings)
+        if session is not None:
+            return done(session, "miss", entry=entry)
+        assert reason is not None
+        self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id)
+        self._fault(key, reason)
+        return done(self._original(model, chain, target, so), "fallback", reason)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

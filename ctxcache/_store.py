@@ -1,0 +1,435 @@
+"""On-disk layout, manifests, atomic publish, lookup, integrity checks, invalidation.
+
+Layout under the cache root (one folder per format version, so an older ctxcache never misreads a
+newer one)::
+
+    v1/
+      entries/<key>/        manifest.json, ctx.onnx, ctx_<ep>.bin ...   (one committed entry)
+      staging/<key>.<pid>.<rand>/                                      (an entry being built)
+      quarantine/<key>.<time>.<rand>/  + reason.json                   (invalidated, kept for a post-mortem)
+      locks/<key>.lock      memo/<hash>.json      markers/<key>.<pid>.<rand>
+      negative/<key>.json   (models that cannot compile for this key)    events.log (stats)
+
+An entry is staged in its own folder, fsynced, and committed by ONE rename of that folder: a reader
+sees a whole entry or none. The manifest is written inside the staging folder before the rename, so a
+committed entry always has one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _fs
+from ._hashing import file_digest, signature
+
+log = logging.getLogger("ctxcache")
+
+LAYOUT = "v1"
+MANIFEST = "manifest.json"
+CONTEXT = "ctx.onnx"
+MANIFEST_FORMAT = 1
+# A manifest is a few KB; anything much larger is damage or an attack (JSON bomb), not ours.
+_MAX_MANIFEST = 1 << 20
+_KEEP_QUARANTINED = 8
+_STAGING_MAX_AGE = 24 * 3600.0
+_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def safe_name(name: object) -> bool:
+    """A plain file name inside an entry: no separators, no '..', no hidden or device names."""
+    return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
+class BrokenEntry(Exception):
+    """An entry folder exists but cannot be used. ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def context_path(self) -> Path:
+        return self.path / CONTEXT
+
+    @property
+    def artifacts(self) -> list[dict[str, Any]]:
+        return list(self.manifest["artifacts"])
+
+    @property
+    def size(self) -> int:
+        return sum(int(a["size"]) for a in self.artifacts)
+
+    @property
+    def entry_id(self) -> str:
+        return str(self.manifest.get("entry_id", ""))
+
+    @property
+    def compile_seconds(self) -> float:
+        return float(self.manifest.get("compile_seconds", 0.0))
+
+    @property
+    def parts(self) -> dict[str, Any]:
+        return {label: value for label, value in self.manifest.get("parts", [])}
+
+    def last_used(self) -> float:
+        try:
+            return os.stat(self.path / MANIFEST).st_mtime
+        except OSError:
+            return float(self.manifest.get("created", 0.0))
+
+
+def _check_manifest(data: Any, key: str) -> str | None:
+    """``None`` when ``data`` is a manifest this version can use for ``key``, else what is wrong."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    fmt = data.get("format")
+    if not isinstance(fmt, int):
+        return "no format number"
+    if fmt > MANIFEST_FORMAT:
+        return f"written by a newer ctxcache (format {fmt} > {MANIFEST_FORMAT})"
+    if data.get("key") != key:
+        return "key does not match its folder"
+    arts = data.get("artifacts")
+    if not isinstance(arts, list) or not arts or len(arts) > 64:
+        return "no artifact list"
+    names = set()
+    for a in arts:
+        if not isinstance(a, dict) or not safe_name(a.get("name")):
+            return "artifact with an unsafe or missing name"
+        if not isinstance(a.get("size"), int) or not isinstance(a.get("xxh3"), str):
+            return "artifact without size or digest"
+        sig = a.get("sig")
+        if not (isinstance(sig, list) and len(sig) == 4 and all(isinstance(x, int) for x in sig)):
+            return "artifact without stat signature"
+        names.add(a["name"])
+    if CONTEXT not in names:
+        return f"no {CONTEXT} artifact"
+    if not isinstance(data.get("parts"), list):
+        return "no key parts"
+    return None
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.base = root
+        self.root = root / LAYOUT
+        self.entries_dir = self.root / "entries"
+        self.staging_dir = self.root / "staging"
+        self.quarantine_dir = self.root / "quarantine"
+        self.locks_dir = self.root / "locks"
+        self.memo_dir = self.root / "memo"
+        self.markers_dir = self.root / "markers"
+        self.negative_dir = self.root / "negative"
+        self.events_path = self.root / "events.log"
+
+    # -- setup --------------------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Create the layout, owner-only (a cache others can write into could feed us contexts)."""
+        for d in (
+            self.entries_dir,
+            self.staging_dir,
+            self.quarantine_dir,
+            self.locks_dir,
+            self.memo_dir,
+            self.markers_dir,
+            self.negative_dir,
+        ):
+            if not d.is_dir():
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def writable(self) -> bool:
+        return os.access(self.root, os.W_OK) if self.root.is_dir() else os.access(self.base.parent, os.W_OK)
+
+    def lock_path(self, key: str) -> Path:
+        return self.locks_dir / f"{key}.lock"
+
+    # -- lookup -------------------------------------------------------------------------------
+    def entry_path(self, key: str) -> Path:
+        return self.entries_dir / key
+
+    def lookup(self, key: str) -> Entry | None:
+        """The committed entry for ``key``, ``None`` if there is none. Raises :class:`BrokenEntry`."""
+        path = self.entries_dir / key
+        mpath = path / MANIFEST
+        try:
+            with open(mpath, "rb") as f:
+                raw = f.read(_MAX_MANIFEST + 1)
+        except FileNotFoundError:
+            if path.is_dir():
+                raise BrokenEntry("manifest_missing", f"entry {key[:12]} has no manifest") from None
+            return None
+        except OSError as e:
+            raise BrokenEntry("manifest_unreadable", f"cannot read {mpath}: {e}") from None
+        if len(raw) > _MAX_MANIFEST:
+            raise BrokenEntry("manifest_corrupt", f"{mpath} is larger than {_MAX_MANIFEST} bytes")
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise BrokenEntry("manifest_corrupt", f"{mpath} is not valid JSON ({e})") from None
+        problem = _check_manifest(data, key)
+        if problem is not None:
+            raise BrokenEntry("manifest_corrupt", f"{mpath}: {problem}")
+        return Entry(key, path, data)
+
+    def verify(self, entry: Entry, *, full: bool = False) -> tuple[str, str] | None:
+        """Integrity of an entry's artifacts: ``None`` when intact, else ``(code, message)``.
+
+        The quick check compares each artifact's stat signature with the one recorded at publish; a
+        mismatch (or ``full=True``) re-hashes that artifact and compares digests. A one-byte flip in a
+        QNN .bin loads and runs with silently wrong outputs (FIELD-NOTES), so a changed file is never
+        trusted on its size alone. A file whose content still matches gets its new signature recorded,
+        so copying a cache folder costs one re-hash, not one per launch.
+        """
+        refreshed = False
+        for art in entry.artifacts:
+            path = entry.path / art["name"]
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return ("artifact_missing", f"{path} is missing")
+            except OSError as e:
+                return ("artifact_unreadable", f"cannot stat {path}: {e}")
+            if not stat.S_ISREG(st.st_mode):
+                return ("artifact_not_regular", f"{path} is not a regular file (a link?)")
+            if st.st_size != art["size"]:
+                return ("artifact_size", f"{path} is {st.st_size} bytes, expected {art['size']}")
+            if not full and list(signature(st)) == art["sig"]:
+                continue
+            try:
+                digest = file_digest(path)
+            except OSError as e:
+                return ("artifact_unreadable", f"cannot read {path}: {e}")
+            if digest != art["xxh3"]:
+                return ("artifact_digest", f"{path} content changed (xxh3 {digest[:12]} != {art['xxh3'][:12]})")
+            if list(signature(st)) != art["sig"]:
+                art["sig"] = list(signature(st))
+                refreshed = True
+        if refreshed:
+            try:
+                _fs.atomic_write(entry.path / MANIFEST, json.dumps(entry.manifest, indent=1).encode())
+            except OSError as e:
+                log.debug("could not refresh signatures of %s: %s", entry.path, e)
+        return None
+
+    def touch(self, entry: Entry) -> None:
+        """Record a use (the manifest's mtime is the entry's last-used time for LRU pruning)."""
+        try:
+            os.utime(entry.path / MANIFEST)
+        except OSError:
+            pass
+
+    # -- publish ------------------------------------------------------------------------------
+    def new_staging(self, key: str) -> Path:
+        path = self.staging_dir / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def publish(self, staging: Path, key: str, manifest: dict[str, Any]) -> Entry:
+        """Fill in artifact digests, write the manifest, fsync, and commit by one rename.
+
+        The caller holds the key's lock. An entry already at the target (which the caller decided to
+        replace) is moved aside first: POSIX cannot rename a folder onto a non-empty one.
+        """
+        artifacts = []
+        for child in sorted(staging.iterdir()):
+            if child.name == MANIFEST:
+                continue
+            if not child.is_file() or child.is_symlink() or not safe_name(child.name):
+                raise BrokenEntry("compile_output", f"unexpected compiler output {child}")
+            _fs.fsync_file(child)
+            st = os.lstat(child)
+            artifacts.append(
+                {"name": child.name, "size": st.st_size, "xxh3": file_digest(child), "sig": list(signature(st))}
+            )
+        manifest = dict(manifest, format=MANIFEST_FORMAT, key=key, artifacts=artifacts)
+        manifest.setdefault("entry_id", secrets.token_hex(8))
+        problem = _check_manifest(manifest, key)
+        if problem is not None:
+            raise BrokenEntry("compile_output", f"compiled entry is unusable: {problem}")
+        _fs.atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+        _fs.fsync_dir(staging)
+        target = self.entries_dir / key
+        if target.exists():
+            self._discard(target)
+        os.rename(staging, target)
+        _fs.fsync_dir(self.entries_dir)
+        return Entry(key, target, manifest)
+
+    # -- removal ------------------------------------------------------------------------------
+    def _discard(self, path: Path) -> None:
+        """Remove a folder atomically from readers' view (rename), then delete it."""
+        trash = self.staging_dir / f"trash.{path.name}.{secrets.token_hex(4)}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def quarantine(self, key: str, code: str, message: str, expect_id: str | None = None) -> bool:
+        """Move ``key``'s entry out of the way, keeping it and the reason for a post-mortem.
+
+        ``expect_id`` guards a race: the entry we judged broken may already have been replaced by a
+        fresh one from another process; that one must not be thrown away.
+        """
+        src = self.entries_dir / key
+        if expect_id is not None:
+            try:
+                current = json.loads((src / MANIFEST).read_bytes()).get("entry_id")
+            except (OSError, ValueError, AttributeError):
+                current = None
+            if current is not None and current != expect_id:
+                return False
+        dst = self.quarantine_dir / f"{key}.{int(time.time())}.{secrets.token_hex(3)}"
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            log.debug("could not quarantine %s (%s); deleting it", src, e)
+            self._discard(src)
+            return True
+        try:
+            (dst / "reason.json").write_text(json.dumps({"code": code, "message": message, "time": time.time()}))
+        except OSError:
+            pass
+        self._trim_quarantine()
+        return True
+
+    def _trim_quarantine(self) -> None:
+        try:
+            items = sorted(self.quarantine_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return
+        for old in items[_KEEP_QUARANTINED:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def remove(self, key: str) -> bool:
+        path = self.entries_dir / key
+        if not path.exists():
+            return False
+        self._discard(path)
+        return True
+
+    def clean_staging(self) -> int:
+        """Delete staging folders left by dead processes (kill -9 mid-compile) and old trash."""
+        removed = 0
+        now = time.time()
+        try:
+            children = list(self.staging_dir.iterdir())
+        except OSError:
+            return 0
+        for child in children:
+            parts = child.name.split(".")
+            dead = False
+            if parts[0] == "trash":
+                dead = True
+            elif len(parts) == 3 and parts[1].isdigit():
+                dead = not _fs.pid_alive(int(parts[1]))
+            try:
+                old = now - child.stat().st_mtime > _STAGING_MAX_AGE
+            except OSError:
+                continue
+            if dead or old:
+                shutil.rmtree(child, ignore_errors=True)
+                removed += 1
+        return removed
+
+    # -- listing ------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.entries_dir) if _KEY_RE.match(n))
+        except OSError:
+            return []
+
+    def iter_entries(self) -> Iterator[Entry | tuple[str, BrokenEntry]]:
+        for key in self.keys():
+            try:
+                entry = self.lookup(key)
+            except BrokenEntry as e:
+                yield (key, e)
+                continue
+            if entry is not None:
+                yield entry
+
+    # -- crash markers ------------------------------------------------------------------------
+    def mark_loading(self, key: str) -> Path | None:
+        """Leave a marker while a context loads; one that outlives its process means the load killed it."""
+        path = self.markers_dir / f"{key}.{os.getpid()}.{secrets.token_hex(3)}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except OSError as e:
+            log.debug("could not write load marker %s: %s", path, e)
+            return None
+        return path
+
+    def clear_marker(self, marker: Path | None) -> None:
+        if marker is not None:
+            try:
+                os.unlink(marker)
+            except OSError:
+                pass
+
+    def poisoned(self, key: str) -> bool:
+        """Whether a process died while loading this key's context (its marker survived it)."""
+        prefix = key + "."
+        found = False
+        try:
+            names = [n for n in os.listdir(self.markers_dir) if n.startswith(prefix)]
+        except OSError:
+            return False
+        for name in names:
+            parts = name.split(".")
+            if len(parts) == 3 and parts[1].isdigit() and not _fs.pid_alive(int(parts[1])):
+                found = True
+                try:
+                    os.unlink(self.markers_dir / name)
+                except OSError:
+                    pass
+        return found
+
+    # -- negative cache -----------------------------------------------------------------------
+    def remember_failure(self, key: str, code: str, message: str) -> None:
+        try:
+            _fs.atomic_write(
+                self.negative_dir / f"{key}.json",
+                json.dumps({"code": code, "message": message, "time": time.time()}).encode(),
+                durable=False,
+            )
+        except OSError as e:
+            log.debug("could not remember compile failure for %s: %s", key[:12], e)
+
+    def failure(self, key: str, ttl: float) -> dict[str, Any] | None:
+        path = self.negative_dir / f"{key}.json"
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("time"), (int, float)):
+            return None
+        if abs(time.time() - data["time"]) > ttl:
+            return None
+        return data
+
+    def forget_failures(self) -> None:
+        shutil.rmtree(self.negative_dir, ignore_errors=True)

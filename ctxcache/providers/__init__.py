@@ -1,0 +1,56 @@
+"""Execution provider modules, picked in one place.
+
+:func:`get` maps a provider name to the module that knows it; a name ONNX Runtime knows but ctxcache
+has no module for gets the conservative generic behaviour (every option keyed).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import onnxruntime as ort
+
+from ..errors import UnknownProviderError
+from ._base import ExecutionProvider
+from .cpu import CPUProvider
+from .qnn import QNNProvider
+
+_MODULES: dict[str, type[ExecutionProvider]] = {
+    CPUProvider.name: CPUProvider,
+    QNNProvider.name: QNNProvider,
+}
+
+# One instance per provider per process: QNN's plugin registration is process-wide state.
+_instances: dict[str, ExecutionProvider] = {}
+
+
+def known_names() -> list[str]:
+    names = set(ort.get_all_providers()) | set(_MODULES)
+    try:
+        names |= {d.ep_name for d in ort.get_ep_devices()}
+    except Exception:  # older ORT without the plugin-EP API
+        pass
+    return sorted(names)
+
+
+def get(name: str) -> ExecutionProvider:
+    inst = _instances.get(name)
+    if inst is not None:
+        return inst
+    cls = _MODULES.get(name)
+    if cls is None:
+        known = known_names()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f". Known providers: {', '.join(known)}"
+            raise UnknownProviderError(
+                f"unknown execution provider {name!r}{hint}", provider=name, known=known
+            )
+        inst = ExecutionProvider(name)
+    else:
+        inst = cls()
+    _instances[name] = inst
+    return inst
+
+
+__all__ = ["ExecutionProvider", "get", "known_names"]

@@ -1,0 +1,123 @@
+"""The one interface every execution provider module implements.
+
+The rest of ctxcache talks to providers only through :class:`ExecutionProvider`; nothing outside
+``ctxcache/providers/`` names a provider (platformdirs picks its platform module the same way).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import onnxruntime as ort
+
+from ..errors import ProviderOptionError
+
+
+def option_str(provider: str, key: str, value: Any) -> str:
+    """ORT takes provider options as strings; accept the Python types users naturally write."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise ProviderOptionError(
+        f"{provider} option {key!r} has a value of type {type(value).__name__}; "
+        "pass a string, number or bool.",
+        provider=provider,
+        option=key,
+    )
+
+
+class ExecutionProvider:
+    """Base class: a provider that ctxcache knows nothing special about.
+
+    Defaults are the conservative ones: every option is assumed to change the compiled binary, the
+    provider is driven through ORT's classic ``providers=`` list, and only the onnxruntime version is
+    keyed. Subclasses narrow these where they know better.
+    """
+
+    name: ClassVar[str] = ""
+    #: Whether this provider can produce an EP-context model worth caching.
+    compiles: ClassVar[bool] = True
+    #: Option names the provider accepts; ``None`` accepts anything (names are then not checked).
+    known_options: ClassVar[frozenset[str] | None] = None
+    #: Options that only matter at run time; excluded from the key so changing them does not recompile.
+    runtime_options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name  # type: ignore[misc]
+
+    # -- availability -------------------------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        """``None`` when the provider can run here, else a one-line reason (outcome ``bypass``)."""
+        if self.name in ort.get_available_providers():
+            return None
+        return f"{self.name} is not available in this onnxruntime build ({ort.get_available_providers()})"
+
+    # -- options ------------------------------------------------------------------------------
+    def normalize_options(self, options: Mapping[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, value in options.items():
+            if not isinstance(key, str):
+                raise ProviderOptionError(
+                    f"{self.name} option names must be strings, got {key!r}.", provider=self.name, option=str(key)
+                )
+            if self.known_options is not None and key not in self.known_options:
+                close = difflib.get_close_matches(key, sorted(self.known_options), n=1, cutoff=0.8)
+                if close:
+                    raise ProviderOptionError(
+                        f"unknown {self.name} option {key!r}; did you mean {close[0]!r}? "
+                        "ONNX Runtime would silently ignore it.",
+                        provider=self.name,
+                        option=key,
+                    )
+            out[key] = option_str(self.name, key, value)
+        self.validate_options(out)
+        return dict(sorted(out.items()))
+
+    def validate_options(self, options: dict[str, str]) -> None:
+        """Raise :class:`ProviderOptionError` for values the provider would reject or misread."""
+
+    def binary_options(self, options: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in options.items() if k not in self.runtime_options}
+
+    # -- key parts ----------------------------------------------------------------------------
+    def versions(self) -> dict[str, str]:
+        return {}
+
+    def library_files(self, options: dict[str, str]) -> list[Path]:
+        """Native libraries whose content is part of the key (a side-loaded SDK update invalidates)."""
+        return []
+
+    def device_identity(self) -> list[dict[str, Any]]:
+        return []
+
+    # -- sessions -----------------------------------------------------------------------------
+    def configure(self, so: ort.SessionOptions, options: dict[str, str]) -> None:
+        """Add this provider to ``so`` for compiling (``ModelCompiler`` reads providers from ``so``)."""
+        so.add_provider(self.name, options)
+
+    def session(
+        self,
+        model: str | bytes,
+        so: ort.SessionOptions,
+        options: dict[str, str],
+        rest: list[tuple[str, dict[str, str]]],
+    ) -> ort.InferenceSession:
+        """A session on ``model`` with this provider first and ``rest`` after it, as the user listed them."""
+        names = [self.name] + [n for n, _ in rest]
+        opts = [options] + [o for _, o in rest]
+        return ort.InferenceSession(model, sess_options=so, providers=names, provider_options=opts)
+
+    def compatibility(self, info: str) -> str | None:
+        """Ask ORT whether a context with this compatibility string suits this device.
+
+        Returns ``None`` when it does (or when ORT cannot tell here), else a reason. ORT's API is
+        generic; providers that cannot answer on a host (QNN on x86 wants an NPU device) fail soft.
+        """
+        return None

@@ -1,0 +1,290 @@
+"""Qualcomm QNN execution provider (Snapdragon HTP NPU; also the x86 HTP compiler + simulator).
+
+Two ways QNN reaches a Python process:
+
+- the ``onnxruntime-qnn`` package, a *plugin* EP: its library must be registered with
+  ``register_execution_provider_library`` and added with ``add_provider_for_devices``. The classic
+  ``providers=[("QNNExecutionProvider", ...)]`` form silently runs on CPU with it (FIELD-NOTES), which is
+  exactly the mistake ctxcache saves its users from;
+- an onnxruntime build with QNN compiled in (older Windows-on-ARM wheels), driven the classic way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import onnxruntime as ort
+
+from ..errors import ProviderOptionError
+from ._base import ExecutionProvider
+
+# From onnxruntime's QNN EP documentation and provider-option parser (1.2x-1.32).
+_KNOWN = frozenset(
+    {
+        "backend_type",
+        "backend_path",
+        "profiling_level",
+        "profiling_file_path",
+        "rpc_control_latency",
+        "vtcm_mb",
+        "htp_performance_mode",
+        "qnn_saver_path",
+        "qnn_context_priority",
+        "htp_graph_finalization_optimization_mode",
+        "soc_model",
+        "htp_arch",
+        "device_id",
+        "enable_htp_fp16_precision",
+        "offload_graph_io_quantization",
+        "enable_htp_spill_fill_buffer",
+        "enable_htp_shared_memory_allocator",
+        "dump_json_qnn_graph",
+        "json_qnn_graph_dir",
+        "op_packages",
+        "enable_htp_weight_sharing",
+        "skip_qnn_version_check",
+        "extended_udma",
+        "htp_bf16_enable",
+    }
+)
+
+# Options read when a session runs, not when the context binary is built. Everything else, including
+# names this list does not know yet, is keyed: a needless recompile is cheap, a wrong binary is not.
+_RUNTIME = frozenset(
+    {
+        "htp_performance_mode",
+        "profiling_level",
+        "profiling_file_path",
+        "rpc_control_latency",
+        "qnn_context_priority",
+        "qnn_saver_path",
+        "dump_json_qnn_graph",
+        "json_qnn_graph_dir",
+        "enable_htp_shared_memory_allocator",
+        "device_id",
+        "skip_qnn_version_check",
+    }
+)
+
+_INT_OPTIONS = ("soc_model", "htp_arch", "vtcm_mb", "device_id", "rpc_control_latency")
+_BOOL_OPTIONS = (
+    "enable_htp_fp16_precision",
+    "offload_graph_io_quantization",
+    "enable_htp_spill_fill_buffer",
+    "enable_htp_weight_sharing",
+    "enable_htp_shared_memory_allocator",
+)
+_BACKEND_TYPES = ("htp", "cpu", "gpu", "saver", "ir")
+
+
+def _plugin_module() -> ModuleType | None:
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        return None
+    return onnxruntime_qnn
+
+
+def _backend_library_name(backend_type: str) -> str:
+    stem = "Qnn" + {"htp": "Htp", "cpu": "Cpu", "gpu": "Gpu", "saver": "Saver", "ir": "Ir"}[backend_type]
+    return f"{stem}.dll" if os.name == "nt" else f"lib{stem}.so"
+
+
+class QNNProvider(ExecutionProvider):
+    name: ClassVar[str] = "QNNExecutionProvider"
+    known_options: ClassVar[frozenset[str] | None] = _KNOWN
+    runtime_options: ClassVar[frozenset[str]] = _RUNTIME
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self._plugin = _plugin_module()
+        self._registered = False
+
+    # -- availability -------------------------------------------------------------------------
+    def _ensure_registered(self) -> None:
+        if self._registered or self._plugin is None:
+            return
+        # The app may have registered the library itself (under any registration name): then the
+        # devices are already there and a second registration would fail.
+        if not any(d.ep_name == self.name for d in ort.get_ep_devices()):
+            try:
+                ort.register_execution_provider_library(self.name, self._plugin.get_library_path())
+            except Exception as e:  # ORT raises its own Fail, which derives from Exception only
+                if "already registered" not in str(e):
+                    raise
+        self._registered = True
+
+    def devices(self) -> list[Any]:
+        self._ensure_registered()
+        return [d for d in ort.get_ep_devices() if d.ep_name == self.name]
+
+    def unavailable_reason(self) -> str | None:
+        if self._plugin is not None:
+            try:
+                if self.devices():
+                    return None
+            except Exception as e:
+                return f"onnxruntime-qnn is installed but its library failed to register: {e}"
+            return "onnxruntime-qnn is installed but ONNX Runtime lists no QNN device"
+        if self.name in ort.get_available_providers():
+            return None
+        return "QNN is not available: install onnxruntime-qnn (pip install 'ctxcache[qnn]')"
+
+    # -- options ------------------------------------------------------------------------------
+    def validate_options(self, options: dict[str, str]) -> None:
+        for key in _INT_OPTIONS:
+            if key in options and not options[key].lstrip("-").isdigit():
+                raise ProviderOptionError(
+                    f"QNN option {key!r} must be an integer, got {options[key]!r}.", provider=self.name, option=key
+                )
+        for key in _BOOL_OPTIONS:
+            if key in options and options[key] not in ("0", "1"):
+                raise ProviderOptionError(
+                    f"QNN option {key!r} must be 0 or 1, got {options[key]!r}.", provider=self.name, option=key
+                )
+        if "backend_type" in options and "backend_path" in options:
+            raise ProviderOptionError(
+                "QNN options 'backend_type' and 'backend_path' are mutually exclusive; pass one.",
+                provider=self.name,
+                option="backend_type",
+            )
+        if options.get("backend_type", "htp") not in _BACKEND_TYPES:
+            raise ProviderOptionError(
+                f"QNN option 'backend_type' must be one of {', '.join(_BACKEND_TYPES)}, got {options['backend_type']!r}.",
+                provider=self.name,
+                option="backend_type",
+            )
+        path = options.get("backend_path")
+        if path and os.sep in path and not os.path.isfile(path):
+            raise ProviderOptionError(
+                f"QNN option 'backend_path' points to {path}, which does not exist. "
+                "With onnxruntime-qnn use onnxruntime_qnn.get_qnn_htp_path().",
+                provider=self.name,
+                option="backend_path",
+            )
+        if options.get("enable_htp_fp16_precision") == "1" and "soc_model" not in options and self._plugin is not None:
+            # Measured: QNN 2.7 refuses fp16 without soc_model at provider creation.
+            raise ProviderOptionError(
+                "QNN option 'enable_htp_fp16_precision=1' needs 'soc_model' too (e.g. soc_model='60').",
+                provider=self.name,
+                option="enable_htp_fp16_precision",
+            )
+
+    def _backend_path(self, options: dict[str, str]) -> Path | None:
+        if "backend_path" in options:
+            p = Path(options["backend_path"])
+            if p.is_absolute():
+                return p
+            if self._plugin is not None:
+                return Path(self._plugin.get_library_path()).parent / p.name
+            return None
+        lib = _backend_library_name(options.get("backend_type", "htp"))
+        if self._plugin is not None:
+            return Path(self._plugin.get_library_path()).parent / lib
+        return None
+
+    def binary_options(self, options: dict[str, str]) -> dict[str, str]:
+        out = super().binary_options(options)
+        # The backend library's *location* differs between machines and venvs; what it is matters,
+        # and its content is keyed separately in ep_libraries.
+        path = out.pop("backend_path", None)
+        if path is not None:
+            base = os.path.basename(path).lower()
+            for kind in _BACKEND_TYPES:
+                if base in (f"libqnn{kind}.so", f"qnn{kind}.dll"):
+                    out["backend_type"] = kind
+                    break
+            else:
+                out["backend_type"] = base
+        out.setdefault("backend_type", "htp")
+        return dict(sorted(out.items()))
+
+    # -- key parts ----------------------------------------------------------------------------
+    def versions(self) -> dict[str, str]:
+        if self._plugin is None:
+            return {"qnn": "built into onnxruntime " + ort.__version__}
+        info = getattr(self._plugin, "build_and_package_info", None)
+        return {
+            "onnxruntime_qnn": str(getattr(self._plugin, "__version__", "unknown")),
+            "qnn_sdk": str(getattr(info, "qnn_version", "unknown")),
+        }
+
+    def library_files(self, options: dict[str, str]) -> list[Path]:
+        if self._plugin is None:
+            return []
+        ep_lib = Path(self._plugin.get_library_path())
+        files = [ep_lib]
+        backend = self._backend_path(options)
+        if backend is not None:
+            files.append(backend)
+            # The HTP backend hands graph finalisation to libHtpPrepare: it shapes the binary too.
+            prepare = backend.parent / ("HtpPrepare.dll" if os.name == "nt" else "libHtpPrepare.so")
+            if "htp" in backend.name.lower() and prepare.exists():
+                files.append(prepare)
+        return files
+
+    def device_identity(self) -> list[dict[str, Any]]:
+        if self._plugin is None:
+            return []
+        out = []
+        for d in self.devices():
+            hw = d.device
+            meta = dict(d.ep_metadata)
+            meta.pop("library_path", None)  # where the EP lives is not what it is
+            out.append(
+                {
+                    "type": str(hw.type).rsplit(".", 1)[-1],
+                    "vendor": hw.vendor,
+                    "vendor_id": hw.vendor_id,
+                    "device_id": hw.device_id,
+                    "device_metadata": dict(hw.metadata),
+                    "ep_metadata": meta,
+                }
+            )
+        return sorted(out, key=lambda x: repr(sorted(x.items())))
+
+    # -- sessions -----------------------------------------------------------------------------
+    def configure(self, so: ort.SessionOptions, options: dict[str, str]) -> None:
+        if self._plugin is None:
+            so.add_provider(self.name, options)
+            return
+        options = dict(options)
+        if "backend_path" not in options:
+            # The plugin ships its backends beside itself; they are not on the loader's search path,
+            # so a bare backend_type (or nothing: HTP) is turned into the wheel's own library path.
+            backend = self._backend_path(options)
+            options.pop("backend_type", None)
+            options["backend_path"] = str(backend)
+        so.add_provider_for_devices(self.devices(), options)
+
+    def session(
+        self,
+        model: str | bytes,
+        so: ort.SessionOptions,
+        options: dict[str, str],
+        rest: list[tuple[str, dict[str, str]]],
+    ) -> ort.InferenceSession:
+        if self._plugin is None:
+            return super().session(model, so, options, rest)
+        # A plugin EP lives in the session options; ORT appends CPU itself, so a trailing
+        # CPUExecutionProvider in the user's list needs nothing more.
+        self.configure(so, options)
+        return ort.InferenceSession(model, sess_options=so)
+
+    def compatibility(self, info: str) -> str | None:
+        if self._plugin is None:
+            return None
+        try:
+            from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+            verdict = C.get_model_compatibility_for_ep_devices(self.devices(), info)
+        except Exception:
+            # On x86 QNN raises (it wants an NPU device); on a device this check is authoritative.
+            return None
+        name = str(verdict).rsplit(".", 1)[-1]
+        if name in ("EP_UNSUPPORTED", "EP_SUPPORTED_PREFER_RECOMPILATION"):
+            return f"ONNX Runtime reports the context as {name} on this device"
+        return None
