@@ -306,7 +306,7 @@ class Loader:
             ]
         )
 
-    def digest(self, model: _Model) -> ModelDigest:
+    def digest(self, model: _Model, *, memo: bool = True) -> ModelDigest:
         if model.data is not None:
             try:
                 read_facts_from_bytes(model.data)
@@ -316,7 +316,7 @@ class Loader:
                 ) from None
             return ModelDigest(bytes_digest(model.data), (), len(model.data), False)
         assert model.path is not None
-        return model_digest(model.path, self.store.memo_dir)
+        return model_digest(model.path, self.store.memo_dir if memo else None)
 
     # ---- entry point
     def load(
@@ -373,15 +373,18 @@ class Loader:
                 self._original(model, rest, None, so), "bypass", reason=Reason("provider_unavailable", unavailable), timings=timings
             )
 
-        t = time.perf_counter()
-        digest = self.digest(model)  # bad input raises here, before the cache is touched
-        timings.hash = time.perf_counter() - t
         try:
             self.store.ensure()
+            unwritable = None
         except OSError as e:
-            reason = Reason("cache_unwritable", f"cannot create cache at {self.store.root}: {e.strerror or e}")
-            self._fault(None, reason)
-            return LoadResult(self._original(model, chain, target, so), "bypass", reason=reason, timings=timings, model_digest=digest.digest)
+            unwritable = Reason("cache_unwritable", f"cannot create cache at {self.store.root}: {e.strerror or e}")
+        t = time.perf_counter()
+        digest = self.digest(model, memo=unwritable is None)  # bad input raises here, before any entry changes
+        timings.hash = time.perf_counter() - t
+        if unwritable is not None:
+            self._fault(None, unwritable)
+            return LoadResult(self._original(model, chain, target, so), "bypass", reason=unwritable, timings=timings,
+                              model_digest=digest.digest)
         fp = self.fingerprint(digest.digest, ep, options, so)
         key = fp.key
 
@@ -411,7 +414,8 @@ class Loader:
         return self._miss(model, chain, target, so, key, fp, digest, timings, done)
 
     def _open(
-        self, entry: Entry, chain: Chain, target: int, so: ort.SessionOptions | None, timings: Timings
+        self, entry: Entry, chain: Chain, target: int, so: ort.SessionOptions | None, timings: Timings,
+        *, fresh: bool = False,
     ) -> tuple[ort.InferenceSession | None, Reason | None]:
         ep, _ = chain[target]
         if self.store.poisoned(entry.key):
@@ -420,7 +424,7 @@ class Loader:
         if problem is not None:
             return None, Reason(*problem)
         for ep_name, info in entry.manifest.get("compat", {}).items():
-            if ep_name == ep.name and isinstance(info, str):
+            if not fresh and ep_name == ep.name and isinstance(info, str):
                 verdict = ep.compatibility(info)
                 if verdict is not None:
                     return None, Reason("incompatible", verdict)
@@ -553,7 +557,7 @@ class Loader:
                 shutil.rmtree(staging, ignore_errors=True)
         log.info("compiled %s for %s in %.2f s -> %s", model.name, ep.name, timings.compile, entry.path)
         self.cache._after_publish(entry)
-        session, reason = self._open(entry, chain, target, so, timings)
+        session, reason = self._open(entry, chain, target, so, timings, fresh=True)
         if session is not None:
             return done(session, "miss", entry=entry)
         assert reason is not None

@@ -277,10 +277,16 @@ class QNNProvider(ExecutionProvider):
     def compatibility(self, info: str) -> str | None:
         if self._plugin is None:
             return None
+        devices = self.devices()
+        # QNN 2.7 answers only for NPU devices and raises otherwise; worse, measured here, the same
+        # call SEGFAULTS when made after a compile in the same process. So ask only where there is an
+        # NPU to ask about (the loader also skips it right after a compile: a fresh context is fine).
+        if not any(str(d.device.type).endswith("NPU") for d in devices):
+            return None
         try:
             from onnxruntime.capi import onnxruntime_pybind11_state as C
 
-            verdict = C.get_model_compatibility_for_ep_devices(self.devices(), info)
+            verdict = C.get_model_compatibility_for_ep_devices(devices, info)
         except Exception:
             # On x86 QNN raises (it wants an NPU device); on a device this check is authoritative.
             return None
