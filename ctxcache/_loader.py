@@ -11,6 +11,7 @@ strict mode asks for an exception (for CI).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -361,9 +362,11 @@ class Loader:
 
     def _load(self, model: _Model, chain: Chain, so: ort.SessionOptions | None) -> LoadResult:
         timings = Timings()
-        target = next((i for i, (ep, _) in enumerate(chain) if ep.compiles), None)
+        # ORT gives nodes to providers in list order: a non-compiling provider first (CPU) takes them all,
+        # so only a compiling provider at the head of the list is worth a context.
+        target = 0 if chain and chain[0][0].compiles else None
         if target is None:
-            why = "no execution provider given" if not chain else "no provider in the list compiles a context (CPU only)"
+            why = "no execution provider given" if not chain else f"{chain[0][0].name} comes first and compiles no context"
             return LoadResult(self._original(model, chain, None, so), "bypass", reason=Reason("nothing_to_compile", why), timings=timings)
         ep, options = chain[target]
         unavailable = ep.unavailable_reason()
@@ -469,25 +472,15 @@ class Loader:
 
         from ._locking import key_lock
 
-        ep, options = chain[target]
-        try:
-            lock = key_lock(self.store.lock_path(key), self.cache.lock_timeout, model.name)
-            waited = lock.__enter__()
-        except filelock.Timeout:
-            if self.cache.on_lock_timeout == "raise":
-                raise LockTimeoutError(
-                    f"another process kept compiling {model.name} for over {self.cache.lock_timeout} s "
-                    f"(lock {self.store.lock_path(key)}). Raise lock_timeout, or use on_lock_timeout='jit'.",
-                    lock_path=str(self.store.lock_path(key)),
-                    timeout=float(self.cache.lock_timeout or 0),
-                ) from None
-            reason = Reason("lock_timeout", f"another process is still compiling after {self.cache.lock_timeout} s")
-            return done(self._original(model, chain, target, so), "bypass", reason)
-        except OSError as e:
-            reason = Reason("cache_unwritable", f"cannot create lock in {self.store.locks_dir}: {e.strerror or e}")
-            self._fault(key, reason)
-            return done(self._original(model, chain, target, so), "bypass", reason)
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                waited = stack.enter_context(key_lock(self.store.lock_path(key), self.cache.lock_timeout, model.name))
+            except filelock.Timeout:
+                return self._lock_timeout(model, chain, target, so, key, done)
+            except OSError as e:
+                reason = Reason("cache_unwritable", f"cannot create lock in {self.store.locks_dir}: {e.strerror or e}")
+                self._fault(key, reason)
+                return done(self._original(model, chain, target, so), "bypass", reason)
             timings.lock_wait = waited.seconds
             # Look again: the process we waited for has probably published it.
             try:
@@ -504,16 +497,27 @@ class Loader:
                 self._fault(key, reason)
                 return done(self._original(model, chain, target, so), "fallback", reason)
             return self._compile_and_publish(model, chain, target, so, key, fp, digest, timings, done)
-        finally:
-            lock.__exit__(None, None, None)
+
+    def _lock_timeout(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
+                      done: Any) -> LoadResult:
+        if self.cache.on_lock_timeout == "raise":
+            raise LockTimeoutError(
+                f"another process kept compiling {model.name} for over {self.cache.lock_timeout} s "
+                f"(lock {self.store.lock_path(key)}). Raise lock_timeout, or use on_lock_timeout='jit'.",
+                lock_path=str(self.store.lock_path(key)),
+                timeout=float(self.cache.lock_timeout or 0),
+            )
+        reason = Reason("lock_timeout", f"another process is still compiling after {self.cache.lock_timeout} s")
+        return done(self._original(model, chain, target, so), "bypass", reason)
 
     def _compile_and_publish(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
                              fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: Any) -> LoadResult:
         import shutil
 
         ep, options = chain[target]
-        self.store.clean_staging()
         try:
+            self.store.ensure(force=True)
+            self.store.clean_staging()
             staging = self.store.new_staging(key)
         except OSError as e:
             reason = Reason("cache_unwritable", f"cannot write in {self.store.staging_dir}: {e.strerror or e}")

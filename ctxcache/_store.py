@@ -143,8 +143,16 @@ class Store:
         self.events_path = self.root / "events.log"
 
     # -- setup --------------------------------------------------------------------------------
-    def ensure(self) -> None:
-        """Create the layout, owner-only (a cache others can write into could feed us contexts)."""
+    _ensured = False
+
+    def ensure(self, *, force: bool = False) -> None:
+        """Create the layout, owner-only (a cache others can write into could feed us contexts).
+
+        After one success per Store, a hit only re-checks ``entries/`` (one stat on the hit path);
+        the miss path forces the full check, so a cache folder deleted under a running app is rebuilt.
+        """
+        if self._ensured and not force and self.entries_dir.is_dir():
+            return
         for d in (
             self.entries_dir,
             self.staging_dir,
@@ -156,6 +164,7 @@ class Store:
         ):
             if not d.is_dir():
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._ensured = True
 
     def writable(self) -> bool:
         return os.access(self.root, os.W_OK) if self.root.is_dir() else os.access(self.base.parent, os.W_OK)

@@ -362,3 +362,21 @@ def test_max_size_prunes_least_recently_used(cache_dir: Path, conv_model: Path, 
     b = capped.load(conv_model_b, providers=qnn_providers)
     assert [e.key for e in capped.entries()] == [b.key]
     assert a.key != b.key
+
+
+def test_cpu_listed_first_is_bypass(cache_dir: Path, conv_model: Path, qnn_options: dict[str, str]) -> None:
+    # ORT would give every node to CPU: compiling a QNN context for that app would change what it runs.
+    r = ctxcache.ContextCache(cache_dir).load(conv_model, providers=["CPUExecutionProvider", (QNN, qnn_options)])
+    assert r.outcome == "bypass"
+    assert r.reason is not None and r.reason.code == "nothing_to_compile"
+
+
+def test_cache_folder_deleted_while_app_runs(cache_dir: Path, conv_model: Path, conv_model_b: Path, qnn_providers: list[Any]) -> None:
+    import shutil
+
+    cache = ctxcache.ContextCache(cache_dir)
+    assert cache.load(conv_model, providers=qnn_providers).outcome == "miss"
+    shutil.rmtree(cache_dir)
+    assert cache.load(conv_model, providers=qnn_providers).outcome == "miss"
+    assert cache.load(conv_model_b, providers=qnn_providers).outcome == "miss"
+    assert cache.load(conv_model, providers=qnn_providers).outcome == "hit"
