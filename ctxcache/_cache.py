@@ -39,7 +39,8 @@ class EntryInfo:
     @classmethod
     def from_entry(cls, entry: Entry) -> EntryInfo:
         m = entry.manifest
-        model = m.get("model") if isinstance(m.get("model"), dict) else {}
+        raw = m.get("model")
+        model: dict[str, Any] = raw if isinstance(raw, dict) else {}
         return cls(
             key=entry.key,
             path=entry.path,
@@ -194,6 +195,53 @@ class ContextCache:
 
     def size(self) -> int:
         return sum(e.size for e in self.entries())
+
+    # Policy for verify / prune / explain lives in _manage; these are the public doors to it.
+    def verify_entries(self, *, fix: bool = False) -> list[Any]:
+        """Re-hash every artifact of every entry (``ctxcache verify``); ``fix`` quarantines what fails.
+
+        Returns one :class:`~ctxcache._manage.VerifyResult` per entry.
+        """
+        from . import _manage
+
+        return _manage.verify(self, fix=fix)
+
+    def prune(
+        self,
+        *,
+        max_size: int | None = None,
+        older_than: float | None = None,
+        other_environments: bool = True,
+        dry_run: bool = False,
+    ) -> Any:
+        """Remove damaged entries and entries built for another environment (another onnxruntime / EP /
+        SDK version), then entries unused for ``older_than`` seconds, then least recently used ones until
+        the cache fits in ``max_size`` bytes. Returns a :class:`~ctxcache._manage.PruneReport`.
+        """
+        from . import _manage
+
+        return _manage.prune(
+            self, max_size=max_size, older_than=older_than, other_environments=other_environments, dry_run=dry_run
+        )
+
+    def explain(
+        self,
+        model: ModelArg,
+        *,
+        providers: ProvidersArg,
+        provider_options: Sequence[Mapping[str, Any]] | None = None,
+        sess_options: ort.SessionOptions | None = None,
+    ) -> Any:
+        """Would :meth:`load` hit? If not, which key parts differ from the nearest entries of this model.
+
+        Read-only. Returns an :class:`~ctxcache._manage.Explanation` (``verdict``, ``reason``,
+        ``nearest[i].differences`` such as ``onnxruntime 1.31.1 -> 1.32.0``).
+        """
+        from . import _manage
+
+        return _manage.explain(
+            self, model, providers=providers, provider_options=provider_options, sess_options=sess_options
+        )
 
     def _after_publish(self, entry: Entry) -> None:
         if self.max_size is None:

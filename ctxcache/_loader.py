@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -161,6 +161,7 @@ def _model_arg(model: ModelArg) -> _Model:
 
 
 Chain = list[tuple[ExecutionProvider, dict[str, str]]]
+_Done = Callable[..., "LoadResult"]
 
 
 def resolve_providers(providers_arg: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None) -> Chain:
@@ -189,6 +190,7 @@ def resolve_providers(providers_arg: ProvidersArg, provider_options: Sequence[Ma
         items = [(p, o) for p, o in zip(items, opts_list)]  # type: ignore[misc]
     chain: Chain = []
     for item in items:
+        opts: Mapping[str, Any]
         if isinstance(item, str):
             name, opts = item, {}
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Mapping):
@@ -366,8 +368,8 @@ class Loader:
         # so only a compiling provider at the head of the list is worth a context.
         target = 0 if chain and chain[0][0].compiles else None
         if target is None:
-            why = "no execution provider given" if not chain else f"{chain[0][0].name} comes first and compiles no context"
-            return LoadResult(self._original(model, chain, None, so), "bypass", reason=Reason("nothing_to_compile", why), timings=timings)
+            text = "no execution provider given" if not chain else f"{chain[0][0].name} comes first and compiles no context"
+            return LoadResult(self._original(model, chain, None, so), "bypass", reason=Reason("nothing_to_compile", text), timings=timings)
         ep, options = chain[target]
         unavailable = ep.unavailable_reason()
         if unavailable is not None:
@@ -407,11 +409,11 @@ class Loader:
         except BrokenEntry as b:
             return self._fallback(model, chain, target, so, key, None, Reason(b.code, b.message), done)
         if entry is not None:
-            session, reason = self._open(entry, chain, target, so, timings)
+            session, why = self._open(entry, chain, target, so, timings)
             if session is not None:
                 return done(session, "hit", entry=entry)
-            assert reason is not None
-            return self._fallback(model, chain, target, so, key, entry, reason, done)
+            assert why is not None
+            return self._fallback(model, chain, target, so, key, entry, why, done)
 
         # ---- miss: compile under the key's lock
         return self._miss(model, chain, target, so, key, fp, digest, timings, done)
@@ -447,7 +449,7 @@ class Loader:
         return session, None
 
     def _fallback(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
-                  entry: Entry | None, reason: Reason, done: Any) -> LoadResult:
+                  entry: Entry | None, reason: Reason, done: _Done) -> LoadResult:
         self.invalidate_broken(key, entry, reason)
         self._fault(key, reason)
         return done(self._original(model, chain, target, so), "fallback", reason)
@@ -467,7 +469,7 @@ class Loader:
             release(handle)
 
     def _miss(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
-              fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: Any) -> LoadResult:
+              fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: _Done) -> LoadResult:
         import filelock
 
         from ._locking import key_lock
@@ -489,17 +491,17 @@ class Loader:
                 self.store.quarantine(key, b.code, b.message)
                 entry = None
             if entry is not None:
-                session, reason = self._open(entry, chain, target, so, timings)
+                session, why = self._open(entry, chain, target, so, timings)
                 if session is not None:
                     return done(session, "hit", entry=entry)
-                assert reason is not None
-                self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id)
-                self._fault(key, reason)
-                return done(self._original(model, chain, target, so), "fallback", reason)
+                assert why is not None
+                self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
+                self._fault(key, why)
+                return done(self._original(model, chain, target, so), "fallback", why)
             return self._compile_and_publish(model, chain, target, so, key, fp, digest, timings, done)
 
     def _lock_timeout(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
-                      done: Any) -> LoadResult:
+                      done: _Done) -> LoadResult:
         if self.cache.on_lock_timeout == "raise":
             raise LockTimeoutError(
                 f"another process kept compiling {model.name} for over {self.cache.lock_timeout} s "
@@ -511,7 +513,7 @@ class Loader:
         return done(self._original(model, chain, target, so), "bypass", reason)
 
     def _compile_and_publish(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
-                             fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: Any) -> LoadResult:
+                             fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: _Done) -> LoadResult:
         import shutil
 
         ep, options = chain[target]
@@ -561,13 +563,13 @@ class Loader:
                 shutil.rmtree(staging, ignore_errors=True)
         log.info("compiled %s for %s in %.2f s -> %s", model.name, ep.name, timings.compile, entry.path)
         self.cache._after_publish(entry)
-        session, reason = self._open(entry, chain, target, so, timings, fresh=True)
+        session, why = self._open(entry, chain, target, so, timings, fresh=True)
         if session is not None:
             return done(session, "miss", entry=entry)
-        assert reason is not None
-        self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id)
-        self._fault(key, reason)
-        return done(self._original(model, chain, target, so), "fallback", reason)
+        assert why is not None
+        self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
+        self._fault(key, why)
+        return done(self._original(model, chain, target, so), "fallback", why)
 
 
 def _version() -> str:

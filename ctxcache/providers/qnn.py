@@ -85,7 +85,7 @@ def _plugin_module() -> ModuleType | None:
         import onnxruntime_qnn
     except ImportError:
         return None
-    return onnxruntime_qnn
+    return onnxruntime_qnn  # type: ignore[no-any-return]  # untyped package
 
 
 def _backend_library_name(backend_type: str) -> str:
