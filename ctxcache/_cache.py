@@ -72,6 +72,9 @@ class ContextCache:
             (re-hash everything at every hit; slow for big models).
         max_size: bytes; after each compile, least-recently-used entries are pruned to stay under it.
         negative_ttl: seconds to remember that a model cannot compile for a key (no retry each launch).
+        tiers: read-only bundles (folder or ``.tar`` path, or :class:`~ctxcache.Bundle`) and remote stores
+            (``s3://bucket/prefix`` or :class:`~ctxcache.RemoteTier`) consulted in order on a local miss,
+            before compiling. A tier entry is verified and copied into this cache; see README, "Tiers".
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class ContextCache:
         verify: Literal["stat", "full"] = "stat",
         max_size: int | None = None,
         negative_ttl: float = 7 * 24 * 3600.0,
+        tiers: Sequence[Any] | None = None,
     ) -> None:
         if on_lock_timeout not in ("jit", "raise"):
             raise ValueError(f"on_lock_timeout must be 'jit' or 'raise', not {on_lock_timeout!r}")
@@ -105,6 +109,12 @@ class ContextCache:
         self.verify = verify
         self.max_size = max_size
         self.negative_ttl = negative_ttl
+        # Read-only bundles / remote stores consulted on a local miss, in order (see _tiers.coerce).
+        self.tiers: list[Any] = []
+        if tiers:
+            from . import _tiers
+
+            self.tiers = _tiers.coerce(tiers)
         self._loader = Loader(self)
 
     def __repr__(self) -> str:
@@ -244,6 +254,10 @@ class ContextCache:
         )
 
     def _after_publish(self, entry: Entry) -> None:
+        if self.tiers:
+            from . import _tiers
+
+            _tiers.write_back(self, entry)
         if self.max_size is None:
             return
         # Keep the cache under its cap, least recently used first, never the entry just made.

@@ -102,6 +102,7 @@ class Timings:
 
     hash: float = 0.0
     lock_wait: float = 0.0
+    fetch: float = 0.0  # copying + verifying an entry from a bundle or remote tier
     compile: float = 0.0
     load: float = 0.0
     total: float = 0.0
@@ -119,6 +120,8 @@ class LoadResult:
     providers: list[str] = field(default_factory=list)
     entry_path: Path | None = None
     model_digest: str | None = None
+    #: where a hit's entry came from during this load: "bundle" / "remote" (None: local cache or compile)
+    tier: str | None = None
     #: compile seconds this hit avoided (the entry's recorded compile time), for stats
     saved_seconds: float = field(default=0.0, repr=False)
 
@@ -498,7 +501,40 @@ class Loader:
                 self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
                 self._fault(key, why)
                 return done(self._original(model, chain, target, so), "fallback", why)
+            if self.cache.tiers:
+                tiered = self._from_tiers(model, chain, target, so, key, timings, done)
+                if tiered is not None:
+                    return tiered
             return self._compile_and_publish(model, chain, target, so, key, fp, digest, timings, done)
+
+    def _from_tiers(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
+                    timings: Timings, done: _Done) -> LoadResult | None:
+        """Fill the entry from a bundle / remote tier (verified, published like a compile), then open it.
+
+        ``None`` when no tier has it (or every offer was refused): the caller compiles. A filled entry that
+        fails to load is a fallback like any entry's, and the tiers are skipped for this key next time.
+        """
+        from . import _tiers
+
+        t = time.perf_counter()
+        filled = _tiers.fill_from_tiers(self.cache, key)
+        timings.fetch = time.perf_counter() - t
+        if filled is None:
+            return None
+        entry, tier = filled
+        self.cache._after_publish(entry)
+        session, why = self._open(entry, chain, target, so, timings)
+        if session is not None:
+            result = done(session, "hit", entry=entry)
+            result.tier = tier.kind
+            return result
+        assert why is not None
+        self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
+        _tiers.remember_rejection(self.cache, key, tier, why.code)
+        self._fault(key, why)
+        result = done(self._original(model, chain, target, so), "fallback", why)
+        result.tier = tier.kind
+        return result
 
     def _lock_timeout(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
                       done: _Done) -> LoadResult:

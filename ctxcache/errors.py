@@ -85,3 +85,14 @@ class CacheFormatError(CtxCacheError, ValueError):
     """A manifest or cache file that this version of ctxcache cannot read. Attribute: ``path``."""
 
     path: str
+
+
+class BundleError(CtxCacheError, ValueError):
+    """A bundle cannot be exported or imported: nothing selected, unsafe archive member, bad signature.
+
+    Attributes: ``path`` (the bundle), ``code`` (``nothing_selected``, ``tier_unsafe``, ``tier_signature``,
+    ``tier_record``, ``tier_unreachable``, ``exists``).
+    """
+
+    path: str
+    code: str
