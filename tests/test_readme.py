@@ -1,0 +1,22 @@
+"""README's Python examples run as written (the ones that build their own model with ctxcache.models)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_python
+
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+RUNNABLE = [b for b in BLOCKS if "ctxcache.models" in b or "from ctxcache import models" in b]
+
+
+def test_readme_has_runnable_examples() -> None:
+    assert RUNNABLE, "README lost its runnable examples"
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[f"block{i}" for i in range(len(RUNNABLE))])
+def test_readme_example_runs(block: str, tmp_path: Path) -> None:
+    code = block.replace("/tmp/ctxcache-readme", str(tmp_path))
+    run_python(code)  # raises with the example's output when it fails
