@@ -1,0 +1,126 @@
+"""kill -9 of a real app process at every step of a miss and during a context load, then launch again.
+
+Each case: the killed process leaves whatever it leaves; the on-disk invariant holds (no half-visible
+entry), the next launch gets a working QNN session whose output is bit-identical to a JIT session on
+the original model, and the launch after that is a hit (the cache healed itself).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+from test_reliability_support import (
+    SOAK,
+    app,
+    app_killed,
+    assert_consistent,
+    assert_correct,
+    kill_randomly,
+    launch,
+    reference,
+    rel_models,  # noqa: F401 - fixture
+    report,
+)
+
+# Points of a miss, in the order a load passes them; what the relaunch must report after each.
+# Before the commit rename nothing is visible (relaunch compiles: miss); after it the entry is whole (hit).
+KILL_POINTS = [
+    ("locked", "miss"),  # lock taken, nothing written yet
+    ("before_compile", "miss"),  # staging folder created, empty
+    ("mid_compile", "miss"),  # native compiler killed at a random instant while it writes
+    ("after_compile", "miss"),  # ctx.onnx + .bin staged, no manifest
+    ("manifest_tmp", "miss"),  # manifest temp file written, not renamed
+    ("before_rename", "miss"),  # whole entry staged and fsynced, commit rename not done
+    ("after_rename", "hit"),  # committed, entries/ not yet fsynced, no session yet
+    ("after_publish", "hit"),  # committed and pruned, killed before the context load
+]
+
+
+@pytest.mark.parametrize("point,relaunch", KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
+def test_kill_during_miss_then_relaunch_heals(tmp_path: Path, rel_models: list[Path], point: str, relaunch: str) -> None:
+    cache_dir, model = tmp_path / "cache", rel_models[0]
+    app_killed(cache_dir, model, point)
+    assert_consistent(cache_dir)
+    second = launch(cache_dir, model)
+    if point == "mid_compile":
+        # The timer may fire after the compile returned (then the entry may be committed): either is right.
+        assert second["outcome"] in ("miss", "hit"), second
+    else:
+        assert second["outcome"] == relaunch, second
+    assert_correct(second, model)
+    third = launch(cache_dir, model)
+    assert third["outcome"] == "hit", third
+    assert_correct(third, model)
+    assert assert_consistent(cache_dir) == 1
+    # The dead process's staging folder is gone once a later compile ran (or there was none).
+    staging = cache_dir / "v1" / "staging"
+    if second["outcome"] == "miss":
+        assert not any(staging.iterdir()), list(staging.iterdir())
+
+
+def test_kill_during_first_context_load_is_not_retried(tmp_path: Path, rel_models: list[Path]) -> None:
+    """Died inside ORT's load of a freshly compiled context: the next launch must not load it again."""
+    cache_dir, model = tmp_path / "cache", rel_models[0]
+    proc = app_killed(cache_dir, model, "load_any")
+    dying = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"event"')]
+    assert dying and any(m.count(".") == 2 for m in dying[0]["markers"]), dying  # the marker was in place
+    # Relaunch with the same trap armed: if ctxcache tried that context again, this process would die too.
+    second = app(cache_dir, model, kill_at="load_any")[0]
+    assert (second["outcome"], second["reason"]) == ("fallback", "crashed_during_load"), second
+    assert_correct(second, model, ("fallback",))
+    assert assert_consistent(cache_dir) == 0  # quarantined, not deleted silently
+    assert any((cache_dir / "v1" / "quarantine").iterdir())
+    third = launch(cache_dir, model)
+    assert third["outcome"] == "miss", third  # recompiled
+    assert_correct(third, model)
+    assert launch(cache_dir, model)["outcome"] == "hit"
+
+
+def test_kill_during_cached_context_load_is_not_retried(tmp_path: Path, rel_models: list[Path]) -> None:
+    """A context that loaded fine once and kills the process on a later launch (a driver update on a
+    real device, onnxruntime issue 23431) must not turn into a crash loop."""
+    cache_dir, model = tmp_path / "cache", rel_models[1]
+    assert launch(cache_dir, model)["outcome"] == "miss"
+    app_killed(cache_dir, model, "load_any")
+    second = app(cache_dir, model, kill_at="load_any")[0]
+    assert (second["outcome"], second["reason"]) == ("fallback", "crashed_during_load"), second
+    assert_correct(second, model, ("fallback",))
+    assert not (cache_dir / "v1" / "markers").exists() or not any((cache_dir / "v1" / "markers").iterdir())
+    assert launch(cache_dir, model)["outcome"] == "miss"
+    assert launch(cache_dir, model)["outcome"] == "hit"
+
+
+@pytest.mark.slow
+def test_kill_at_random_times_loop(tmp_path: Path, rel_models: list[Path]) -> None:
+    """SIGKILL at a random instant of a launch, many times (CTXCACHE_SOAK scales it), then relaunch."""
+    rng = random.Random(int(time.time()))
+    cache_dir = tmp_path / "cache"
+    rounds = 8 * SOAK
+    landed = outcomes_after = 0
+    seen: dict[str, int] = {}
+    start = time.perf_counter()
+    for i in range(rounds):
+        model = rel_models[i % len(rel_models)]
+        extra = f"round{i}"  # a fresh key each round, so every round kills a real compile window
+        rc = kill_randomly(cache_dir, model, rng.uniform(0.0, 0.25), extra_key=extra)
+        landed += rc == -9
+        assert_consistent(cache_dir)
+        rec = launch(cache_dir, model, extra_key=extra)
+        assert_correct(rec, model, ("hit", "miss"))
+        seen[rec["outcome"]] = seen.get(rec["outcome"], 0) + 1
+        outcomes_after += 1
+    # The loop proves nothing if the kills never landed inside a load.
+    assert landed >= rounds // 3, (landed, rounds)
+    report("kill_random_loop", {"rounds": rounds, "kills_landed": landed, "relaunch_outcomes": seen,
+                                "entries": assert_consistent(cache_dir), "seconds": round(time.perf_counter() - start, 1)})
+
+
+def test_reference_is_qnn_and_deterministic(rel_models: list[Path]) -> None:
+    # Guard for the whole suite: the reference would make every comparison vacuous if two models
+    # gave the same digest.
+    digests = {reference(m) for m in rel_models}
+    assert len(digests) == len(rel_models)
