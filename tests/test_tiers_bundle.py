@@ -1,0 +1,283 @@
+"""Bundles against the real QNN compiler: export on one cache, hit from the bundle in a fresh process on
+another, tampering refused (then a normal compile), hostile archives refused, a bad entry falls back."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ctxcache
+from ctxcache import errors
+from ctxcache._bundle import Bundle, export_bundle, import_bundle
+from ctxcache._tiers import SIGNING_KEY_ENV, sign
+
+from conftest import QNN, last_json, launch, run_python
+
+SECRET = "vendor-build-secret"
+
+# A launch in a fresh process with tiers configured; prints what the app would see.
+TIER_LAUNCH = """
+import json, numpy as np, ctxcache
+from ctxcache import models
+from ctxcache._bundle import Bundle
+cache = ctxcache.ContextCache({cache_dir!r}, tiers=[Bundle({bundle!r}, signing_key={key!r})])
+r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
+out = r.session.run(None, models.random_input(r.session, seed=7))[0]
+print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "reason": r.reason.code if r.reason else None,
+                   "compile": r.timings.compile, "fetch": r.timings.fetch, "providers": r.providers,
+                   "out": out.ravel()[:64].tolist(), "stats": cache.stats().as_dict()}}))
+"""
+
+
+def tier_launch(cache_dir: Path, bundle: Path, model: Path, key: str | None = None) -> dict[str, Any]:
+    code = TIER_LAUNCH.format(cache_dir=str(cache_dir), bundle=str(bundle), model=str(model), key=key)
+    return last_json(run_python(code).stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, conv_model: Path) -> dict[str, Any]:
+    """One compiled cache ("the build machine"), its outputs, and a signed archive + a plain folder bundle."""
+    root = tmp_path_factory.mktemp("build")
+    cache = ctxcache.ContextCache(root / "cache")
+    first = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
+    assert first.outcome == "miss"
+    reference = launch(root / "cache", conv_model)  # a hit in a fresh process: the outputs to match
+    assert reference["outcome"] == "hit"
+    tar = export_bundle(cache, root / "bundle.tar", models=[conv_model], signing_key=SECRET)
+    folder = export_bundle(cache, root / "bundle", provider=QNN, options={"soc_model": "60"})
+    assert tar.keys == folder.keys == [first.key] and tar.signed and not folder.signed
+    return {"cache": cache, "key": first.key, "reference": reference, "tar": root / "bundle.tar", "folder": root / "bundle"}
+
+
+def ctxcache_models() -> Any:
+    from ctxcache import models
+
+    return models
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _events(cache_dir: Path) -> list[str]:
+    path = cache_dir / "v1" / "events.log"
+    return [json.loads(line)["o"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# -- export -----------------------------------------------------------------------------------------------
+def test_export_selection_and_layout(built: dict[str, Any], tmp_path: Path, conv_model_b: Path) -> None:
+    index = json.loads((built["folder"] / "index.json").read_text())
+    rec = index["entries"][built["key"]]
+    assert set(rec["files"]) == {"manifest.json", "ctx.onnx", "ctx_qnn.bin"}
+    assert not (built["folder"] / "index.json.sig").exists()
+    names = tarfile.open(built["tar"]).getnames()
+    assert "index.json.sig" in names and f"entries/{built['key']}/ctx_qnn.bin" in names
+    # Filters that match nothing are an error, not an empty bundle.
+    with pytest.raises(errors.BundleError) as e:
+        export_bundle(built["cache"], tmp_path / "b69", options={"soc_model": "69"})
+    assert e.value.code == "nothing_selected"
+    with pytest.raises(errors.BundleError):
+        export_bundle(built["cache"], tmp_path / "bm", models=[conv_model_b])
+    with pytest.raises(errors.BundleError) as e:
+        export_bundle(built["cache"], built["folder"], keys=[built["key"][:8]])
+    assert e.value.code == "exists"
+    assert not list(tmp_path.iterdir())  # no half-written bundle left behind
+
+
+# -- hits from a bundle -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["tar", "folder"])
+def test_bundle_hit_in_fresh_process(built: dict[str, Any], tmp_path: Path, conv_model: Path, kind: str) -> None:
+    key = SECRET if kind == "tar" else None
+    fresh = tmp_path / "device-cache"
+    r = tier_launch(fresh, built[kind], conv_model, key)
+    assert (r["outcome"], r["tier"], r["reason"]) == ("hit", "bundle", None)
+    assert r["compile"] == 0.0 and r["fetch"] > 0
+    assert r["stats"]["misses"] == 0 and r["stats"]["compile_seconds"] == 0
+    assert QNN in r["providers"]
+    assert r["out"] == built["reference"]["out"]  # bit-identical to the build machine's context
+    # The entry now lives in the local cache: the next launch is a plain local hit.
+    again = tier_launch(fresh, built[kind], conv_model, key)
+    assert (again["outcome"], again["tier"]) == ("hit", None)
+    manifest = json.loads((fresh / "v1" / "entries" / built["key"] / "manifest.json").read_text())
+    assert manifest["origin"]["tier"] == "bundle"
+
+
+def test_import_then_hit(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    dest = ctxcache.ContextCache(tmp_path / "c")
+    res = import_bundle(dest, built["tar"], signing_key=SECRET)
+    assert res.installed == [built["key"]] and not res.refused
+    assert import_bundle(dest, built["tar"], signing_key=SECRET).skipped == [built["key"]]
+    r = launch(tmp_path / "c", conv_model)  # fresh process, no tiers configured
+    assert r["outcome"] == "hit" and r["out"] == built["reference"]["out"]
+    with pytest.raises(errors.BundleError) as e:
+        import_bundle(ctxcache.ContextCache(tmp_path / "d"), built["tar"], signing_key="another key")
+    assert e.value.code == "tier_signature"
+    assert not (tmp_path / "d" / "v1" / "entries").exists() or not list((tmp_path / "d" / "v1" / "entries").iterdir())
+
+
+# -- tampering ------------------------------------------------------------------------------------------------
+def _flip(path: Path, offset: int = 1000) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _rewrite_index(bundle: Path, edit: Any, key: str | None) -> None:
+    index = json.loads((bundle / "index.json").read_text())
+    edit(index)
+    raw = json.dumps(index, sort_keys=True, indent=1).encode()
+    (bundle / "index.json").write_bytes(raw)
+    if key is not None:
+        (bundle / "index.json.sig").write_bytes(sign(raw, key.encode()))
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["flip_bin", "flip_context", "bad_signature", "unsigned_with_key", "bin_and_index_not_resigned", "parts_edited"],
+)
+def test_tampered_bundle_is_refused_and_compiled(
+    built: dict[str, Any], tmp_path: Path, conv_model: Path, damage: str
+) -> None:
+    k = built["key"]
+    bundle = _copy_folder(built["folder"], tmp_path / "bundle")
+    edir = bundle / "entries" / k
+    use_key: str | None = SECRET
+    _rewrite_index(bundle, lambda i: None, SECRET)  # a correctly signed copy, then damage it
+    if damage == "flip_bin":
+        _flip(edir / "ctx_qnn.bin")
+    elif damage == "flip_context":
+        _flip(edir / "ctx.onnx", 200)
+    elif damage == "bad_signature":
+        _rewrite_index(bundle, lambda i: None, "some other key")
+    elif damage == "unsigned_with_key":
+        (bundle / "index.json.sig").unlink()
+    elif damage == "bin_and_index_not_resigned":
+        # The attacker updates the digest too; only the signature can catch that.
+        _flip(edir / "ctx_qnn.bin")
+        sha = _sha(edir / "ctx_qnn.bin")
+        _rewrite_index(bundle, lambda i: i["entries"][k]["files"]["ctx_qnn.bin"].update(sha256=sha), None)
+    elif damage == "parts_edited":
+        # No key configured: the parts must still hash to the key they claim.
+        use_key = None
+
+        def edit(i: dict[str, Any]) -> None:
+            i["entries"][k]["parts"][1][1] = "0" * 32
+
+        _rewrite_index(bundle, edit, None)
+    r = tier_launch(tmp_path / "device", bundle, conv_model, use_key)
+    assert (r["outcome"], r["tier"]) == ("miss", None), r  # refused, compiled locally instead
+    assert r["compile"] > 0
+    assert r["out"] == built["reference"]["out"]
+    manifest = json.loads((tmp_path / "device" / "v1" / "entries" / k / "manifest.json").read_text())
+    assert "origin" not in manifest
+
+
+def test_tampered_without_key_is_still_caught_by_digests(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    bundle = _copy_folder(built["folder"], tmp_path / "bundle")
+    _flip(bundle / "entries" / built["key"] / "ctx_qnn.bin")
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[bundle])
+    r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
+    assert r.outcome == "miss" and r.tier is None
+    strict = ctxcache.ContextCache(tmp_path / "s", tiers=[bundle], strict=True)
+    with pytest.raises(errors.CacheFaultError) as e:
+        strict.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
+    assert e.value.code == "tier_digest"
+
+
+def test_entry_that_verifies_but_fails_to_load_falls_back(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    """A bundle whose .bin is garbage *with matching digests* (a bad build, not an attack)."""
+    k = built["key"]
+    bundle = _copy_folder(built["folder"], tmp_path / "bundle")
+    binf = bundle / "entries" / k / "ctx_qnn.bin"
+    binf.write_bytes(os.urandom(binf.stat().st_size))
+    sha = _sha(binf)
+    _rewrite_index(bundle, lambda i: i["entries"][k]["files"]["ctx_qnn.bin"].update(sha256=sha), None)
+    providers = [(QNN, ctxcache_models().qnn_htp_options())]
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(bundle)])
+    r = cache.load(conv_model, providers=providers)
+    assert (r.outcome, r.tier, r.reason and r.reason.code) == ("fallback", "bundle", "load_failed")
+    assert r.session.run(None, ctxcache_models().random_input(r.session, seed=7))[0].size  # a working session
+    # Next launch does not fetch the same bad entry again: it compiles, then hits locally.
+    r2 = cache.load(conv_model, providers=providers)
+    assert (r2.outcome, r2.tier) == ("miss", None)
+    assert cache.load(conv_model, providers=providers).outcome == "hit"
+
+
+def test_missing_bundle_degrades_to_compile(tmp_path: Path, conv_model: Path) -> None:
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[tmp_path / "not-installed.tar", tmp_path / "nor-this"])
+    r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
+    assert r.outcome == "miss"
+
+
+# -- hostile archives ------------------------------------------------------------------------------------------
+def _hostile_tar(src_tar: Path, dst: Path, kind: str) -> Path:
+    """The genuine archive plus one hostile member."""
+    with tarfile.open(src_tar) as src, tarfile.open(dst, "w") as out:
+        for m in src.getmembers():
+            f = src.extractfile(m)
+            out.addfile(m, f)
+        info = tarfile.TarInfo()
+        payload = b"pwned"
+        if kind == "traversal":
+            info.name, info.size = "../../evil.txt", len(payload)
+        elif kind == "traversal_inside":
+            info.name, info.size = "entries/../../evil.txt", len(payload)
+        elif kind == "absolute":
+            info.name, info.size = str(dst.parent / "abs-evil.txt"), len(payload)
+        elif kind == "symlink":
+            info.name, info.type, info.linkname, payload = "entries/link", tarfile.SYMTYPE, "/etc/passwd", b""
+        elif kind == "hardlink":
+            info.name, info.type, info.linkname, payload = "index.json.sig", tarfile.LNKTYPE, "/etc/passwd", b""
+        elif kind == "device":
+            info.name, info.type, info.devmajor, info.devminor, payload = "entries/dev", tarfile.CHRTYPE, 1, 3, b""
+        elif kind == "fifo":
+            info.name, info.type, payload = "entries/fifo", tarfile.FIFOTYPE, b""
+        elif kind == "duplicate":
+            info.name, info.size = "index.json", len(payload)
+        elif kind == "unexpected":
+            info.name, info.size = "setup.sh", len(payload)
+        out.addfile(info, io.BytesIO(payload) if payload else None)
+    return dst
+
+
+HOSTILE = ["traversal", "traversal_inside", "absolute", "symlink", "hardlink", "device", "fifo", "duplicate", "unexpected"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_archive_is_refused(built: dict[str, Any], tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    evil = _hostile_tar(built["tar"], work / "bundle.tar", kind)
+    monkeypatch.chdir(work)  # a traversal that escaped would land next to it
+    cache = ctxcache.ContextCache(tmp_path / "c")
+    with pytest.raises(errors.BundleError) as e:
+        import_bundle(cache, evil, signing_key=SECRET)
+    assert e.value.code == "tier_unsafe", e.value
+    assert not cache.store.keys()
+    assert sorted(p.name for p in tmp_path.rglob("*evil*")) == []
+    assert not (tmp_path / "c" / "v1" / "entries" / "link").exists()
+
+
+def test_hostile_archive_as_tier_compiles_instead(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    evil = _hostile_tar(built["tar"], tmp_path / "bundle.tar", "symlink")
+    r = tier_launch(tmp_path / "c", evil, conv_model, SECRET)
+    assert (r["outcome"], r["tier"]) == ("miss", None)
