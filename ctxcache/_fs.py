@@ -80,6 +80,27 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` whatever it is: a folder (its links are removed, never followed), a file or a link.
+
+    ``shutil.rmtree`` refuses a file or a symlink; with ``ignore_errors`` such junk would stay forever.
+    """
+    import shutil
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def dir_size(path: Path) -> int:
     total = 0
     try:

@@ -285,14 +285,22 @@ class Store:
         return Entry(key, target, manifest)
 
     # -- removal ------------------------------------------------------------------------------
-    def _discard(self, path: Path) -> None:
-        """Remove a folder atomically from readers' view (rename), then delete it."""
+    def _discard(self, path: Path) -> bool:
+        """Remove a folder atomically from readers' view (rename), then delete it.
+
+        Never raises: on a read-only cache the rename fails, and a cache fault must not become an app
+        error (found by tests/test_reliability_disk.py). Junk that is a file, not a folder, goes too.
+        """
         trash = self.staging_dir / f"trash.{path.name}.{secrets.token_hex(4)}"
         try:
             os.rename(path, trash)
         except FileNotFoundError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
+            return False
+        except OSError as e:
+            log.warning("cannot remove %s: %s", path, e.strerror or e)
+            return False
+        _fs.remove_tree(trash)
+        return True
 
     def quarantine(self, key: str, code: str, message: str, expect_id: str | None = None) -> bool:
         """Move ``key``'s entry out of the way, keeping it and the reason for a post-mortem.
@@ -315,8 +323,7 @@ class Store:
             return False
         except OSError as e:
             log.debug("could not quarantine %s (%s); deleting it", src, e)
-            self._discard(src)
-            return True
+            return self._discard(src)
         try:
             (dst / "reason.json").write_text(json.dumps({"code": code, "message": message, "time": time.time()}))
         except OSError:
@@ -330,14 +337,13 @@ class Store:
         except OSError:
             return
         for old in items[_KEEP_QUARANTINED:]:
-            shutil.rmtree(old, ignore_errors=True)
+            _fs.remove_tree(old)
 
     def remove(self, key: str) -> bool:
         path = self.entries_dir / key
-        if not path.exists():
+        if not os.path.lexists(path):  # lexists: a dangling link planted as an entry is removed too
             return False
-        self._discard(path)
-        return True
+        return self._discard(path)
 
     def clean_staging(self) -> int:
         """Delete staging folders left by dead processes (kill -9 mid-compile) and old trash."""
@@ -359,7 +365,7 @@ class Store:
             except OSError:
                 continue
             if dead or old:
-                shutil.rmtree(child, ignore_errors=True)
+                _fs.remove_tree(child)
                 removed += 1
         return removed
 
