@@ -1,0 +1,314 @@
+"""A shared remote tier on S3-compatible object storage (AWS S3, MinIO, Ceph, R2...), via boto3.
+
+Read-through: on a local miss the entry is fetched, verified and published into the local cache like a
+bundle's (``_tiers.install``). Optional write-back: an entry compiled here is uploaded for the fleet.
+
+Object layout under ``s3://bucket/prefix``::
+
+    v1/<key>/files/<name>        manifest.json, ctx.onnx, ctx_qnn.bin ...
+    v1/<key>/record.json.sig     optional: hmac-sha256:<hex> over record.json's bytes
+    v1/<key>/record.json         the record (sizes + SHA-256 of each file, key parts); written LAST,
+                                 so a reader that finds it finds the files it lists
+
+Remote bytes are never trusted: every file is checked against the record, and when a signing key is
+configured the record must carry a valid HMAC-SHA256. An outage costs one short timeout, then the tier
+is skipped for ``retry_after`` seconds (the app compiles locally meanwhile); it never raises into the app.
+
+boto3 is an optional dependency (``pip install 'ctxcache[remote]'``), imported only on a local miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from ._store import MANIFEST, Entry, Store
+from ._tiers import (
+    TierError,
+    check_signature,
+    install,
+    make_record,
+    portable_manifest,
+    resolve_signing_key,
+    sign,
+)
+
+if TYPE_CHECKING:
+    from ._cache import ContextCache
+
+log = logging.getLogger("ctxcache")
+
+LAYOUT = "v1"
+RECORD = "record.json"
+RECORD_SIG = "record.json.sig"
+_MAX_RECORD = 1 << 20
+
+
+class RemoteUnavailable(ImportError):
+    """boto3 is not installed."""
+
+
+def _boto3() -> Any:
+    try:
+        import boto3
+    except ImportError:
+        raise RemoteUnavailable(
+            "the remote tier needs boto3: pip install 'ctxcache[remote]'"
+        ) from None
+    return boto3
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix/")``."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"a remote tier URL looks like s3://bucket/prefix, not {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {url!r}")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/" if prefix else "")
+
+
+class RemoteTier:
+    """S3-compatible shared cache.
+
+    Args:
+        url: ``s3://bucket/prefix``.
+        endpoint_url: for non-AWS servers (MinIO, a local test server). boto3 also reads
+            ``$AWS_ENDPOINT_URL``; credentials come from boto3's usual chain (env, ~/.aws, role).
+        write_back: upload entries compiled on this machine.
+        signing_key: HMAC key; records must be signed with it (and uploads are). Default
+            ``$CTXCACHE_SIGNING_KEY``; when neither is set, signatures are not checked (digests are).
+        timeout: seconds for connecting and for each read; keep it short, a compile is the fallback.
+        retry_after: after an outage, seconds during which this process does not try the remote again.
+        anonymous: unsigned requests (a public read-only bucket).
+        client: a ready boto3 S3 client (overrides endpoint/timeout/anonymous).
+    """
+
+    kind = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        write_back: bool = False,
+        signing_key: str | bytes | None = None,
+        timeout: float = 3.0,
+        retry_after: float = 60.0,
+        anonymous: bool = False,
+        region: str | None = None,
+        client: Any = None,
+    ) -> None:
+        self.url = url
+        self.bucket, self.prefix = parse_url(url)
+        self.endpoint_url = endpoint_url
+        self.write_back = write_back
+        self._signing_key = signing_key
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.anonymous = anonymous
+        self.region = region
+        self._client = client
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RemoteTier({self.url!r})"
+
+    def describe(self) -> str:
+        return f"remote {self.url}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                boto3 = _boto3()
+                from botocore.config import Config
+
+                kw: dict[str, Any] = {}
+                if self.anonymous:
+                    from botocore import UNSIGNED
+
+                    kw["signature_version"] = UNSIGNED
+                config = Config(
+                    connect_timeout=self.timeout,
+                    read_timeout=self.timeout,
+                    # One attempt: the fallback (a local compile) is always there, and boto3's default
+                    # retries with backoff would turn a dead server into many seconds of waiting.
+                    retries={"max_attempts": 1, "mode": "standard"},
+                    **kw,
+                )
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.endpoint_url, config=config, region_name=self.region or "us-east-1"
+                )
+            return self._client
+
+    def _obj(self, key: str, *rest: str) -> str:
+        return "/".join([self.prefix.rstrip("/"), LAYOUT, key, *rest]).lstrip("/")
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Map transport and server errors to ``tier_unreachable``, and remember the outage."""
+        if time.monotonic() < self._down_until:
+            raise TierError("tier_unreachable", f"{self.describe()} was unreachable recently; not retrying yet")
+        try:
+            yield
+        except TierError:
+            raise
+        except RemoteUnavailable as e:
+            raise TierError("tier_unreachable", str(e)) from None
+        except Exception as e:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(e, (BotoCoreError, ClientError)):
+                self._down_until = time.monotonic() + self.retry_after
+                raise TierError("tier_unreachable", f"{what}: {type(e).__name__}: {e}") from None
+            raise
+
+    def _get(self, name: str, limit: int | None = None) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = self.client().get_object(Bucket=self.bucket, Key=name)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        with contextlib.closing(resp["Body"]) as body:
+            return body.read() if limit is None else body.read(limit + 1)  # type: ignore[no-any-return]
+
+    # -- the tier protocol --------------------------------------------------------------------------
+    def fetch(self, store: Store, key: str) -> Entry | None:
+        with self._guard(f"fetching {key[:12]}"):
+            raw = self._get(self._obj(key, RECORD), _MAX_RECORD)
+            if raw is None:
+                return None
+            if len(raw) > _MAX_RECORD:
+                raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is too large")
+            signing_key = resolve_signing_key(self._signing_key)
+            sig = self._get(self._obj(key, RECORD_SIG), 4096) if signing_key is not None else None
+            check_signature(raw, sig, signing_key, f"{self.describe()} record {key[:12]}")
+            try:
+                record = json.loads(raw)
+            except ValueError as e:
+                raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is not JSON ({e})") from None
+
+            @contextlib.contextmanager
+            def opener(name: str) -> Iterator[IO[bytes]]:
+                resp = self.client().get_object(Bucket=self.bucket, Key=self._obj(key, "files", name))
+                with contextlib.closing(resp["Body"]) as body:
+                    yield body
+
+            return install(store, key, record, opener, {"tier": self.kind, "location": self.url})
+
+    def write_back_entry(self, entry: Entry) -> None:
+        if self.write_back:
+            self.push_entry(entry, overwrite=False)
+
+    # -- push / pull --------------------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._guard(f"looking up {key[:12]}"):
+            try:
+                self.client().head_object(Bucket=self.bucket, Key=self._obj(key, RECORD))
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+    def push_entry(self, entry: Entry, *, overwrite: bool = False, store: Store | None = None) -> bool:
+        """Upload one local entry (after a full re-hash); ``False`` if the remote already has it."""
+        from ._tiers import sha256_file
+
+        if not overwrite and self.has(entry.key):
+            return False
+        if store is not None:
+            problem = store.verify(entry, full=True)
+            if problem is not None:
+                raise TierError(problem[0], f"not pushing {entry.key[:12]}: {problem[1]}")
+        files: dict[str, dict[str, Any]] = {}
+        with self._guard(f"pushing {entry.key[:12]}"):
+            c = self.client()
+            for art in entry.artifacts:
+                path: Path = entry.path / art["name"]
+                files[art["name"]] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                with open(path, "rb") as f:
+                    c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, "files", art["name"]), Body=f)
+            manifest = portable_manifest(entry)
+            import hashlib
+
+            files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
+            c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, "files", MANIFEST), Body=manifest)
+            raw = json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
+            signing_key = resolve_signing_key(self._signing_key)
+            if signing_key is not None:
+                c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, RECORD_SIG), Body=sign(raw, signing_key))
+            # The record goes last: it is what readers look for, so they never see a half-uploaded entry.
+            c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, RECORD), Body=raw)
+        log.info("pushed %s to %s", entry.key[:12], self.describe())
+        return True
+
+    def keys(self) -> list[str]:
+        """Every key with a record in the remote store."""
+        out: list[str] = []
+        base = self._obj("")
+        with self._guard("listing"):
+            paginator = self.client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+                for cp in page.get("CommonPrefixes", []):
+                    key = cp["Prefix"][len(base):].strip("/")
+                    if len(key) == 32:
+                        out.append(key)
+        return sorted(out)
+
+
+def push(cache: ContextCache, remote: RemoteTier, entries: list[Entry], *, overwrite: bool = False) -> dict[str, str]:
+    """Upload entries; returns key -> ``pushed`` / ``present`` / ``failed: <why>``."""
+    out: dict[str, str] = {}
+    for entry in entries:
+        try:
+            out[entry.key] = "pushed" if remote.push_entry(entry, overwrite=overwrite, store=cache.store) else "present"
+        except TierError as e:
+            out[entry.key] = f"failed: {e}"
+    return out
+
+
+def pull(cache: ContextCache, remote: RemoteTier, keys: list[str] | None = None, *, force: bool = False) -> dict[str, str]:
+    """Install remote entries into ``cache`` (all, or the given keys / key prefixes).
+
+    Returns key -> ``installed`` / ``present`` / ``refused: <why>``. Raises :class:`TierError` when the
+    remote cannot be listed.
+    """
+    from ._locking import key_lock
+    from ._store import BrokenEntry
+
+    wanted = remote.keys()
+    if keys is not None:
+        wanted = [k for k in wanted if any(k.startswith(p) for p in keys)]
+    cache.store.ensure()
+    out: dict[str, str] = {}
+    for key in wanted:
+        with key_lock(cache.store.lock_path(key), cache.lock_timeout, key[:12]):
+            try:
+                present = cache.store.lookup(key)
+            except BrokenEntry:
+                present = None
+            if present is not None and not force and cache.store.verify(present) is None:
+                out[key] = "present"
+                continue
+            try:
+                entry = remote.fetch(cache.store, key)
+            except TierError as e:
+                out[key] = f"refused: {e}"
+                continue
+            out[key] = "installed" if entry is not None else "refused: vanished"
+    return out
