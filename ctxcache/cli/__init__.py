@@ -1,9 +1,7 @@
-"""ctxcache command line (placeholder until the CLI lands)."""
+"""The ``ctxcache`` command line: ``main(argv) -> int``, one function per command (see ``_main``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from ._main import main
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return 0
+__all__ = ["main"]

@@ -1,0 +1,344 @@
+"""The inspection and maintenance commands: ls, explain, verify, prune, clear, stats, doctor.
+
+Each is one function taking the parsed arguments and returning an exit code; the library does the
+work and returns objects, these functions only render them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Any
+
+from ._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    confirm,
+    emit_json,
+    err,
+    human_size,
+    human_time,
+    open_cache,
+    out,
+    providers_or_default,
+    seconds,
+    table,
+)
+
+
+def _options_text(parts: dict[str, Any]) -> str:
+    opts = parts.get("ep_options")
+    if not isinstance(opts, dict):
+        return "-"
+    return " ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "-"
+
+
+# -- ls ---------------------------------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    cache = open_cache(args)
+    infos = cache.entries(include_broken=args.all)
+    if args.format == "json":
+        emit_json({
+            "cache_dir": str(cache.root),
+            "entries": [
+                {
+                    "key": e.key, "model": e.model_name, "provider": e.provider, "size": e.size,
+                    "created": e.created, "last_used": e.last_used, "hits": e.hits,
+                    "compile_seconds": e.compile_seconds, "broken": e.broken,
+                    "ep_options": e.parts.get("ep_options"), "path": str(e.path),
+                }
+                for e in infos
+            ],
+        })
+        return EXIT_OK
+    if not infos:
+        out(f"no entries in {cache.root}")
+        return EXIT_OK
+    rows = []
+    for e in infos:
+        rows.append([
+            e.model_name, e.provider.removesuffix("ExecutionProvider"), e.key[:12], human_size(e.size),
+            human_time(e.created), human_time(e.last_used), e.hits,
+            e.broken if e.broken else _options_text(e.parts),
+        ])
+    out(table(["MODEL", "PROVIDER", "KEY", "SIZE", "CREATED", "LAST USED", "HITS", "OPTIONS"], rows, right=(3, 6)))
+    total = sum(e.size for e in infos)
+    out(f"\n{len(infos)} entr{'y' if len(infos) == 1 else 'ies'}, {human_size(total)} in {cache.root}")
+    return EXIT_OK
+
+
+# -- explain ----------------------------------------------------------------------------------------
+def cmd_explain(args: argparse.Namespace) -> int:
+    cache = open_cache(args, extra_key=args.extra_key, embed=args.embed)
+    configs = providers_or_default(args.providers)
+    ex = cache.explain(args.model, providers=[c.as_tuple() for c in configs])
+    if args.format == "json":
+        emit_json({"cache_dir": str(cache.root), "providers": [c.as_dict() for c in configs], **ex.as_dict()})
+        return EXIT_OK if ex.hit else EXIT_FAILED
+    out(f"model     {ex.model}" + (f"  (content {ex.model_digest[:12]})" if ex.model_digest else ""))
+    out(f"provider  {' / '.join(c.label() for c in configs)}")
+    if ex.key:
+        out(f"key       {ex.key}")
+    out(f"verdict   {ex.summary()}")
+    if ex.verdict == "miss":
+        if not ex.nearest:
+            others = f" ({ex.other_entries} entr{'y' if ex.other_entries == 1 else 'ies'} of other models)" if ex.other_entries else ""
+            out(f"nearest   none: no entry of this model in {cache.root}{others}; a load would compile")
+        for n in ex.nearest:
+            what = "same content" if n.same_content else "same file name, other content"
+            out(f"nearest   {n.key[:12]} ({n.model_name}, {what}, created {human_time(n.created)}) "
+                f"differs in {len(n.differences)} part{'s' if len(n.differences) != 1 else ''}:")
+            for d in n.differences:
+                out(f"            {d}")
+    return EXIT_OK if ex.hit else EXIT_FAILED
+
+
+# -- verify -----------------------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    cache = open_cache(args)
+    results = cache.verify_entries(fix=args.fix)
+    bad = [r for r in results if not r.ok]
+    if args.format == "json":
+        emit_json({"cache_dir": str(cache.root), "checked": len(results), "damaged": len(bad), "fixed": args.fix,
+                   "entries": [r.as_dict() for r in results]})
+        return EXIT_FAILED if bad else EXIT_OK
+    if results:
+        rows = []
+        for r in results:
+            status = "ok" if r.ok else f"{r.problem.code}: {r.problem.message}"
+            action = "quarantined" if r.quarantined else ("-" if r.ok or not args.fix else "left (being rebuilt)")
+            rows.append([r.model_name, r.key[:12], human_size(r.size), status, action])
+        out(table(["MODEL", "KEY", "SIZE", "STATUS", "ACTION"], rows, right=(2,)))
+    if not bad:
+        out(f"{len(results)} entr{'y' if len(results) == 1 else 'ies'} checked, all intact ({cache.root})")
+        return EXIT_OK
+    hint = "quarantined; the next load recompiles them" if args.fix else "run `ctxcache verify --fix` to quarantine them"
+    out(f"{len(bad)} of {len(results)} entries damaged: {hint}")
+    return EXIT_FAILED
+
+
+# -- prune ------------------------------------------------------------------------------------------
+def cmd_prune(args: argparse.Namespace) -> int:
+    cache = open_cache(args)
+    kw = {"max_size": args.max_size, "older_than": args.older_than, "other_environments": not args.keep_other_env}
+    plan = cache.prune(dry_run=True, **kw)
+    if plan.items and not args.dry_run:
+        if not confirm(f"remove {len(plan.items)} entries ({human_size(plan.freed)}) from {cache.root}?", yes=args.yes):
+            err("nothing removed")
+            return EXIT_OK
+        report = cache.prune(**kw)
+    else:
+        report = plan
+    if args.format == "json":
+        emit_json({"cache_dir": str(cache.root), **report.as_dict()})
+        return EXIT_OK
+    if report.items:
+        rows = [[i.model_name, i.key[:12], human_size(i.size), human_time(i.last_used), i.why.replace("_", " "), i.detail]
+                for i in report.items]
+        out(table(["MODEL", "KEY", "SIZE", "LAST USED", "WHY", "DETAIL"], rows, right=(2,)))
+    verb = "would free" if report.dry_run else "freed"
+    n = len(report.items) if report.dry_run else sum(1 for i in report.items if i.removed)
+    out(f"{'would remove' if report.dry_run else 'removed'} {n} entr{'y' if n == 1 else 'ies'}, {verb} "
+        f"{human_size(report.freed)}; {human_size(report.size_after)} left in {cache.root}")
+    return EXIT_OK
+
+
+# -- clear ------------------------------------------------------------------------------------------
+def cmd_clear(args: argparse.Namespace) -> int:
+    cache = open_cache(args)
+    infos = cache.entries(include_broken=True)
+    size = sum(e.size for e in infos)
+    if args.dry_run:
+        out(f"would remove {len(infos)} entries ({human_size(size)}) from {cache.root}")
+        return EXIT_OK
+    if infos and not confirm(f"remove all {len(infos)} entries ({human_size(size)}) from {cache.root}?", yes=args.yes):
+        err("nothing removed")
+        return EXIT_OK
+    n = cache.clear()
+    if args.format == "json":
+        emit_json({"cache_dir": str(cache.root), "removed": n, "freed": size})
+    else:
+        out(f"removed {n} entries ({human_size(size)}) from {cache.root}")
+    return EXIT_OK
+
+
+# -- stats ------------------------------------------------------------------------------------------
+def cmd_stats(args: argparse.Namespace) -> int:
+    cache = open_cache(args)
+    st = cache.stats()
+    data = st.as_dict()
+    if args.format == "json":
+        emit_json({"cache_dir": str(cache.root), **data, "reset": args.reset})
+    else:
+        reasons = ", ".join(f"{k} {v}" for k, v in data["reasons"].items()) or "-"
+        rows = [
+            ["loads", st.loads],
+            ["hits", st.hits],
+            ["misses (compiled)", st.misses],
+            ["fallbacks", st.fallbacks],
+            ["bypasses", st.bypasses],
+            ["reasons", reasons],
+            ["compile time spent", seconds(st.compile_seconds)],
+            ["compile time saved", seconds(st.saved_seconds)],
+            ["since", human_time(st.since)],
+        ]
+        out(table(["", ""], rows).split("\n", 2)[2])
+        out(f"({cache.root})")
+    if args.reset:
+        cache.reset_stats()
+        if args.format != "json":
+            out("counters reset")
+    return EXIT_OK
+
+
+# -- doctor -----------------------------------------------------------------------------------------
+_FLAVOURS = (
+    "onnxruntime", "onnxruntime-gpu", "onnxruntime-qnn", "onnxruntime-openvino", "onnxruntime-directml",
+    "onnxruntime-training", "ort-nightly", "onnx", "ctxcache",
+)
+
+
+def _packages() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in _FLAVOURS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _doctor_data(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    import onnxruntime as ort
+
+    from .. import _manage, providers
+    from .._config import ENV_DIR
+
+    problems: list[str] = []
+    pkgs = _packages()
+    flavours = [p for p in pkgs if p.startswith("onnxruntime") and p != "onnxruntime-qnn" or p == "ort-nightly"]
+    if len(flavours) > 1:
+        problems.append(f"several ONNX Runtime flavours installed ({', '.join(flavours)}); they overwrite each "
+                        "other's files: keep one (README, 'Installing with another ONNX Runtime flavour')")
+    data: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "packages": pkgs,
+        "onnxruntime": {"version": ort.__version__, "path": os.path.dirname(ort.__file__),
+                        "available_providers": ort.get_available_providers()},
+    }
+    try:
+        import onnxruntime_qnn
+
+        info = getattr(onnxruntime_qnn, "build_and_package_info", None)
+        data["onnxruntime_qnn"] = {"version": getattr(onnxruntime_qnn, "__version__", "?"),
+                                   "qnn_sdk": getattr(info, "qnn_version", "?"),
+                                   "library": onnxruntime_qnn.get_library_path()}
+    except ImportError:
+        data["onnxruntime_qnn"] = None
+    # Registering QNN's plugin first makes its devices visible to get_ep_devices().
+    qnn_why = providers.get("QNNExecutionProvider").unavailable_reason()
+    try:
+        data["ep_devices"] = [
+            {"ep": d.ep_name, "vendor": d.ep_vendor, "type": str(d.device.type).rsplit(".", 1)[-1],
+             "device_vendor": d.device.vendor, "metadata": dict(d.ep_metadata)}
+            for d in ort.get_ep_devices()
+        ]
+    except Exception as e:
+        data["ep_devices"] = f"unavailable: {e}"
+    data["qnn"] = "available" if qnn_why is None else qnn_why
+
+    cache = open_cache(args)
+    root = cache.root
+    source = "--cache-dir" if args.cache_dir else (f"${ENV_DIR}" if os.environ.get(ENV_DIR) else "app-data default")
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    writable = cache.store.writable() if root.exists() else os.access(existing, os.W_OK)
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    infos = cache.entries(include_broken=True)
+    data["cache"] = {"dir": str(root), "source": source, "exists": root.exists(), "writable": writable,
+                     "free_bytes": free, "entries": len(infos), "size": sum(i.size for i in infos)}
+    if not writable:
+        problems.append(f"the cache folder {root} is not writable: every load would bypass the cache; "
+                        "pass --cache-dir or set CTXCACHE_DIR to a writable folder")
+    if free is not None and free < 512 << 20:
+        problems.append(f"only {human_size(free)} free at {existing}: compiled contexts of big models may not fit")
+
+    # What a key would contain here, for the providers asked about (default: the qnn-htp preset).
+    keys = []
+    for cfg in _doctor_providers(args):
+        env = _manage.environment(cache, cfg.name, cfg.options)
+        keys.append({"provider": cfg.label(), "parts": env if isinstance(env, dict) else None,
+                     "unavailable": env if isinstance(env, str) else None})
+    data["key_parts"] = keys
+    data["problems"] = problems
+    return data, problems
+
+
+def _doctor_providers(args: argparse.Namespace) -> list[Any]:
+    if args.providers:
+        return list(args.providers)
+    try:
+        return providers_or_default(None)
+    except UsageError:
+        return []  # no onnxruntime-qnn: nothing to show a key for by default
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    data, problems = _doctor_data(args)
+    if args.format == "json":
+        emit_json(data)
+        return EXIT_FAILED if problems else EXIT_OK
+    out(f"python        {data['python']}")
+    out("packages      " + ", ".join(f"{k} {v}" for k, v in data["packages"].items()))
+    o = data["onnxruntime"]
+    out(f"onnxruntime   {o['version']} at {o['path']}")
+    out(f"              providers: {', '.join(o['available_providers'])}")
+    q = data["onnxruntime_qnn"]
+    out(f"onnxruntime-qnn {q['version']} (QNN SDK {q['qnn_sdk']}): {data['qnn']}" if q else
+        "onnxruntime-qnn not installed (pip install 'ctxcache[qnn]')")
+    devs = data["ep_devices"]
+    if isinstance(devs, list):
+        for d in devs:
+            out(f"ep device     {d['ep']} on {d['type']} ({d['device_vendor'] or d['vendor']})")
+    else:
+        out(f"ep devices    {devs}")
+    c = data["cache"]
+    out(f"cache         {c['dir']} ({c['source']}; {'exists' if c['exists'] else 'not created yet'}, "
+        f"{'writable' if c['writable'] else 'NOT writable'}, "
+        f"{human_size(c['free_bytes']) if c['free_bytes'] is not None else '?'} free)")
+    out(f"              {c['entries']} entries, {human_size(c['size'])}")
+    for k in data["key_parts"]:
+        if k["parts"] is None:
+            out(f"key here      {k['provider']}: unavailable ({k['unavailable']})")
+            continue
+        out(f"key here      {k['provider']}:")
+        for label, value in k["parts"].items():
+            out(f"                {label:<13} {_compact(value)}")
+    for p in problems:
+        out(f"problem       {p}")
+    if not problems:
+        out("no problems found")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _compact(value: Any) -> str:
+    from .._fingerprint import canonical_json
+
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_compact(v) if not isinstance(v, str) else (v[:12] if len(v) == 32 else v)}"
+                         for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return f"{len(value)} device(s): " + "; ".join(
+            " ".join(str(d.get(k)) for k in ("type", "vendor") if isinstance(d, dict)) for d in value
+        ) if value else "none"
+    text = value if isinstance(value, str) else canonical_json(value)
+    return text

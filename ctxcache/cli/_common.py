@@ -1,0 +1,248 @@
+"""Pieces every command shares: exit codes, provider flags and presets, sizes, durations, tables,
+confirmation. Output goes through the functions here so that ``--format json`` stays machine-clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+# Exit codes (documented in README "Command line" and in `ctxcache --help`).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran and found a problem: a model failed to warm, damage found, a miss...
+EXIT_USAGE = 2  # bad arguments or input: unknown provider, misspelt option, missing model (argparse uses 2 too)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+class UsageError(Exception):
+    """Bad command-line input; ``main`` prints it as one line and exits with :data:`EXIT_USAGE`."""
+
+
+class CommandFailed(Exception):
+    """An expected failure (not a bug); ``main`` prints it as one line and exits with :data:`EXIT_FAILED`."""
+
+
+# -- providers --------------------------------------------------------------------------------------
+ALIASES = {
+    "qnn": "QNNExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "nv": "NvTensorRTRTXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "vitisai": "VitisAIExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+}
+
+PRESETS = {
+    "qnn-htp": "QNN HTP (Snapdragon NPU, soc_model 60 / htp_arch 73, fp16) with onnxruntime-qnn's own HTP backend",
+}
+
+
+def provider_name(name: str) -> str:
+    return ALIASES.get(name.lower(), name)
+
+
+def preset(name: str) -> tuple[str, dict[str, str]]:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    if name == "qnn-htp":
+        try:
+            from .. import models
+
+            return "QNNExecutionProvider", models.qnn_htp_options()
+        except ImportError:
+            raise UsageError("preset qnn-htp needs onnxruntime-qnn: pip install 'ctxcache[qnn]'") from None
+    raise AssertionError(name)
+
+
+@dataclass
+class ProviderConfig:
+    """One provider with its options, as given on the command line or in a plan."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+
+    @property
+    def short(self) -> str:
+        return self.name.removesuffix("ExecutionProvider")
+
+    def label(self) -> str:
+        """``QNN soc_model=60 htp_arch=73`` (paths shown by file name only, to keep lines short)."""
+        shown = []
+        for k, v in sorted(self.options.items()):
+            text = str(v)
+            if k.endswith("_path") and ("/" in text or "\\" in text):
+                text = re.split(r"[\\/]", text)[-1]
+            shown.append(f"{k}={text}")
+        return " ".join([self.short, *shown])
+
+    def as_tuple(self) -> tuple[str, dict[str, Any]]:
+        return (self.name, dict(self.options))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": {k: str(v) for k, v in self.options.items()}, "preset": self.preset}
+
+
+class _ProviderAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        items: list[ProviderConfig] = list(getattr(ns, "providers", None) or [])
+        if option_string == "--preset":
+            items.append(ProviderConfig(*_preset_or_exit(parser, str(values)), preset=str(values)))
+        else:
+            items.append(ProviderConfig(provider_name(str(values))))
+        ns.providers = items
+
+
+class _OptionAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        items: list[ProviderConfig] = list(getattr(ns, "providers", None) or [])
+        if not items:
+            parser.error(f"{option_string} {values} must follow --provider or --preset (it sets that provider's option)")
+        key, sep, value = str(values).partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} takes KEY=VALUE, got {values!r}")
+        items[-1].options[key.strip()] = value.strip()
+        ns.providers = items
+
+
+def _preset_or_exit(parser: argparse.ArgumentParser, name: str) -> tuple[str, dict[str, str]]:
+    try:
+        return preset(name)
+    except UsageError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def add_provider_flags(p: argparse.ArgumentParser, *, what: str) -> None:
+    g = p.add_argument_group("providers", what)
+    g.add_argument("-p", "--provider", action=_ProviderAction, metavar="NAME", dest="providers", default=None,
+                   help="execution provider: a full name (QNNExecutionProvider) or an alias (qnn, tensorrt, openvino, ...)")
+    g.add_argument("-o", "--option", action=_OptionAction, metavar="KEY=VALUE", dest="providers",
+                   help="an option of the provider given just before (repeatable), e.g. -o soc_model=60")
+    g.add_argument("--preset", action=_ProviderAction, metavar="NAME", dest="providers",
+                   help="a ready-made provider configuration: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
+                   + ". Later -o flags override its options. Default when no provider is given: qnn-htp")
+
+
+def providers_or_default(configs: list[ProviderConfig] | None) -> list[ProviderConfig]:
+    if configs:
+        return configs
+    name, options = preset("qnn-htp")
+    return [ProviderConfig(name, options, preset="qnn-htp")]
+
+
+def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cache location", "precedence: --cache-dir, then $CTXCACHE_DIR, then the app-data folder")
+    g.add_argument("--cache-dir", metavar="DIR", help="the cache folder")
+    g.add_argument("--app-name", default="ctxcache", help="the app whose data folder holds the cache (default: ctxcache)")
+    g.add_argument("--app-author", default=None, help="the app's author, for platforms that use it (Windows)")
+
+
+def add_key_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("key settings", "must match the application's ContextCache(...) arguments")
+    g.add_argument("--extra-key", default=None, help="the app's extra_key")
+    g.add_argument("--embed", action="store_true", help="the app uses embed=True")
+
+
+def open_cache(args: argparse.Namespace, **kw: Any) -> Any:
+    from .._cache import ContextCache
+
+    return ContextCache(args.cache_dir, app_name=args.app_name, app_author=args.app_author, **kw)
+
+
+def add_format_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+
+
+# -- units ------------------------------------------------------------------------------------------
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``500M``, ``1.5G``, ``2GiB``, ``100MB``, ``4096`` (bytes). Binary units: 1K = 1024 bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtb]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 500M, 2G or 1048576")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``45m``, ``12h``, ``30d``, ``2w`` (a unit is required, so ``30`` is never misread)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|min|h|d|w)\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read duration {text!r}; write e.g. 30d, 12h, 45m or 90s")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_time(t: float | None) -> str:
+    if not t:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def seconds(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+# -- output -----------------------------------------------------------------------------------------
+def out(text: str = "", stream: IO[str] | None = None) -> None:
+    print(text, file=stream or sys.stdout, flush=True)
+
+
+def err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def emit_json(data: Any) -> None:
+    out(json.dumps(data, indent=2, default=str))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Iterable[int] = ()) -> str:
+    """A plain text table: a header, a rule, columns padded to their widest cell."""
+    cells = [[str(c) for c in headers]] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    align_right = set(right)
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.rjust(w) if i in align_right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def confirm(question: str, *, yes: bool) -> bool:
+    """``--yes`` confirms; on a terminal ask; without a terminal refuse (a script must say ``--yes``)."""
+    if yes:
+        return True
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageError(f"{question.rstrip('?')}: no terminal to confirm on; pass --yes (or --dry-run to only look)")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
