@@ -32,19 +32,22 @@ def compile_into(
     """Compile ``source`` for ``provider`` into ``staging/ctx.onnx`` (+ binaries); returns seconds."""
     so = ort.SessionOptions()
     so.log_severity_level = log_severity
-    provider.configure(so, options)
     start = time.perf_counter()
     try:
-        # ORT_ENABLE_ALL matters: ModelCompiler defaults to DISABLE_ALL, which leaves constant subgraphs
-        # unfolded; measured 83 s instead of 0.26 s and an unloadable context (FIELD-NOTES).
-        compiler = ort.ModelCompiler(
-            so,
-            source,
-            embed_compiled_data_into_model=embed,
-            graph_optimization_level=level,
-            flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED,
-        )
-        compiler.compile_to_file(str(staging / CONTEXT))
+        # Providers that the compile API cannot take (TensorRT) write the context their own way.
+        if not provider.compile_context(so, source, staging / CONTEXT, options, level, embed):
+            provider.configure(so, options)
+            start = time.perf_counter()
+            # ORT_ENABLE_ALL matters: ModelCompiler defaults to DISABLE_ALL, which leaves constant subgraphs
+            # unfolded; measured 83 s instead of 0.26 s and an unloadable context (FIELD-NOTES).
+            compiler = ort.ModelCompiler(
+                so,
+                source,
+                embed_compiled_data_into_model=embed,
+                graph_optimization_level=level,
+                flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED,
+            )
+            compiler.compile_to_file(str(staging / CONTEXT))
     except Exception as e:  # ORT's exceptions derive from Exception only
         text = str(e)
         if "Unable to compile any nodes" in text:

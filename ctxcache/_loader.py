@@ -284,7 +284,7 @@ class Loader:
                 ("onnxruntime", ort.__version__),
                 ("ep_versions", ep.versions()),
                 ("ep_libraries", files_digest(ep.library_files(options), self.store.memo_dir)),
-                ("devices", ep.device_identity()),
+                ("devices", ep.device_identity(options)),
                 ("host", f"{sys.platform}-{platform.machine().lower()}"),
             ]
             self._env_parts[memo_key] = parts

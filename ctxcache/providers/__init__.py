@@ -14,10 +14,12 @@ from ..errors import UnknownProviderError
 from ._base import ExecutionProvider
 from .cpu import CPUProvider
 from .qnn import QNNProvider
+from .tensorrt import TensorRTProvider
 
 _MODULES: dict[str, type[ExecutionProvider]] = {
     CPUProvider.name: CPUProvider,
     QNNProvider.name: QNNProvider,
+    TensorRTProvider.name: TensorRTProvider,
 }
 
 # One instance per provider per process: QNN's plugin registration is process-wide state.

@@ -94,8 +94,28 @@ class ExecutionProvider:
         """Native libraries whose content is part of the key (a side-loaded SDK update invalidates)."""
         return []
 
-    def device_identity(self) -> list[dict[str, Any]]:
+    def device_identity(self, options: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """The devices the context is built for. ``options`` matter where they pick a device (``device_id``)."""
         return []
+
+    # -- compiling ----------------------------------------------------------------------------
+    def compile_context(
+        self,
+        so: ort.SessionOptions,
+        source: str | bytes,
+        out: Path,
+        options: dict[str, str],
+        level: ort.GraphOptimizationLevel,
+        embed: bool,
+    ) -> bool:
+        """Write the EP-context model ``out`` (and its binaries beside it) another way than ``ModelCompiler``.
+
+        Returns ``False`` (the default) to let ctxcache use ONNX Runtime's compile API with
+        :meth:`configure`. Providers that ``SessionOptions.add_provider`` does not take (built-in ones
+        such as TensorRT) produce the context with a session instead and return ``True``. Raise with
+        "Unable to compile any nodes" in the message when the provider took no node.
+        """
+        return False
 
     # -- sessions -----------------------------------------------------------------------------
     def configure(self, so: ort.SessionOptions, options: dict[str, str]) -> None:

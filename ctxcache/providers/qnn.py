@@ -12,6 +12,7 @@ Two ways QNN reaches a Python process:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -226,7 +227,7 @@ class QNNProvider(ExecutionProvider):
                 files.append(prepare)
         return files
 
-    def device_identity(self) -> list[dict[str, Any]]:
+    def device_identity(self, options: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         if self._plugin is None:
             return []
         out = []
