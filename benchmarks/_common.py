@@ -123,9 +123,10 @@ def _feeds(sess):
     return {i.name: rng.random([d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)
             for i in sess.get_inputs()}
 def _done(sess, **kw):
+    t_session = time.time()
     sess.run(None, _feeds(sess))
     t = time.time()
-    print(json.dumps(dict(kw, t_end=t, peak_rss_kb=_hwm_kb(),
+    print(json.dumps(dict(kw, t_session=t_session, t_end=t, peak_rss_kb=_hwm_kb(),
                           providers=sess.get_providers())))
 """
 
@@ -181,6 +182,7 @@ def launch(kind: str, model_path: Path, cache: Path | None = None, timeout: floa
         raise RuntimeError(f"{kind} launch of {model_path.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     out = last_json(proc.stdout)
     out["seconds"] = out["t_end"] - t0
+    out["session_seconds"] = out["t_session"] - t0
     if QNN not in out["providers"]:
         raise RuntimeError(f"{kind} launch of {model_path.name} did not run on QNN: {out['providers']}")
     return out
