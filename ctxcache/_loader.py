@@ -571,8 +571,13 @@ class Loader:
                 reason = Reason("not_compilable", f"{ep.name} compiled no node of this model")
                 return done(self._original(model, chain, target, so), "bypass", reason)
             except CompileFailed as e:
-                self.store.remember_failure(key, "compile_failed", str(e)[:500])
-                reason = Reason("compile_failed", str(e)[:2000])
+                # A compiler that could not write its output (ORT only says "Failed to write context
+                # cache file") failed for want of space, not because of the model: remembering that
+                # would bypass the cache for this model for negative_ttl after the disk is freed.
+                short = _low_space(staging, digest.size)
+                if short is None:
+                    self.store.remember_failure(key, "compile_failed", str(e)[:500])
+                reason = Reason("compile_failed", (str(e) + (f" ({short}; not remembered)" if short else ""))[:2000])
                 self._fault(key, reason)
                 return done(self._original(model, chain, target, so), "fallback", reason)
             try:
@@ -606,6 +611,23 @@ class Loader:
         self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
         self._fault(key, why)
         return done(self._original(model, chain, target, so), "fallback", why)
+
+
+def _low_space(folder: Path, model_size: int) -> str | None:
+    """Why a failed compile in ``folder`` may be the disk's fault (too little free space), else ``None``.
+
+    A context is about the size of the model's weights (fp16 halves them, headers add a little); less
+    free space than the model plus a margin after a failure means the failure is not the model's.
+    """
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        return f"cannot check free space: {e.strerror or e}"
+    if free < model_size + (16 << 20):
+        return f"only {free} bytes free in {folder}"
+    return None
 
 
 def _version() -> str:
