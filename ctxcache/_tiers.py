@@ -204,8 +204,12 @@ def install(store: Store, key: str, record: Any, opener: Opener, origin: dict[st
     staging = store.new_staging(key)
     try:
         for name, spec in sorted(files.items()):
-            with opener(name) as src:
-                _copy_checked(src, staging / name, spec["size"], spec["sha256"], f"{origin.get('location', '?')}:{key[:12]}/{name}")
+            where = f"{origin.get('location', '?')}:{key[:12]}/{name}"
+            try:
+                with opener(name) as src:
+                    _copy_checked(src, staging / name, spec["size"], spec["sha256"], where)
+            except FileNotFoundError:
+                raise TierError("tier_record", f"{where} is listed but missing") from None
         try:
             manifest = json.loads((staging / MANIFEST).read_bytes())
         except ValueError as e:
@@ -230,7 +234,8 @@ def install(store: Store, key: str, record: Any, opener: Opener, origin: dict[st
 
 # -- configuration --------------------------------------------------------------------------------------
 def coerce(tiers: Iterable[Tier | str | os.PathLike[str]] | None) -> list[Tier]:
-    """``ContextCache(tiers=...)`` items: tier objects, bundle paths (folder or .tar), ``s3://`` URLs."""
+    """``ContextCache(tiers=...)`` items: tier objects, bundle paths (folder or .tar), ORT model package
+    folders, ``s3://`` URLs."""
     out: list[Tier] = []
     for item in tiers or ():
         if isinstance(item, (str, os.PathLike)):
@@ -240,9 +245,14 @@ def coerce(tiers: Iterable[Tier | str | os.PathLike[str]] | None) -> list[Tier]:
 
                 out.append(RemoteTier(text))
             else:
-                from ._bundle import Bundle
+                from ._package import ModelPackageTier, is_model_package
 
-                out.append(Bundle(text))
+                if is_model_package(text):
+                    out.append(ModelPackageTier(text))
+                else:
+                    from ._bundle import Bundle
+
+                    out.append(Bundle(text))
         elif isinstance(item, Tier):
             out.append(item)
         else:

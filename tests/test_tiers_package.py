@@ -1,0 +1,109 @@
+"""ORT model packages: ctxcache exports entries as an ``onnxruntime.ModelPackage`` that plain ORT opens,
+selects and runs on the real QNN provider, and reads one back as a verified read-only tier."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import pytest
+
+import ctxcache
+from ctxcache import models
+from ctxcache._package import ModelPackageTier, export_model_package
+from ctxcache._tiers import SIGNING_KEY_ENV
+
+from conftest import QNN, last_json, launch, run_python
+
+pytestmark = pytest.mark.skipif(not hasattr(ort, "ModelPackage"), reason="onnxruntime < 1.32 has no ModelPackage")
+
+SECRET = "pkg-secret"
+
+# Plain ONNX Runtime, no ctxcache: open the package, let ORT select the variant, run it.
+PLAIN_ORT = """
+import json, onnxruntime as ort, onnxruntime_qnn
+from ctxcache import models
+ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+devs = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+def so():
+    s = ort.SessionOptions(); s.add_provider_for_devices(devs, models.qnn_htp_options()); return s
+ctx = ort.ModelPackageContext({pkg!r})
+comp = ctx.select_component({component!r}, ort.ModelPackageOptions(so()))
+sess = comp.create_session(so())
+out = sess.run(None, models.random_input(sess, seed=7))[0]
+print(json.dumps({{"variant": comp.get_selected_variant_name(), "providers": sess.get_providers(),
+                   "out": out.ravel()[:64].tolist()}}))
+"""
+
+TIER_LAUNCH = """
+import json, ctxcache
+from ctxcache import models
+cache = ctxcache.ContextCache({cache_dir!r}, tiers=[{pkg!r}])
+r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
+out = r.session.run(None, models.random_input(r.session, seed=7))[0]
+print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "out": out.ravel()[:64].tolist()}}))
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, conv_model: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("pkgbuild")
+    cache = ctxcache.ContextCache(root / "cache")
+    first = cache.load(conv_model, providers=[(QNN, models.qnn_htp_options())])
+    reference = launch(root / "cache", conv_model)
+    # compatibility=False: ORT 1.32's variant selection segfaults in the QNN plugin's check of it on x86.
+    res = export_model_package(cache, root / "pkg", models=[conv_model], signing_key=SECRET, compatibility=False)
+    assert list(res.variants) == [first.key]
+    return {"cache": cache, "key": first.key, "reference": reference, "pkg": root / "pkg", "variant": res.variants[first.key]}
+
+
+def test_plain_ort_opens_selects_and_runs_the_package(built: dict[str, Any]) -> None:
+    info = ort.ModelPackage.open(str(built["pkg"])).get_info()
+    assert info["schema_version_major"] == 1
+    (variant,) = info["components"][0]["variants"]
+    assert variant["ep"] == QNN and json.loads(variant["executor_info"]["ort"])["model_file"] == "ctx.onnx"
+    component, vname = built["variant"].split("/")
+    r = last_json(run_python(PLAIN_ORT.format(pkg=str(built["pkg"]), component=component)).stdout)
+    assert r["variant"] == vname and r["providers"][0] == QNN
+    assert r["out"] == built["reference"]["out"]
+
+
+def test_package_as_tier_in_fresh_process(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    code = TIER_LAUNCH.format(cache_dir=str(tmp_path / "device"), pkg=str(built["pkg"]), model=str(conv_model))
+    r = last_json(run_python(code).stdout)
+    assert (r["outcome"], r["tier"], r["compile"]) == ("hit", "package", 0.0)
+    assert r["out"] == built["reference"]["out"]
+
+
+@pytest.mark.parametrize("damage", ["flip_bin", "bad_signature", "escaping_variant", "record_key_swapped"])
+def test_damaged_package_is_refused_and_compiled(built: dict[str, Any], tmp_path: Path, conv_model: Path, damage: str) -> None:
+    pkg = tmp_path / "pkg"
+    shutil.copytree(built["pkg"], pkg)
+    component, vname = built["variant"].split("/")
+    cjson = pkg / component / "component.json"
+    body = json.loads(cjson.read_text())
+    if damage == "flip_bin":
+        b = pkg / component / vname / "ctx_qnn.bin"
+        data = bytearray(b.read_bytes())
+        data[2048] ^= 0x01
+        b.write_bytes(bytes(data))
+    elif damage == "bad_signature":
+        body["variants"][vname]["additional_metadata"]["ctxcache"]["signature"] = "hmac-sha256:" + "0" * 64
+    elif damage == "escaping_variant":
+        body["variants"][vname]["variant_directory"] = "../../outside"
+        (tmp_path / "outside").mkdir()
+    elif damage == "record_key_swapped":
+        body["variants"][vname]["additional_metadata"]["ctxcache"]["record"]["key"] = "0" * 32
+    cjson.write_text(json.dumps(body))
+    cache = ctxcache.ContextCache(tmp_path / "device", tiers=[ModelPackageTier(pkg, signing_key=SECRET)])
+    r = cache.load(conv_model, providers=[(QNN, models.qnn_htp_options())])
+    assert (r.outcome, r.tier) == ("miss", None)
+    assert r.timings.compile > 0
