@@ -115,7 +115,8 @@ def _env_mismatch(cache: ContextCache, parts: dict[str, Any], memo: dict[str, di
 
 def _render(d: tuple[str, Any, Any]) -> str:
     path, old, new = d
-    return f"{path} {_fingerprint.short(old)} -> {_fingerprint.short(new)}"
+    label = "model content" if path == "model" else path  # the part is a digest of the bytes, not a name
+    return f"{label} {_fingerprint.short(old)} -> {_fingerprint.short(new)}"
 
 
 # -- verify -----------------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def _doctor_data(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     existing = root
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
-    writable = cache.store.writable() if root.exists() else os.access(existing, os.W_OK)
+    writable = _can_write(existing)
     try:
         free = shutil.disk_usage(existing).free
     except OSError:
@@ -281,6 +281,17 @@ def _doctor_data(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     data["key_parts"] = keys
     data["problems"] = problems
     return data, problems
+
+
+def _can_write(folder: Any) -> bool:
+    """Really create a file: permission bits say nothing for root, read-only mounts or /proc."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _doctor_providers(args: argparse.Namespace) -> list[Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -79,13 +80,9 @@ class ProviderConfig:
         return self.name.removesuffix("ExecutionProvider")
 
     def label(self) -> str:
-        """``QNN soc_model=60 htp_arch=73`` (paths shown by file name only, to keep lines short)."""
-        shown = []
-        for k, v in sorted(self.options.items()):
-            text = str(v)
-            if k.endswith("_path") and ("/" in text or "\\" in text):
-                text = re.split(r"[\\/]", text)[-1]
-            shown.append(f"{k}={text}")
+        """``QNN soc_model=60 htp_arch=73``: library paths left out (they differ per machine, and the key
+        records the backend *type*), so lines stay short."""
+        shown = [f"{k}={v}" for k, v in sorted(self.options.items()) if not k.endswith("_path")]
         return " ".join([self.short, *shown])
 
     def as_tuple(self) -> tuple[str, dict[str, Any]]:
@@ -156,10 +153,15 @@ def add_key_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embed", action="store_true", help="the app uses embed=True")
 
 
+def cache_dir_arg(args: argparse.Namespace) -> str | None:
+    # Absolute, so that messages name the real folder and worker processes agree on it.
+    return os.path.abspath(os.path.expanduser(args.cache_dir)) if args.cache_dir else None
+
+
 def open_cache(args: argparse.Namespace, **kw: Any) -> Any:
     from .._cache import ContextCache
 
-    return ContextCache(args.cache_dir, app_name=args.app_name, app_author=args.app_author, **kw)
+    return ContextCache(cache_dir_arg(args), app_name=args.app_name, app_author=args.app_author, **kw)
 
 
 def add_format_flag(p: argparse.ArgumentParser) -> None:

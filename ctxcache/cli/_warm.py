@@ -28,6 +28,7 @@ from ._common import (
     EXIT_OK,
     ProviderConfig,
     UsageError,
+    cache_dir_arg,
     emit_json,
     err,
     out,
@@ -423,7 +424,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
             tasks.append(Task(len(tasks), str(model), cfg))
     unavailable = _validate([t.provider for t in tasks])
 
-    cache_dir = args.cache_dir or settings.get("cache_dir")
+    cache_dir = cache_dir_arg(args) or settings.get("cache_dir")
     cache_kw: dict[str, Any] = {
         "cache_dir": cache_dir, "app_name": args.app_name, "app_author": args.app_author,
         "extra_key": args.extra_key, "embed": args.embed,
