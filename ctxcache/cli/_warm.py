@@ -190,9 +190,15 @@ def _on_term(signum: int, frame: Any) -> None:
 
 
 def _worker(cache_kw: dict[str, Any], verbose: int, tasks: Any, results: Any) -> None:
-    # Native code (the QNN SDK) writes to fd 1; keep the parent's stdout for its own output (--format json).
+    # Native code (the QNN SDK) writes chatter to fd 1: keep the parent's stdout for its own output
+    # (--format json) and its terminal line clean; with -v it goes to stderr.
     try:
-        os.dup2(2, 1)
+        if verbose:
+            os.dup2(2, 1)
+        else:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -294,17 +300,17 @@ class Progress:
         out(line)
 
     def tick(self, running: list[Task]) -> None:
-        if not self.live:
+        if not self.live or (not running and self.done >= self.total):
             return
         now = time.monotonic()
         items = ", ".join(f"{Path(t.model).name} {now - (t.started or now):.1f}s" for t in running[:4])
         more = f" +{len(running) - 4}" if len(running) > 4 else ""
         text = f"[{self.done}/{self.total}] compiling: {items}{more}" if running else f"[{self.done}/{self.total}] starting"
-        width = 120
         try:
             width = os.get_terminal_size(sys.stderr.fileno()).columns
         except OSError:
-            pass
+            width = 0
+        width = width if width >= 40 else 100  # a pty without a size reports 0 columns
         sys.stderr.write("\r\x1b[2K" + text[: max(20, width - 1)])
         sys.stderr.flush()
         self._shown = True
