@@ -70,7 +70,8 @@ def _record_bytes(record: Any) -> bytes:
 
 
 def _component_name(entry: Entry) -> str:
-    model = entry.manifest.get("model") if isinstance(entry.manifest.get("model"), dict) else {}
+    raw = entry.manifest.get("model")
+    model: dict[str, Any] = raw if isinstance(raw, dict) else {}
     stem = Path(str(model.get("name") or "model")).stem
     return _NAME_RE.sub("_", stem).strip("_") or "model"
 
@@ -142,7 +143,8 @@ def export_model_package(
             meta: dict[str, Any] = {"record": record}
             if key is not None:
                 meta["signature"] = sign(_record_bytes(record), key).decode()
-            ep_opts = entry.parts.get("ep_options") if isinstance(entry.parts.get("ep_options"), dict) else {}
+            raw_opts = entry.parts.get("ep_options")
+            ep_opts: dict[str, Any] = raw_opts if isinstance(raw_opts, dict) else {}
             variant: dict[str, Any] = {
                 "ep": ep,
                 "executor_info": {"ort": {

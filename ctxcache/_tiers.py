@@ -136,7 +136,8 @@ def portable_manifest(entry: Entry) -> bytes:
 
 
 def make_record(entry: Entry, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    model = entry.manifest.get("model") if isinstance(entry.manifest.get("model"), dict) else {}
+    raw = entry.manifest.get("model")
+    model: dict[str, Any] = raw if isinstance(raw, dict) else {}
     return {
         "format": RECORD_FORMAT,
         "key": entry.key,
@@ -351,7 +352,8 @@ def entries_matching(
             continue
         if provider is not None and parts.get("ep") != provider:
             continue
-        ep_opts = parts.get("ep_options") if isinstance(parts.get("ep_options"), dict) else {}
+        raw_opts = parts.get("ep_options")
+        ep_opts: dict[str, Any] = raw_opts if isinstance(raw_opts, dict) else {}
         if any(str(ep_opts.get(k)) != v for k, v in want_opts.items()):
             continue
         if keys is not None and not any(item.key.startswith(k) for k in keys):
