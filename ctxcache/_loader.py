@@ -86,7 +86,7 @@ class Reason:
     ``lock_timeout``, ``compile_failed``, ``manifest_missing``, ``manifest_corrupt``,
     ``manifest_unreadable``, ``artifact_missing``, ``artifact_size``, ``artifact_digest``,
     ``artifact_not_regular``, ``artifact_unreadable``, ``crashed_during_load``, ``incompatible``,
-    ``load_failed``, ``wrong_provider``, ``publish_failed``.
+    ``load_failed``, ``wrong_provider``, ``publish_failed``, ``provider_policy``.
     """
 
     code: str
@@ -367,6 +367,15 @@ class Loader:
 
     def _load(self, model: _Model, chain: Chain, so: ort.SessionOptions | None) -> LoadResult:
         timings = Timings()
+        if not chain and so is not None and getattr(so, "has_providers", lambda: False)():
+            # The app let ORT choose (set_provider_selection_policy, e.g. PREFER_NPU) or added providers
+            # to its SessionOptions itself. Neither can be read back, so the provider and device ORT will
+            # pick cannot be keyed before it picks them: run the app's own options untouched (a copy
+            # would drop the policy) and say which provider ORT chose.
+            session = ort.InferenceSession(model.source, sess_options=so)
+            text = (f"the session options choose the provider (selection policy or providers added to them); "
+                    f"ONNX Runtime picked {session.get_providers()[0]}. Pass providers=[...] to cache its context")
+            return LoadResult(session, "bypass", reason=Reason("provider_policy", text), timings=timings)
         # ORT gives nodes to providers in list order: a non-compiling provider first (CPU) takes them all,
         # so only a compiling provider at the head of the list is worth a context.
         target = 0 if chain and chain[0][0].compiles else None

@@ -13,11 +13,13 @@ import onnxruntime as ort
 from ..errors import UnknownProviderError
 from ._base import ExecutionProvider
 from .cpu import CPUProvider
+from .openvino import OpenVINOProvider
 from .qnn import QNNProvider
 from .tensorrt import TensorRTProvider
 
 _MODULES: dict[str, type[ExecutionProvider]] = {
     CPUProvider.name: CPUProvider,
+    OpenVINOProvider.name: OpenVINOProvider,
     QNNProvider.name: QNNProvider,
     TensorRTProvider.name: TensorRTProvider,
 }
