@@ -260,17 +260,12 @@ class ContextCache:
             _tiers.write_back(self, entry)
         if self.max_size is None:
             return
-        # Keep the cache under its cap, least recently used first, never the entry just made.
-        infos = sorted(self.entries(), key=lambda e: e.last_used)
-        total = sum(e.size for e in infos)
-        for info in infos:
-            if total <= self.max_size:
-                break
-            if info.key == entry.key:
-                continue
-            if self.store.remove(info.key):
-                total -= info.size
-                log.info("pruned %s (%s) to stay under max_size", info.key[:12], info.model_name)
+        # Keep the cache under its cap, never the entry just made: entries that cannot be hit on this
+        # machine (another onnxruntime / EP version) go first, then least recently used. Entries of
+        # other environments are kept while under the cap (a folder may be shared by two apps).
+        from . import _manage
+
+        _manage.prune(self, max_size=self.max_size, other_environments=False, keep={entry.key})
 
 
 _default_caches: dict[str, ContextCache] = {}
