@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "explain", "would loading MODEL hit? if not, which key parts differ from the entries of that model",
              "ctxcache explain model.onnx --preset qnn-htp -o soc_model=69 -o htp_arch=79\n"
-             "  -> miss: differs from entry 3f2a9c1e0b7d in ep_options.soc_model 60 -> 69, ep_options.htp_arch 73 -> 79",
+             "  -> miss: differs from entry 3f2a9c1e0b7d in ep_options.htp_arch 73 -> 79, ep_options.soc_model 60 -> 69",
              _commands.cmd_explain)
     p.add_argument("model", metavar="MODEL", help="the model file the application loads")
     add_provider_flags(p, what="the providers list the application passes, in order (default: --preset qnn-htp)")
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_provider_flags(p, what="show the key parts for these providers (default: --preset qnn-htp)")
     add_cache_flags(p)
     add_format_flag(p)
+
+    from . import tiers  # export / import / push / pull
+
+    tiers.add_parsers(subs)
     return parser
 
 
