@@ -224,3 +224,27 @@ def test_push_and_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Pa
     assert pull(dst, tier) == {a.key: "present", b.key: "installed"}
     r = launch(tmp_path / "dst", conv_model_b)
     assert r["outcome"] == "hit"
+
+
+def test_cli_push_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctxcache.cli import main
+
+    src = ctxcache.ContextCache(tmp_path / "src")
+    key = src.load(conv_model, providers=providers()).key
+    keyfile = tmp_path / "k"
+    keyfile.write_text(SECRET)
+    url = f"s3://{bucket}/cli"
+    common = ["--endpoint-url", s3.url, "--signing-key-file", str(keyfile), "--format", "json"]
+    assert main(["push", url, "--cache-dir", str(tmp_path / "src"), "--model", str(conv_model), *common]) == 0
+    assert json.loads(capsys.readouterr().out) == {key: "pushed"}
+    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst"), *common]) == 0
+    assert json.loads(capsys.readouterr().out) == {key: "installed"}
+    assert launch(tmp_path / "dst", conv_model)["outcome"] == "hit"
+    # Pulling with another key: the record's signature does not match, the entry is refused (exit 1).
+    keyfile.write_text("another")
+    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst2"), *common]) == 1
+    assert "tier_signature" in json.loads(capsys.readouterr().out)[key]
+    # An unreachable server: a one-line error, exit 1.
+    assert main(["pull", "s3://x/y", "--endpoint-url", "http://127.0.0.1:9", "--timeout", "1",
+                 "--cache-dir", str(tmp_path / "dst3")]) == 1
+    assert "cannot list" in capsys.readouterr().err
