@@ -183,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import onnxruntime as ort
 
             ort.set_default_logger_severity(3)  # ORT's own warnings are not the user's business here
-        return args.func(args)
+        func: Command = args.func
+        return func(args)
     except KeyboardInterrupt:
         print("ctxcache: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

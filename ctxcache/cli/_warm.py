@@ -336,7 +336,17 @@ def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: i
 
     def spawn() -> Any:
         p = ctx.Process(target=_worker, args=(cache_kw, verbose, todo, results), daemon=True)
-        p.start()
+        # Started with SIGINT ignored, a worker is born ignoring it (exec keeps SIG_IGN, and Python then
+        # installs no KeyboardInterrupt handler): a Ctrl-C during its start-up cannot print a traceback.
+        try:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread: signals are not ours to change
+            old = None
+        try:
+            p.start()
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
         return p
 
     procs = [spawn() for _ in range(n)]
