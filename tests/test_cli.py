@@ -363,3 +363,40 @@ def test_readme_demo_command_runs_the_expected_sequence(tmp_path: Path) -> None:
 def test_readme_main_job_command_is_ctxcache_demo() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "pip install -q -e '.[qnn]' && ctxcache demo" in readme
+
+
+def test_warm_shows_live_progress_on_a_terminal_and_plain_lines_on_a_pipe(warm_models: Path, tmp_path: Path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    script = Path(sys.executable).parent / "ctxcache"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ctxcache"]
+    proc = subprocess.Popen([*cmd, "warm", str(warm_models), "-j", "2", "--cache-dir", str(tmp_path / "c")],
+                            stdout=subprocess.PIPE, stderr=slave, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "compiling: " in terminal and "\x1b[2K" in terminal  # the live line, rewritten in place
+    assert "\x1b" not in out  # stdout is a pipe: plain lines only
+    assert sorted(line.split()[0] for line in out.strip().splitlines()[:-1]) == ["compiled"] * 3
+
+
+def test_cli_attaches_its_log_handler_only_while_it_runs(warm_models: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    logger = logging.getLogger("ctxcache")
+    before = list(logger.handlers)
+    code, out, err = run_main(capsys, "explain", str(warm_models / "a.onnx"), "--cache-dir", str(cache_dir), "-vv")
+    assert code == 1 and "key part" in err  # -vv: the key's parts, logged at DEBUG by the library
+    assert logger.handlers == before

@@ -156,3 +156,15 @@ def test_parse_size(text: str, value: int) -> None:
 @pytest.mark.parametrize("text, value", [("90s", 90), ("45m", 2700), ("12h", 43200), ("30d", 2592000), ("2w", 1209600)])
 def test_parse_duration(text: str, value: float) -> None:
     assert parse_duration(text) == value
+
+
+def test_the_library_prints_nothing(three_entries: tuple[ContextCache, Path, Path, Path], conv_model: Path,
+                                    qnn_providers: list[Any], capsys: pytest.CaptureFixture[str]) -> None:
+    cache, a, b, other = three_entries
+    capsys.readouterr()
+    cache.verify_entries(fix=True)
+    cache.explain(conv_model, providers=qnn_providers)
+    cache.prune(max_size=0, dry_run=True)
+    cache.prune(older_than=0)
+    cap = capsys.readouterr()
+    assert (cap.out, cap.err) == ("", "")
