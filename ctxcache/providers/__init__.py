@@ -12,13 +12,17 @@ import onnxruntime as ort
 
 from ..errors import UnknownProviderError
 from ._base import ExecutionProvider
+from .coreml import CoreMLProvider
 from .cpu import CPUProvider
+from .directml import DirectMLProvider
 from .openvino import OpenVINOProvider
 from .qnn import QNNProvider
 from .tensorrt import TensorRTProvider
 
 _MODULES: dict[str, type[ExecutionProvider]] = {
+    CoreMLProvider.name: CoreMLProvider,
     CPUProvider.name: CPUProvider,
+    DirectMLProvider.name: DirectMLProvider,
     OpenVINOProvider.name: OpenVINOProvider,
     QNNProvider.name: QNNProvider,
     TensorRTProvider.name: TensorRTProvider,
