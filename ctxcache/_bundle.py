@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from . import _fs
 from ._hashing import file_digest
@@ -37,6 +37,7 @@ from ._tiers import (
     TierError,
     check_signature,
     entries_matching,
+    find_record,
     install,
     make_record,
     portable_manifest,
@@ -216,13 +217,20 @@ class Bundle:
         location: the bundle (e.g. inside the app's install dir; may be read-only).
         signing_key: HMAC key the index must be signed with. Default ``$CTXCACHE_SIGNING_KEY``; when
             neither is set the signature is not checked (file digests always are).
+        match: ``"exact"``: only an entry built for this very key. ``"portable"``: also one built on
+            another host (x86 build machine -> device) whose key differs only in ``host``, ``devices``
+            and ``ep_libraries``; the EP's compatibility check and the usual load fallback then guard it.
     """
 
     kind = "bundle"
 
-    def __init__(self, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None) -> None:
+    def __init__(self, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None,
+                 match: Literal["exact", "portable"] = "exact") -> None:
+        if match not in ("exact", "portable"):
+            raise ValueError(f"match must be 'exact' or 'portable', not {match!r}")
         self.location = Path(os.path.abspath(os.fspath(location)))
         self._signing_key = signing_key
+        self.match = match
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.location)!r})"
@@ -249,12 +257,13 @@ class Bundle:
         with self.open() as r:
             return sorted(r.records)
 
-    def fetch(self, store: Store, key: str) -> Entry | None:
+    def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
         with self.open() as r:
-            record = r.records.get(key)
-            if record is None:
+            found = find_record(r.records, key, parts, self.match)
+            if found is None:
                 return None
-            return install(store, key, record, r.opener(key), {"tier": self.kind, "location": str(self.location)})
+            rkey, record = found
+            return install(store, key, record, r.opener(rkey), {"tier": self.kind, "location": str(self.location)}, parts)
 
 
 # -- export -------------------------------------------------------------------------------------------

@@ -511,13 +511,13 @@ class Loader:
                 self._fault(key, why)
                 return done(self._original(model, chain, target, so), "fallback", why)
             if self.cache.tiers:
-                tiered = self._from_tiers(model, chain, target, so, key, timings, done)
+                tiered = self._from_tiers(model, chain, target, so, key, timings, done, fp.parts)
                 if tiered is not None:
                     return tiered
             return self._compile_and_publish(model, chain, target, so, key, fp, digest, timings, done)
 
     def _from_tiers(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
-                    timings: Timings, done: _Done) -> LoadResult | None:
+                    timings: Timings, done: _Done, parts: _fingerprint.Parts = ()) -> LoadResult | None:
         """Fill the entry from a bundle / remote tier (verified, published like a compile), then open it.
 
         ``None`` when no tier has it (or every offer was refused): the caller compiles. A filled entry that
@@ -526,7 +526,7 @@ class Loader:
         from . import _tiers
 
         t = time.perf_counter()
-        filled = _tiers.fill_from_tiers(self.cache, key)
+        filled = _tiers.fill_from_tiers(self.cache, key, parts)
         timings.fetch = time.perf_counter() - t
         if filled is None:
             return None

@@ -44,6 +44,7 @@ from ._tiers import (
     TierError,
     check_signature,
     entries_matching,
+    find_record,
     install,
     make_record,
     portable_manifest,
@@ -202,9 +203,13 @@ class ModelPackageTier:
 
     kind = "package"
 
-    def __init__(self, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None) -> None:
+    def __init__(self, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None,
+                 match: str = "exact") -> None:
+        if match not in ("exact", "portable"):
+            raise ValueError(f"match must be 'exact' or 'portable', not {match!r}")
         self.location = Path(os.path.abspath(os.fspath(location)))
         self._signing_key = signing_key
+        self.match = match  # as for Bundle
 
     def __repr__(self) -> str:
         return f"ModelPackageTier({str(self.location)!r})"
@@ -239,10 +244,10 @@ class ModelPackageTier:
                     raise TierError("tier_unsafe", f"{self.location}: variant {var['name']} lies outside the package")
                 yield var["name"], vdir, meta["ctxcache"]
 
-    def fetch(self, store: Store, key: str) -> Entry | None:
+    def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
         for _name, vdir, meta in self.variants():
             record = meta.get("record")
-            if not isinstance(record, dict) or record.get("key") != key:
+            if not isinstance(record, dict) or find_record({str(record.get("key")): record}, key, parts, self.match) is None:
                 continue
             sig = meta.get("signature")
             check_signature(_record_bytes(record), sig.encode() if isinstance(sig, str) else None,
@@ -253,5 +258,5 @@ class ModelPackageTier:
                 with _open_regular(vdir / (ENTRY_MANIFEST if name == MANIFEST else name)) as f:
                     yield f
 
-            return install(store, key, record, opener, {"tier": self.kind, "location": str(self.location)})
+            return install(store, key, record, opener, {"tier": self.kind, "location": str(self.location)}, parts)
         return None

@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -185,7 +185,8 @@ class RemoteTier:
             return body.read() if limit is None else body.read(limit + 1)  # type: ignore[no-any-return]
 
     # -- the tier protocol --------------------------------------------------------------------------
-    def fetch(self, store: Store, key: str) -> Entry | None:
+    def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
+        # Exact keys only: objects are addressed by key (a fleet shares one environment per prefix).
         with self._guard(f"fetching {key[:12]}"):
             raw = self._get(self._obj(key, RECORD), _MAX_RECORD)
             if raw is None:

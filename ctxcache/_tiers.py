@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ctxcache")
 
+#: Key parts that describe the machine a context was compiled ON rather than the context: a vendor
+#: compiles for a Snapdragon target on an x86 build host (FIELD-NOTES), so a bundle built there differs
+#: from the device in exactly these. ``match="portable"`` ignores them (see :func:`portable_key`).
+HOST_PARTS = ("host", "devices", "ep_libraries")
+
 #: Environment variable holding the HMAC key for bundle and remote signatures (an argument wins).
 SIGNING_KEY_ENV = "CTXCACHE_SIGNING_KEY"
 RECORD_FORMAT = 1
@@ -78,12 +83,34 @@ class Tier(Protocol):
 
     def describe(self) -> str: ...
 
-    def fetch(self, store: Store, key: str) -> Entry | None:
+    def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
         """Install ``key`` into ``store`` (caller holds the key's lock); ``None`` if the tier lacks it.
 
-        Raises :class:`TierError` when the tier has the key but its bytes are refused or unreadable.
+        ``parts`` are the key's parts (for tiers that match on :func:`portable_key`). Raises
+        :class:`TierError` when the tier has the entry but its bytes are refused or unreadable.
         """
         ...
+
+
+def portable_key(parts: Iterable[Sequence[Any]]) -> str:
+    """The key without :data:`HOST_PARTS`: what a context compiled on another host must still match
+    (model, provider, binary options, onnxruntime and EP/SDK versions, compile settings, extra_key)."""
+    return _fingerprint.build([(str(p[0]), p[1]) for p in parts if p[0] not in HOST_PARTS]).key
+
+
+def find_record(records: dict[str, Any], key: str, parts: Sequence[tuple[str, Any]], match: str) -> tuple[str, Any] | None:
+    """The record for ``key`` (exact), or with ``match="portable"`` one whose portable key matches."""
+    if key in records:
+        return key, records[key]
+    if match != "portable" or not parts:
+        return None
+    want = portable_key(parts)
+    for rkey, rec in sorted(records.items()):
+        rparts = rec.get("parts") if isinstance(rec, dict) else None
+        if isinstance(rparts, list) and all(isinstance(p, list) and len(p) == 2 for p in rparts):
+            if portable_key(rparts) == want:
+                return rkey, rec
+    return None
 
 
 # -- signing ----------------------------------------------------------------------------------------
@@ -196,11 +223,21 @@ def _copy_checked(src: IO[bytes], dst: Path, size: int, sha: str, what: str) -> 
         raise TierError("tier_digest", f"{what} content does not match its recorded sha256")
 
 
-def install(store: Store, key: str, record: Any, opener: Opener, origin: dict[str, Any]) -> Entry:
-    """Copy a tier's entry into staging, verify everything, publish by one rename. Caller holds the lock."""
+def install(store: Store, key: str, record: Any, opener: Opener, origin: dict[str, Any],
+            local_parts: Sequence[tuple[str, Any]] = ()) -> Entry:
+    """Copy a tier's entry into staging, verify everything, publish by one rename. Caller holds the lock.
+
+    ``record`` may be for another key that matched portably (built on another host): it is verified
+    against its own key, then published under ``key`` with ``local_parts``; its own key and parts
+    are kept in the manifest's ``origin``.
+    """
     from ._compile import CompileFailed, _check_output
 
-    files = check_record(record, key)
+    rkey = record.get("key") if isinstance(record, dict) else None
+    portable = isinstance(rkey, str) and rkey != key
+    if portable and (not local_parts or portable_key(record.get("parts") or []) != portable_key(local_parts)):
+        raise TierError("tier_record", "record is for another key")
+    files = check_record(record, str(rkey) if portable else key)
     store.ensure()
     staging = store.new_staging(key)
     try:
@@ -215,7 +252,7 @@ def install(store: Store, key: str, record: Any, opener: Opener, origin: dict[st
             manifest = json.loads((staging / MANIFEST).read_bytes())
         except ValueError as e:
             raise TierError("tier_record", f"entry manifest is not JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("key") != key or manifest.get("parts") != record["parts"]:
+        if not isinstance(manifest, dict) or manifest.get("key") != record["key"] or manifest.get("parts") != record["parts"]:
             raise TierError("tier_record", "entry manifest does not match its record")
         try:
             _check_output(staging)  # EPContext paths must stay inside the entry, as for a compile
@@ -224,6 +261,10 @@ def install(store: Store, key: str, record: Any, opener: Opener, origin: dict[st
         os.unlink(staging / MANIFEST)
         clean = {k: v for k, v in manifest.items() if k not in _LOCAL_ONLY}
         clean["origin"] = dict(origin, time=time.time())
+        if portable:
+            # The entry now answers to this machine's key; where it was built stays on record.
+            clean["origin"].update(key=record["key"], parts=record["parts"])
+            clean["parts"] = [list(p) for p in local_parts]
         try:
             return store.publish(staging, key, clean)
         except BrokenEntry as e:
@@ -289,7 +330,7 @@ def _recently_rejected(cache: ContextCache, key: str) -> bool:
         return False
 
 
-def fill_from_tiers(cache: ContextCache, key: str) -> tuple[Entry, Tier] | None:
+def fill_from_tiers(cache: ContextCache, key: str, parts: Sequence[tuple[str, Any]] = ()) -> tuple[Entry, Tier] | None:
     """Ask each tier for ``key`` (caller holds the key's lock). Never raises, except in strict mode for
     bytes that failed verification."""
     from .errors import CacheFaultError
@@ -300,7 +341,7 @@ def fill_from_tiers(cache: ContextCache, key: str) -> tuple[Entry, Tier] | None:
     for tier in cache.tiers:
         start = time.perf_counter()
         try:
-            entry = tier.fetch(cache.store, key)
+            entry = tier.fetch(cache.store, key, parts)
         except TierError as e:
             level = logging.WARNING
             log.log(level, "tier %s refused for %s (%s); trying the next tier or compiling", tier.describe(), key[:12], e)

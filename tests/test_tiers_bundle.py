@@ -281,3 +281,58 @@ def test_hostile_archive_as_tier_compiles_instead(built: dict[str, Any], tmp_pat
     evil = _hostile_tar(built["tar"], tmp_path / "bundle.tar", "symlink")
     r = tier_launch(tmp_path / "c", evil, conv_model, SECRET)
     assert (r["outcome"], r["tier"]) == ("miss", None)
+
+
+# -- built on another host ---------------------------------------------------------------------------------
+def _as_if_built_elsewhere(src: Path, dst: Path, key: str, edit_options: dict[str, str] | None = None) -> str:
+    """Rewrite a folder bundle as if its entry had been compiled on an x86 build host for an ARM device:
+    other host, devices and EP library digests (so another key), same context bytes. Returns the new key."""
+    import hashlib
+
+    from ctxcache import _fingerprint
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "index.json").read_text())
+    rec = index["entries"].pop(key)
+    parts = dict((p[0], p[1]) for p in rec["parts"])
+    parts["host"] = "linux-x86_64-buildfarm"
+    parts["devices"] = [{"type": "CPU", "vendor": "build-host"}]
+    parts["ep_libraries"] = {name: "0" * 32 for name in parts["ep_libraries"]}
+    if edit_options:
+        parts["ep_options"] = dict(parts["ep_options"], **edit_options)
+    new_parts = [[label, parts[label]] for label, _ in rec["parts"]]
+    new_key = _fingerprint.build([(p[0], p[1]) for p in new_parts]).key
+    os.rename(dst / "entries" / key, dst / "entries" / new_key)
+    mpath = dst / "entries" / new_key / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest.update(key=new_key, parts=new_parts)
+    mpath.write_text(json.dumps(manifest))
+    rec.update(key=new_key, parts=new_parts)
+    rec["files"]["manifest.json"] = {"size": mpath.stat().st_size, "sha256": hashlib.sha256(mpath.read_bytes()).hexdigest()}
+    index["entries"][new_key] = rec
+    (dst / "index.json").write_text(json.dumps(index))
+    return new_key
+
+
+def test_portable_match_uses_an_entry_built_on_another_host(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    foreign = _as_if_built_elsewhere(built["folder"], tmp_path / "bundle", built["key"])
+    assert foreign != built["key"]
+    providers = [(QNN, ctxcache_models().qnn_htp_options())]
+    exact = ctxcache.ContextCache(tmp_path / "exact", tiers=[Bundle(tmp_path / "bundle")]).load(conv_model, providers=providers)
+    assert (exact.outcome, exact.tier) == ("miss", None)  # the default never uses another host's entry
+    cache = ctxcache.ContextCache(tmp_path / "portable", tiers=[Bundle(tmp_path / "bundle", match="portable")])
+    r = cache.load(conv_model, providers=providers)
+    assert (r.outcome, r.tier, r.key) == ("hit", "bundle", built["key"])
+    out = r.session.run(None, ctxcache_models().random_input(r.session, seed=7))[0]
+    assert out.ravel()[:64].tolist() == built["reference"]["out"]
+    manifest = json.loads((tmp_path / "portable" / "v1" / "entries" / built["key"] / "manifest.json").read_text())
+    assert manifest["origin"]["key"] == foreign
+    assert dict((p[0], p[1]) for p in manifest["parts"])["host"] != "linux-x86_64-buildfarm"  # answers to this machine
+    assert cache.load(conv_model, providers=providers).outcome == "hit"  # later launches: plain local hits
+
+
+def test_portable_match_still_requires_the_same_binary_options(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    _as_if_built_elsewhere(built["folder"], tmp_path / "bundle", built["key"], edit_options={"soc_model": "69"})
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(tmp_path / "bundle", match="portable")])
+    r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
+    assert (r.outcome, r.tier) == ("miss", None)
