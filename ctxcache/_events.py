@@ -22,7 +22,10 @@ def record(path: Path, outcome: str, key: str | None, reason: str | None, compil
         {"t": round(time.time(), 3), "o": outcome, "k": key, "r": reason, "c": round(compile_s, 4), "s": round(saved_s, 4)},
         separators=(",", ":"),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    # O_NOFOLLOW: a planted link must not make every launch append to a file outside the cache;
+    # O_NONBLOCK: a FIFO planted here fails (ENXIO) instead of blocking the launch.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags, 0o600)
     try:
         os.write(fd, (line + "\n").encode())
     finally:
@@ -63,8 +66,10 @@ class Stats:
 
 def summarize(path: Path) -> Stats:
     stats = Stats()
+    from ._fs import open_regular
+
     try:
-        f = open(path, "rb")
+        f = os.fdopen(open_regular(path), "rb")  # not a link out of the cache, not a FIFO that blocks
     except OSError:
         return stats
     with f:

@@ -54,6 +54,47 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+# A planted symlink must not make ctxcache read a file outside the cache, nor a FIFO or device planted
+# where a small file belongs hang a launch (open() of a FIFO blocks until a writer comes).
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The first ``limit + 1`` bytes of a small file that must be a regular file, not a link.
+
+    Raises ``FileNotFoundError`` when it is missing and another ``OSError`` when it is a link, a FIFO,
+    a device or a folder; a result longer than ``limit`` tells the caller the file is too big.
+    """
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def open_regular(path: Path) -> int:
+    """A read descriptor on ``path`` if it is a regular file (not a link, FIFO or device); else ``OSError``."""
+    import stat
+
+    fd = os.open(path, _READ_FLAGS)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (a reused pid reads as alive: the safe answer)."""
     if pid <= 0:

@@ -87,8 +87,8 @@ def _memo_path(memo_dir: Path, key: str) -> Path:
 
 def _read_memo(memo_file: Path, key: str) -> dict[str, object] | None:
     try:
-        data = json.loads(memo_file.read_bytes())
-    except (OSError, ValueError):
+        data = json.loads(_fs.read_regular(memo_file, 1 << 20))
+    except (OSError, ValueError, RecursionError):  # a link, FIFO or junk in the memo is a memo miss
         return None
     if not isinstance(data, dict) or data.get("key") != key:
         return None

@@ -181,14 +181,17 @@ class Store:
         path = self.entries_dir / key
         mpath = path / MANIFEST
         try:
-            with open(mpath, "rb") as f:
-                raw = f.read(_MAX_MANIFEST + 1)
+            # Not a link, FIFO or device: those would read outside the cache or hang the launch.
+            raw = _fs.read_regular(mpath, _MAX_MANIFEST)
         except FileNotFoundError:
-            if path.is_dir():
+            if os.path.lexists(path):
                 raise BrokenEntry("manifest_missing", f"entry {key[:12]} has no manifest") from None
             return None
         except OSError as e:
             raise BrokenEntry("manifest_unreadable", f"cannot read {mpath}: {e}") from None
+        # An entry folder replaced by a link would have ORT load a context from anywhere.
+        if os.path.islink(path):
+            raise BrokenEntry("entry_not_folder", f"{path} is a link, not an entry folder")
         if len(raw) > _MAX_MANIFEST:
             raise BrokenEntry("manifest_corrupt", f"{mpath} is larger than {_MAX_MANIFEST} bytes")
         try:
@@ -243,8 +246,8 @@ class Store:
     def touch(self, entry: Entry) -> None:
         """Record a use (the manifest's mtime is the entry's last-used time for LRU pruning)."""
         try:
-            os.utime(entry.path / MANIFEST)
-        except OSError:
+            os.utime(entry.path / MANIFEST, follow_symlinks=False)
+        except (OSError, NotImplementedError):
             pass
 
     # -- publish ------------------------------------------------------------------------------
@@ -311,11 +314,15 @@ class Store:
         src = self.entries_dir / key
         if expect_id is not None:
             try:
-                current = json.loads((src / MANIFEST).read_bytes()).get("entry_id")
-            except (OSError, ValueError, AttributeError):
+                current = json.loads(_fs.read_regular(src / MANIFEST, _MAX_MANIFEST)).get("entry_id")
+            except (OSError, ValueError, AttributeError, RecursionError):
                 current = None
             if current is not None and current != expect_id:
                 return False
+        if os.path.islink(src):
+            # A link planted as an entry: nothing of ours to keep, and reason.json would be written
+            # through it into the folder it points at.
+            return self._discard(src)
         dst = self.quarantine_dir / f"{key}.{int(time.time())}.{secrets.token_hex(3)}"
         try:
             os.rename(src, dst)
@@ -333,7 +340,8 @@ class Store:
 
     def _trim_quarantine(self) -> None:
         try:
-            items = sorted(self.quarantine_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+            # lstat: one dangling link here must not stop the trimming for good (unbounded growth).
+            items = sorted(self.quarantine_dir.iterdir(), key=lambda p: os.lstat(p).st_mtime, reverse=True)
         except OSError:
             return
         for old in items[_KEEP_QUARANTINED:]:
@@ -437,8 +445,8 @@ class Store:
     def failure(self, key: str, ttl: float) -> dict[str, Any] | None:
         path = self.negative_dir / f"{key}.json"
         try:
-            data = json.loads(path.read_bytes())
-        except (OSError, ValueError):
+            data = json.loads(_fs.read_regular(path, 1 << 16))
+        except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(data, dict) or not isinstance(data.get("time"), (int, float)):
             return None
