@@ -152,7 +152,11 @@ def cmd_clear(args: argparse.Namespace) -> int:
     infos = cache.entries(include_broken=True)
     size = sum(e.size for e in infos)
     if args.dry_run:
-        out(f"would remove {len(infos)} entries ({human_size(size)}) from {cache.root}")
+        if args.format == "json":
+            emit_json({"cache_dir": str(cache.root), "dry_run": True, "removed": 0, "would_remove": len(infos), "freed": 0,
+                       "would_free": size})
+        else:
+            out(f"would remove {len(infos)} entries ({human_size(size)}) from {cache.root}")
         return EXIT_OK
     if infos and not confirm(f"remove all {len(infos)} entries ({human_size(size)}) from {cache.root}?", yes=args.yes):
         err("nothing removed")

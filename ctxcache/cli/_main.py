@@ -49,7 +49,7 @@ def _sub(
         name,
         help=summary,
         description=summary,
-        epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  "),
+        epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  ") + "\n\n" + EXIT_CODES,
         formatter_class=_Formatter,
     )
     p.set_defaults(func=func)

@@ -449,6 +449,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
     root = ContextCache(**cache_kw).root
     jobs = args.jobs if args.jobs is not None else settings.get("jobs", 1)
+    if jobs < 0:
+        raise UsageError(f"--jobs takes a whole number >= 0 (0: one per CPU), not {jobs}")
     if jobs == 0:
         jobs = os.cpu_count() or 1
 
