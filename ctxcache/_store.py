@@ -124,8 +124,24 @@ def _check_manifest(data: Any, key: str) -> str | None:
         names.add(a["name"])
     if CONTEXT not in names:
         return f"no {CONTEXT} artifact"
-    if not isinstance(data.get("parts"), list):
+    parts = data.get("parts")
+    if not isinstance(parts, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in parts
+    ):
         return "no key parts"
+    # Fields a hit or a listing reads: a wrong type there must be a broken entry, not a TypeError
+    # in the app (found by tests/test_reliability_hostile.py).
+    for name in ("created", "compile_seconds"):
+        if name in data and (not isinstance(data[name], (int, float)) or isinstance(data[name], bool)):
+            return f"{name} is not a number"
+    for name in ("entry_id", "provider", "ctxcache_version"):
+        if name in data and not isinstance(data[name], str):
+            return f"{name} is not a string"
+    if "model" in data and not isinstance(data["model"], dict):
+        return "model is not an object"
+    compat = data.get("compat", {})
+    if not isinstance(compat, dict) or not all(isinstance(v, str) for v in compat.values()):
+        return "compat is not an object of strings"
     return None
 
 
@@ -196,8 +212,8 @@ class Store:
             raise BrokenEntry("manifest_corrupt", f"{mpath} is larger than {_MAX_MANIFEST} bytes")
         try:
             data = json.loads(raw)
-        except ValueError as e:
-            raise BrokenEntry("manifest_corrupt", f"{mpath} is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: a nesting bomb ("[[[[...")
+            raise BrokenEntry("manifest_corrupt", f"{mpath} is not valid JSON ({type(e).__name__})") from None
         problem = _check_manifest(data, key)
         if problem is not None:
             raise BrokenEntry("manifest_corrupt", f"{mpath}: {problem}")
