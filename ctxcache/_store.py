@@ -32,6 +32,7 @@ from typing import Any
 
 from . import _fs
 from ._hashing import file_digest, signature
+from ._onnxproto import WireError, read_facts
 
 log = logging.getLogger("ctxcache")
 
@@ -252,11 +253,36 @@ class Store:
             if list(signature(st)) != art["sig"]:
                 art["sig"] = list(signature(st))
                 refreshed = True
+        problem = self._context_problem(entry)
+        if problem is not None:
+            return problem
         if refreshed:
             try:
                 _fs.atomic_write(entry.path / MANIFEST, json.dumps(entry.manifest, indent=1).encode())
             except OSError as e:
                 log.debug("could not refresh signatures of %s: %s", entry.path, e)
+        return None
+
+    def _context_problem(self, entry: Entry) -> tuple[str, str] | None:
+        """Every file the context model makes ORT open must be one of the entry's verified artifacts.
+
+        Checked at every hit, not only at publish: a digest check alone cannot stop someone who can
+        write the cache and re-seal the manifest, and ORT follows a symlink (QNN refuses only absolute
+        and '..' paths; other providers may refuse nothing). About 60 us for a context model.
+        """
+        names = {a["name"] for a in entry.artifacts} - {CONTEXT, MANIFEST}
+        ctx = entry.context_path
+        try:
+            facts = read_facts(ctx, ep_context=True)
+        except (WireError, OSError) as e:
+            return ("artifact_unreadable", f"cannot read {ctx}: {e}")
+        refs = set(facts.external_locations)
+        for node in facts.ep_context_nodes:
+            if node.embed_mode == 0:
+                refs.add(node.cache_context.decode("utf-8", errors="replace"))
+        for ref in sorted(refs):
+            if ref not in names or not safe_name(ref):
+                return ("unsafe_context", f"{ctx} refers to {ref!r}, which is not a verified file of its entry")
         return None
 
     def touch(self, entry: Entry) -> None:
