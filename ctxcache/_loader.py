@@ -28,7 +28,7 @@ from . import _events, _fingerprint, providers
 from ._compile import CompileFailed, NothingCompiled, compile_into
 from ._hashing import ModelDigest, bytes_digest, files_digest, model_digest
 from ._onnxproto import WireError, read_facts, read_facts_from_bytes
-from ._store import BrokenEntry, Entry
+from ._store import BrokenEntry, Entry, InsecureCache
 from .errors import CacheFaultError, InvalidModelError, LockTimeoutError, ModelNotFoundError, ProviderOptionError
 from .providers import ExecutionProvider
 
@@ -86,7 +86,9 @@ class Reason:
     ``lock_timeout``, ``compile_failed``, ``manifest_missing``, ``manifest_corrupt``,
     ``manifest_unreadable``, ``artifact_missing``, ``artifact_size``, ``artifact_digest``,
     ``artifact_not_regular``, ``artifact_unreadable``, ``crashed_during_load``, ``incompatible``,
-    ``load_failed``, ``wrong_provider``, ``publish_failed``, ``provider_policy``.
+    ``load_failed``, ``wrong_provider``, ``publish_failed``, ``provider_policy``, ``unsafe_context`` (the
+    context model refers to a file that is not a verified artifact of its entry), ``entry_not_folder``,
+    ``cache_insecure`` (the cache folder is writable by other users).
     """
 
     code: str
@@ -393,6 +395,8 @@ class Loader:
         try:
             self.store.ensure()
             unwritable = None
+        except InsecureCache as e:
+            unwritable = Reason("cache_insecure", f"{e.strerror}; not using it")
         except OSError as e:
             unwritable = Reason("cache_unwritable", f"cannot create cache at {self.store.root}: {e.strerror or e}")
         t = time.perf_counter()

@@ -17,6 +17,7 @@ committed entry always has one.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -51,6 +52,11 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 def safe_name(name: object) -> bool:
     """A plain file name inside an entry: no separators, no '..', no hidden or device names."""
     return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
+class InsecureCache(PermissionError):
+    """The cache folder can be written by another user: a context from it could be anyone's (like ssh
+    refusing a key file others can write). The load bypasses the cache."""
 
 
 class BrokenEntry(Exception):
@@ -170,6 +176,12 @@ class Store:
         """
         if self._ensured and not force and self.entries_dir.is_dir():
             return
+        # The cache folder and v1/ are created owner-only too (mkdir(parents=True) would give them the
+        # umask's 0755); folders above them are the app's business.
+        for d in (self.base, self.root):
+            if not d.is_dir():
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._check_owner()
         for d in (
             self.entries_dir,
             self.staging_dir,
@@ -182,6 +194,28 @@ class Store:
             if not d.is_dir():
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._ensured = True
+
+    def _check_owner(self) -> None:
+        """Refuse a cache another user owns or can write into (ssh's StrictModes for key files).
+
+        Whoever can write the cache can hand this process any context to load. Root-owned folders are
+        accepted (system-wide installs); group- or world-writable ones are not, whoever owns them.
+        """
+        if not hasattr(os, "getuid"):
+            return  # Windows: ACLs, not mode bits; the per-user app-data folder is private already
+        uid = os.getuid()
+        for d in (self.base, self.root):
+            st = os.stat(d)
+            if st.st_uid not in (uid, 0):
+                raise InsecureCache(
+                    errno.EPERM, f"cache folder {d} is owned by uid {st.st_uid}, not by this user ({uid}); "
+                    "use a cache folder of your own", str(d)
+                )
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise InsecureCache(
+                    errno.EPERM, f"cache folder {d} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                    f"run: chmod go-w {d}", str(d)
+                )
 
     def writable(self) -> bool:
         return os.access(self.root, os.W_OK) if self.root.is_dir() else os.access(self.base.parent, os.W_OK)
