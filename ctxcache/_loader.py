@@ -507,13 +507,14 @@ class Loader:
                 self.store.quarantine(key, b.code, b.message)
                 entry = None
             if entry is not None:
+                # Let go of the lock before loading: held across the session load, it made a stampede's
+                # waiters load one after another (8 processes: 3.7x one compile + load; see benchmarks/).
+                stack.close()
                 session, why = self._open(entry, chain, target, so, timings)
                 if session is not None:
                     return done(session, "hit", entry=entry)
                 assert why is not None
-                self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
-                self._fault(key, why)
-                return done(self._original(model, chain, target, so), "fallback", why)
+                return self._fallback(model, chain, target, so, key, entry, why, done)
             if self.cache.tiers:
                 tiered = self._from_tiers(model, chain, target, so, key, timings, done, fp.parts)
                 if tiered is not None:
