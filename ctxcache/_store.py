@@ -444,8 +444,13 @@ class Store:
                 dead = True
             elif len(parts) == 3 and parts[1].isdigit():
                 dead = not _fs.pid_alive(int(parts[1]))
+                if not dead:
+                    # Its compile is running: never judge it by age. A device that boots with its clock
+                    # in 1970 and gets NTP time mid-compile makes a live folder look decades old
+                    # (tests/test_reliability_concurrency.py).
+                    continue
             try:
-                old = now - child.stat().st_mtime > _STAGING_MAX_AGE
+                old = now - os.lstat(child).st_mtime > _STAGING_MAX_AGE
             except OSError:
                 continue
             if dead or old:
