@@ -15,20 +15,30 @@ import onnxruntime as ort
 import pytest
 
 import ctxcache
-from ctxcache import models
+
+from conftest import last_json, run_python
 
 
 def test_policy_is_a_bypass_that_names_the_pick(conv_model: Path, cache_dir: Path) -> None:
-    so = ort.SessionOptions()
-    so.set_provider_selection_policy(ort.OrtExecutionProviderDevicePolicy.PREFER_CPU)
-    cache = ctxcache.ContextCache(cache_dir)
-    r = cache.load(conv_model, providers=None, sess_options=so)
-    assert r.outcome == "bypass"
-    assert r.reason is not None and r.reason.code == "provider_policy"
-    assert "picked CPUExecutionProvider" in r.reason.message
-    assert r.session.run(None, models.random_input(r.session))[0].shape == (1, 16, 32, 32)
-    assert cache.entries() == []
-    assert cache.key(conv_model, providers=None, sess_options=so) is None
+    # A fresh process: once a plugin EP is registered (other tests register QNN), ORT's policies pick it.
+    code = f"""
+import json, onnxruntime as ort, ctxcache
+from ctxcache import models
+so = ort.SessionOptions()
+so.set_provider_selection_policy(ort.OrtExecutionProviderDevicePolicy.PREFER_CPU)
+cache = ctxcache.ContextCache({str(cache_dir)!r})
+r = cache.load({str(conv_model)!r}, providers=None, sess_options=so)
+out = r.session.run(None, models.random_input(r.session))[0]
+print(json.dumps({{"outcome": r.outcome, "code": r.reason.code if r.reason else None,
+                  "message": r.reason.message if r.reason else "", "shape": list(out.shape),
+                  "entries": len(cache.entries()),
+                  "key": cache.key({str(conv_model)!r}, providers=None, sess_options=so) is None}}))
+"""
+    res = last_json(run_python(code).stdout)
+    assert res["outcome"] == "bypass" and res["code"] == "provider_policy"
+    assert "picked CPUExecutionProvider" in res["message"]
+    assert res["shape"] == [1, 16, 32, 32]
+    assert res["entries"] == 0 and res["key"] is True
 
 
 def test_the_apps_own_options_reach_onnxruntime(conv_model: Path, cache_dir: Path) -> None:

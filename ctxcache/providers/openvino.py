@@ -78,7 +78,7 @@ def _plugin_module() -> ModuleType | None:
         import onnxruntime_ep_openvino
     except ImportError:
         return None
-    return onnxruntime_ep_openvino
+    return onnxruntime_ep_openvino  # type: ignore[no-any-return]
 
 
 def _dist_version(name: str) -> str | None:
