@@ -34,7 +34,7 @@ def compile_into(
     so.log_severity_level = log_severity
     start = time.perf_counter()
     try:
-        # Providers that the compile API cannot take (TensorRT) write the context their own way.
+        # Providers that SessionOptions.add_provider does not take write the context their own way.
         if not provider.compile_context(so, source, staging / CONTEXT, options, level, embed):
             provider.configure(so, options)
             start = time.perf_counter()
