@@ -69,6 +69,14 @@ class BrokenEntry(Exception):
 
 
 @dataclass
+class _Marker:
+    """A crash marker held open (and flocked) while a context loads."""
+
+    path: Path
+    fd: int
+
+
+@dataclass
 class Entry:
     key: str
     path: Path
@@ -476,23 +484,68 @@ class Store:
                 yield entry
 
     # -- crash markers ------------------------------------------------------------------------
-    def mark_loading(self, key: str) -> Path | None:
+    # A marker is named <key>.<pid>.<rand> and, where flock exists, held under flock while the load runs
+    # (content "flock"). The pid alone is not enough: a container's app is pid 1 at every start, so after
+    # it died in a load the restarted app would see "pid 1 is alive" and load the killer context again,
+    # forever (tests/test_reliability_kill.py). The kernel drops the flock when the holder dies, so a
+    # marker whose lock can be taken is a dead loader's, whoever has that pid now.
+    _MARKER_LOCKED = b"flock\n"
+
+    def mark_loading(self, key: str) -> _Marker | None:
         """Leave a marker while a context loads; one that outlives its process means the load killed it."""
         path = self.markers_dir / f"{key}.{os.getpid()}.{secrets.token_hex(3)}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
             log.debug("could not write load marker %s: %s", path, e)
             return None
-        return path
+        try:
+            import fcntl
 
-    def clear_marker(self, marker: Path | None) -> None:
-        if marker is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, self._MARKER_LOCKED)
+        except (ImportError, OSError):
+            pass  # the pid in the name still works where pids are not reused
+        return _Marker(path, fd)
+
+    def clear_marker(self, marker: _Marker | None) -> None:
+        if marker is None:
+            return
+        # Unlink before closing: closed first, the marker would sit unlocked for a moment and read as
+        # a dead loader's.
+        try:
+            os.unlink(marker.path)
+        except OSError:
+            pass
+        try:
+            os.close(marker.fd)
+        except OSError:
+            pass
+
+    def _dead_marker(self, name: str) -> bool:
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[1].isdigit():
+            return False
+        if not _fs.pid_alive(int(parts[1])):
+            return True
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        try:
+            fd = os.open(self.markers_dir / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return False
+        try:
+            if os.read(fd, 16) != self._MARKER_LOCKED:
+                return False  # not (yet) locked by its writer: its pid is all there is to go by
             try:
-                os.unlink(marker)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                pass
+                return False  # its loader holds it: a load in progress
+            return True  # nobody holds it: that loader is dead and its pid belongs to another process
+        finally:
+            os.close(fd)
 
     def poisoned(self, key: str) -> bool:
         """Whether a process died while loading this key's context (its marker survived it)."""
@@ -503,8 +556,7 @@ class Store:
         except OSError:
             return False
         for name in names:
-            parts = name.split(".")
-            if len(parts) == 3 and parts[1].isdigit() and not _fs.pid_alive(int(parts[1])):
+            if self._dead_marker(name):
                 found = True
                 try:
                     os.unlink(self.markers_dir / name)
