@@ -124,3 +124,51 @@ def test_reference_is_qnn_and_deterministic(rel_models: list[Path]) -> None:
     # gave the same digest.
     digests = {reference(m) for m in rel_models}
     assert len(digests) == len(rel_models)
+
+
+def test_crash_marker_survives_pid_reuse(tmp_path: Path, rel_models: list[Path]) -> None:
+    """The app died in a context load and its pid now belongs to a live process: in a container the
+    app is pid 1 at every start, so "is the marker's pid alive?" alone would say yes and the restarted
+    app would load the killer context again, forever."""
+    cache_dir, model = tmp_path / "cache", rel_models[2]
+    assert launch(cache_dir, model)["outcome"] == "miss"
+    app_killed(cache_dir, model, "load_any")
+    markers = list((cache_dir / "v1" / "markers").iterdir())
+    assert len(markers) == 1, markers
+    key, _pid, rand = markers[0].name.split(".")
+    markers[0].rename(markers[0].with_name(f"{key}.1.{rand}"))  # pid 1: always alive
+    second = app(cache_dir, model, kill_at="load_any")[0]  # would die if it loaded the context
+    assert (second["outcome"], second["reason"]) == ("fallback", "crashed_during_load"), second
+    assert_correct(second, model, ("fallback",))
+
+
+HOLD_MARKER = r"""
+import sys, time
+from pathlib import Path
+from ctxcache._store import Store
+m = Store(Path(sys.argv[1])).mark_loading(sys.argv[2])
+print("MARKED", flush=True)
+time.sleep(60)
+"""
+
+
+def test_marker_of_a_loader_still_loading_does_not_poison(tmp_path: Path, rel_models: list[Path]) -> None:
+    import subprocess
+    import sys
+
+    from test_reliability_support import _env
+
+    cache_dir, model = tmp_path / "cache", rel_models[2]
+    first = launch(cache_dir, model)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_MARKER, str(cache_dir), first["key"]],
+                              stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "MARKED"
+        rec = launch(cache_dir, model)
+        assert rec["outcome"] == "hit", rec
+        assert_correct(rec, model)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder is gone now: the same marker is a dead loader's.
+    assert launch(cache_dir, model)["outcome"] == "fallback"
