@@ -477,6 +477,11 @@ class Loader:
         # (it will find and handle the broken one itself). The entry_id check covers the rest.
         handle = try_lock(self.store.lock_path(key))
         if handle is None:
+            if reason.code == "crashed_during_load":
+                # The dead loader's marker is consumed now: left in place, this entry would be loaded
+                # (and kill) again by the lock holder or the next launch. expect_id spares a fresh one.
+                self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id if entry else None)
+                return
             log.info("entry %s is being rebuilt by another process; leaving it to that process", key[:12])
             return
         try:
