@@ -26,6 +26,7 @@ from test_reliability_support import (
     app_cmd,
     assert_consistent,
     assert_correct,
+    hold_lock,
     launch,
     reference,
     rel_models,  # noqa: F401
@@ -150,23 +151,6 @@ def test_soak_many_processes_with_a_disruptor(tmp_path: Path, rel_models: list[P
     assert_consistent(cache_dir)
 
 
-HOLDER = r'''
-import sys, time
-from ctxcache._locking import key_lock
-with key_lock(__import__("pathlib").Path(sys.argv[1]), None, "test"):
-    print("LOCKED", flush=True)
-    time.sleep(float(sys.argv[2]))
-print("RELEASED", flush=True)
-'''
-
-
-def _holder(lock: Path, seconds: float) -> subprocess.Popen[str]:
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True, env=_env())
-    assert p.stdout is not None and p.stdout.readline().strip() == "LOCKED"
-    return p
-
-
 def _key(cache_dir: Path, model: Path) -> str:
     fp = ctxcache.ContextCache(cache_dir).key(model, providers=[(QNN, models.qnn_htp_options())])
     assert fp is not None
@@ -176,7 +160,7 @@ def _key(cache_dir: Path, model: Path) -> str:
 def test_lock_holder_killed_waiter_proceeds(tmp_path: Path, rel_models: list[Path]) -> None:
     cache_dir, model = tmp_path / "cache", rel_models[0]
     lock = cache_dir / "v1" / "locks" / f"{_key(cache_dir, model)}.lock"
-    holder = _holder(lock, 600)
+    holder = hold_lock(lock, 600)
     waiter = subprocess.Popen(app_cmd(cache_dir, model, lock_timeout=120), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=_env())
     time.sleep(2.0)
@@ -195,7 +179,7 @@ def test_lock_holder_killed_waiter_proceeds(tmp_path: Path, rel_models: list[Pat
 def test_lock_file_deleted_under_a_waiter(tmp_path: Path, rel_models: list[Path]) -> None:
     cache_dir, model = tmp_path / "cache", rel_models[1]
     lock = cache_dir / "v1" / "locks" / f"{_key(cache_dir, model)}.lock"
-    holder = _holder(lock, 4)
+    holder = hold_lock(lock, 4)
     waiter = subprocess.Popen(app_cmd(cache_dir, model, lock_timeout=120), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=_env())
     time.sleep(1.5)
@@ -219,7 +203,7 @@ def test_lock_file_deleted_under_a_waiter(tmp_path: Path, rel_models: list[Path]
 def test_lock_timeout_gives_a_working_session(tmp_path: Path, rel_models: list[Path]) -> None:
     cache_dir, model = tmp_path / "cache", rel_models[2]
     lock = cache_dir / "v1" / "locks" / f"{_key(cache_dir, model)}.lock"
-    holder = _holder(lock, 600)
+    holder = hold_lock(lock, 600)
     try:
         rec = launch(cache_dir, model, lock_timeout=1)
     finally:

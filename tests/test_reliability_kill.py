@@ -172,3 +172,21 @@ def test_marker_of_a_loader_still_loading_does_not_poison(tmp_path: Path, rel_mo
         holder.wait()
     # Its holder is gone now: the same marker is a dead loader's.
     assert launch(cache_dir, model)["outcome"] == "fallback"
+
+
+def test_crashed_entry_is_quarantined_even_while_its_lock_is_held(tmp_path: Path, rel_models: list[Path]) -> None:
+    """The fallback consumes the dead loader's marker; if it then left the entry alone because another
+    process held the key's lock, that process (or the next launch) would load the killer context again."""
+    from test_reliability_support import hold_lock
+
+    cache_dir, model = tmp_path / "cache", rel_models[0]
+    first = launch(cache_dir, model)
+    app_killed(cache_dir, model, "load_any")
+    holder = hold_lock(cache_dir / "v1" / "locks" / f"{first['key']}.lock", 600)
+    try:
+        second = app(cache_dir, model, kill_at="load_any")[0]
+        assert (second["outcome"], second["reason"]) == ("fallback", "crashed_during_load"), second
+        assert assert_consistent(cache_dir) == 0, "the crashed entry is still there to be loaded again"
+    finally:
+        holder.kill()
+        holder.wait()

@@ -202,6 +202,25 @@ def kill_randomly(cache_dir: Path, model: Path, delay: float, **cfg: Any) -> int
     return proc.wait(timeout=60)  # reaped: a zombie's pid would still read as alive
 
 
+HOLDER = r"""
+import sys, time
+from pathlib import Path
+from ctxcache._locking import key_lock
+with key_lock(Path(sys.argv[1]), None, "test"):
+    print("LOCKED", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_lock(lock: Path, seconds: float) -> subprocess.Popen[str]:
+    """A process holding a key's lock (as a compiler does) for ``seconds``; returns once it holds it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True,
+                         env=_env())
+    assert p.stdout is not None and p.stdout.readline().strip() == "LOCKED"
+    return p
+
+
 _REFERENCES: dict[str, str] = {}
 
 
