@@ -307,3 +307,69 @@ def test_compile_keeps_engine_and_timing_cache_inside_the_entry(tmp_path: Path) 
     assert "trt_engine_cache_prefix" not in opts
     assert opts["trt_fp16_enable"] == "1"
     assert p.compile_options(user, staging / "ctx.onnx", embed=True)["trt_ep_context_embed_mode"] == "1"
+
+
+# -- the real onnxruntime-gpu build, on this GPU-less machine --------------------------------------
+GPU_BUILD = """
+import json, sys, warnings
+import ctxcache
+from ctxcache import models
+from ctxcache.providers import _nvidia, tensorrt
+fake = json.loads(sys.argv[1])
+if fake:  # a driver and TensorRT that answer, so the EP library's own dependencies are what is judged
+    _nvidia._cuda_names = lambda: [fake["libcuda.so.1"]]
+    _nvidia._nvml_names = lambda: [fake["libnvidia-ml.so.1"]]
+    _nvidia.tensorrt_library_names = lambda: [fake["libnvinfer.so.10"]]
+import onnxruntime as ort
+m = models.conv_net(sys.argv[2])
+p = tensorrt.TensorRTProvider()
+r = ctxcache.ContextCache(sys.argv[3]).load(m, providers=[("TensorrtExecutionProvider", {"trt_fp16_enable": "1"}),
+                                                         "CUDAExecutionProvider", "CPUExecutionProvider"])
+out = r.session.run(None, models.random_input(r.session))[0]
+print(json.dumps({"listed": "TensorrtExecutionProvider" in ort.get_available_providers(),
+                  "outcome": r.outcome, "code": r.reason.code if r.reason else None,
+                  "message": r.reason.message if r.reason else "", "providers": r.providers,
+                  "shape": list(out.shape), "libs": [f.name for f in p.library_files({})]}))
+"""
+
+
+def _gpu_build_python() -> Path | None:
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    for cand in (os.environ.get("CTXCACHE_ORT_GPU_PYTHON"), str(root / ".venv-ort-gpu" / "bin" / "python"),
+                 "/tmp/venv-gpu/bin/python"):
+        if cand and Path(cand).is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.mark.parametrize("with_driver", [False, True], ids=["no-driver", "stand-in-driver"])
+def test_onnxruntime_gpu_build_without_a_usable_tensorrt_is_a_bypass(with_driver: bool, fake_libs: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """onnxruntime-gpu lists TensorRT as available on any machine; a session asked for it then silently
+    runs elsewhere. ctxcache must say why instead, and still give the app a working session."""
+    import json
+    import os
+
+    python = _gpu_build_python()
+    if python is None:
+        pytest.skip("no onnxruntime-gpu venv (.ci/run creates .venv-ort-gpu; set CTXCACHE_ORT_GPU_PYTHON)")
+    fake = {k: str(v) for k, v in fake_libs.items()} if with_driver else {}
+    proc = subprocess.run(
+        [str(python), "-c", GPU_BUILD, json.dumps(fake), str(tmp_path / "m.onnx"), str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert res["listed"], "onnxruntime-gpu is expected to list TensorRT whatever the machine"
+    assert res["outcome"] == "bypass" and res["code"] == "provider_unavailable"
+    if with_driver:
+        # the machine's CUDA libraries decide which one is missing first (cuBLAS, libnvinfer, cuDNN...)
+        assert "TensorRT EP library cannot load" in res["message"] and ".so" in res["message"]
+    else:
+        assert "needs an NVIDIA GPU" in res["message"]
+    assert "TensorrtExecutionProvider" not in res["providers"]
+    assert res["shape"] == [1, 16, 32, 32]
+    assert res["libs"] == ["libonnxruntime_providers_tensorrt.so"]

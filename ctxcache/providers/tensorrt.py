@@ -18,14 +18,18 @@ ONNX Runtime's own engine cache keys on the model's *file name* (onnxruntime iss
 called ``model.onnx`` share one engine and the second runs with the first one's weights. ctxcache never
 uses that cache across models: it compiles into the entry's own staging folder, keyed on content.
 
-TensorRT is a built-in provider of ``onnxruntime-gpu``; ``SessionOptions.add_provider`` does not take it,
-so the context is produced the way TensorRT documents (a session with ``ep.context_enable`` and
-``trt_dump_ep_context_model``), not with ``ModelCompiler``. TensorRT's timing cache is written into
+The context is produced the way the TensorRT EP documents it (a session on the original model with
+``ep.context_enable`` and ``trt_dump_ep_context_model``), which works with every onnxruntime-gpu since
+1.17, rather than with ``ModelCompiler``: that needs ``SessionOptions.add_provider`` to create the
+TensorRT EP up front, which onnxruntime-gpu 1.31.1 refuses as "not supported" whenever one of its CUDA
+libraries is missing (measured here), and which could not be tried with a GPU. TensorRT's timing cache is written into
 the entry too, so the tactic timings stay with the engine they produced.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
 import shutil
@@ -40,7 +44,7 @@ from . import _nvidia
 from ._base import ExecutionProvider
 
 # TensorRT EP provider options, from ONNX Runtime's documentation and tensorrt_execution_provider_info.cc
-# (1.17-1.32).
+# (1.17-1.32); checked against the option names in onnxruntime-gpu 1.31.1's TensorRT EP library.
 _KNOWN = frozenset(
     {
         "device_id",
@@ -86,6 +90,8 @@ _KNOWN = frozenset(
         "trt_onnx_model_folder_path",
         "trt_onnx_bytestream",
         "trt_onnx_bytestream_size",
+        "trt_external_data_bytestream",
+        "trt_external_data_bytestream_size",
         "trt_engine_hw_compatible",
         "trt_op_types_to_exclude",
         "trt_preview_features",
@@ -129,6 +135,8 @@ _RUNTIME = _MANAGED | frozenset(
         "trt_onnx_model_folder_path",
         "trt_onnx_bytestream",
         "trt_onnx_bytestream_size",
+        "trt_external_data_bytestream",
+        "trt_external_data_bytestream_size",
     }
 )
 
@@ -205,6 +213,25 @@ def provider_library() -> Path | None:
     return path if path.is_file() else None
 
 
+@functools.lru_cache(maxsize=1)
+def provider_library_problem() -> str | None:
+    """Why ONNX Runtime's TensorRT EP library cannot load in this process, ``None`` if it can.
+
+    onnxruntime-gpu lists TensorRT as available even when the EP library's own dependencies (cuBLAS,
+    cuDNN, libnvinfer, libnvonnxparser) are missing; ORT then logs an error and silently runs the session
+    on the next provider. A compile attempted then would record a "not compilable" model for days.
+    Loading the library the way ORT will (same file, same process) gives the loader's own reason instead.
+    """
+    lib = provider_library()
+    if lib is None:
+        return None
+    try:
+        ctypes.CDLL(str(lib))
+    except OSError as e:
+        return str(e)
+    return None
+
+
 class TensorRTProvider(ExecutionProvider):
     name: ClassVar[str] = "TensorrtExecutionProvider"
     known_options: ClassVar[frozenset[str] | None] = _KNOWN
@@ -225,6 +252,10 @@ class TensorRTProvider(ExecutionProvider):
         version, _ = _nvidia.tensorrt_library()
         if version is None:
             return "the TensorRT library (libnvinfer) cannot be loaded: pip install tensorrt-cu12 (or -cu13), or add TensorRT's lib folder to the loader path"
+        problem = provider_library_problem()
+        if problem is not None:
+            return (f"ONNX Runtime's TensorRT EP library cannot load ({problem}); install the CUDA libraries "
+                    "it needs (onnxruntime.preload_dlls() loads pip-installed ones)")
         return None
 
     # -- options ------------------------------------------------------------------------------
