@@ -400,3 +400,13 @@ def test_cli_attaches_its_log_handler_only_while_it_runs(warm_models: Path, cach
     code, out, err = run_main(capsys, "explain", str(warm_models / "a.onnx"), "--cache-dir", str(cache_dir), "-vv")
     assert code == 1 and "key part" in err  # -vv: the key's parts, logged at DEBUG by the library
     assert logger.handlers == before
+
+
+def test_python_dash_m_ctxcache_is_the_same_cli(cache_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ctxcache", "ls", "--cache-dir", str(cache_dir), "--format", "json"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"cache_dir": str(cache_dir), "entries": []}
+    proc = subprocess.run([sys.executable, "-m", "ctxcache", "verify", "--bogus"], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
