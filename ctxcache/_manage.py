@@ -85,7 +85,7 @@ def environment(cache: ContextCache, ep_name: str, options: Mapping[str, Any]) -
     try:
         ep = providers.get(ep_name)
         opts = ep.normalize_options(options)
-    except Exception as e:  # an option this version refuses, or a provider ONNX Runtime does not know
+    except Exception as e:  # noqa: BLE001 - an option this version refuses, a provider ORT does not know
         return f"{ep_name} cannot be configured here ({e})"
     why = ep.unavailable_reason()
     if why is not None:

@@ -44,7 +44,7 @@ def cli(*argv: str, timeout: float = 300, env: dict[str, str] | None = None) -> 
     script = Path(sys.executable).parent / "ctxcache"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ctxcache"]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
 
 
 def flip_byte(path: Path) -> None:
@@ -314,7 +314,7 @@ def test_management_commands_on_real_entries(
     assert run_main(capsys, "warm", str(a), "--cache-dir", c)[0] == 0
     code, plan = run_json(capsys, "prune", "--max-size", "1", "--dry-run", "--cache-dir", c)
     assert [i["why"] for i in plan["items"]] == ["over_size", "over_size"] and plan["size_after"] == 0
-    code, out, err = run_main(capsys, "clear", "--cache-dir", c)
+    code, _, err = run_main(capsys, "clear", "--cache-dir", c)
     assert code == 2 and len(ContextCache(cache_dir).entries()) == 2
     code, out, _ = run_main(capsys, "clear", "--yes", "--cache-dir", c)
     assert code == 0 and "removed 2 entries" in out
@@ -397,16 +397,16 @@ def test_cli_attaches_its_log_handler_only_while_it_runs(warm_models: Path, cach
 
     logger = logging.getLogger("ctxcache")
     before = list(logger.handlers)
-    code, out, err = run_main(capsys, "explain", str(warm_models / "a.onnx"), "--cache-dir", str(cache_dir), "-vv")
+    code, _, err = run_main(capsys, "explain", str(warm_models / "a.onnx"), "--cache-dir", str(cache_dir), "-vv")
     assert code == 1 and "key part" in err  # -vv: the key's parts, logged at DEBUG by the library
     assert logger.handlers == before
 
 
 def test_python_dash_m_ctxcache_is_the_same_cli(cache_dir: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ctxcache", "ls", "--cache-dir", str(cache_dir), "--format", "json"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"cache_dir": str(cache_dir), "entries": []}
     proc = subprocess.run([sys.executable, "-m", "ctxcache", "verify", "--bogus"], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

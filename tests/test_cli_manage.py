@@ -77,7 +77,7 @@ def test_prune_without_limits_takes_only_what_cannot_load_here(three_entries: tu
 
 
 def test_prune_older_than(three_entries: tuple[ContextCache, Path, Path, Path]) -> None:
-    cache, a, b, other = three_entries
+    cache, a, _b, _other = three_entries
     report = cache.prune(older_than=200, other_environments=False)
     assert [(i.key, i.why) for i in report.items] == [(a.name, "older_than")]
 
@@ -160,7 +160,7 @@ def test_parse_duration(text: str, value: float) -> None:
 
 def test_the_library_prints_nothing(three_entries: tuple[ContextCache, Path, Path, Path], conv_model: Path,
                                     qnn_providers: list[Any], capsys: pytest.CaptureFixture[str]) -> None:
-    cache, a, b, other = three_entries
+    cache = three_entries[0]
     capsys.readouterr()
     cache.verify_entries(fix=True)
     cache.explain(conv_model, providers=qnn_providers)

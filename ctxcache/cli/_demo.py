@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._common import EXIT_FAILED, EXIT_OK, CommandFailed, emit_json, err, out, seconds, table
+from ._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandFailed,
+    emit_json,
+    err,
+    out,
+    seconds,
+    table,
+)
 
 QNN = "QNNExecutionProvider"
 EXPECTED = ["miss", "hit", "fallback", "miss", "hit"]
@@ -71,7 +80,7 @@ def _launch(mode: str, model: Path, cache_dir: Path, out_npy: Path) -> dict[str,
     t = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD_CODE, mode, str(model), str(cache_dir), str(out_npy)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     wall = time.perf_counter() - t
     for line in reversed(proc.stdout.strip().splitlines()):

@@ -208,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit_code(e: BaseException) -> int:
-    from ..errors import InvalidModelError, ModelNotFoundError, ProviderOptionError, UnknownProviderError
+    from ..errors import (
+        InvalidModelError,
+        ModelNotFoundError,
+        ProviderOptionError,
+        UnknownProviderError,
+    )
 
     if isinstance(e, (UsageError, UnknownProviderError, ProviderOptionError, ModelNotFoundError, InvalidModelError)):
         return EXIT_USAGE

@@ -263,7 +263,7 @@ def warm_one(cache: Any, model: str, name: str, options: dict[str, Any], verbose
             del r
     except CtxCacheError as e:
         res["reason"] = f"{type(e).__name__}: {e}"
-    except Exception as e:  # a worker reports, it never dies on one model
+    except Exception as e:  # noqa: BLE001 - a worker reports, it never dies on one model
         res["reason"] = f"{type(e).__name__}: {e}"[:2000]
     res["seconds"] = time.perf_counter() - start
     return res
