@@ -25,9 +25,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ctxcache")
 
-# Key parts that describe the machine and its software, not the model or the app's choices. An entry
-# whose environment parts differ from this machine's can never be hit here (its key cannot come up).
+# Key parts that describe the machine and its software, not the model or the app's choices.
 ENV_PARTS = ("format", "onnxruntime", "ep_versions", "ep_libraries", "devices", "host")
+# The ones that say for sure an entry was built for software this machine does not run. ep_libraries
+# and devices are left out on purpose: the manifest keeps the backend *type*, not the app's
+# backend_path, so an app with a side-loaded SDK would look foreign here while its entries still hit.
+# Removing a usable entry costs a compile at the next launch; keeping a dead one costs only disk,
+# which --max-size / --older-than reclaim.
+STALE_PARTS = ("format", "onnxruntime", "ep_versions", "host")
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
@@ -107,7 +112,7 @@ def _env_mismatch(cache: ContextCache, parts: dict[str, Any], memo: dict[str, di
         here = memo[memo_key] = environment(cache, ep_name, options)
     if isinstance(here, str):
         return here
-    diffs = _fingerprint.diff({k: parts.get(k) for k in ENV_PARTS}, here)
+    diffs = _fingerprint.diff({k: parts.get(k) for k in STALE_PARTS}, {k: here[k] for k in STALE_PARTS})
     if not diffs:
         return None
     return "; ".join(_render(d) for d in diffs[:3]) + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else "")
@@ -240,7 +245,8 @@ def plan_prune(
     """What :func:`prune` would remove, in order, and the cache size before.
 
     Order: damaged entries; entries built for another environment (another onnxruntime, EP or SDK
-    version, other EP libraries or devices: their keys cannot come up on this machine); entries unused
+    version, another OS or architecture, or a provider that cannot run here: their keys cannot come up
+    on this machine); entries unused
     for ``older_than`` seconds; then least recently used until the rest fits in ``max_size``, entries of
     other environments first. ``other_environments=False`` keeps those unless a limit needs the room
     (for a cache folder shared by apps on different onnxruntime versions).

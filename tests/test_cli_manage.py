@@ -168,3 +168,18 @@ def test_the_library_prints_nothing(three_entries: tuple[ContextCache, Path, Pat
     cache.prune(older_than=0)
     cap = capsys.readouterr()
     assert (cap.out, cap.err) == ("", "")
+
+
+def test_prune_keeps_entries_that_differ_only_in_library_digests(
+    cache_dir: Path, conv_model: Path, qnn_providers: list[Any]
+) -> None:
+    # The manifest keeps the backend type, not the app's backend_path: an app that side-loads its own
+    # QNN SDK has other library digests, and its entries still hit for it. Not ours to delete.
+    cache = ContextCache(cache_dir)
+    a = _entry_of(cache, conv_model, qnn_providers)
+    sideloaded = _foreign(a, ep_libraries={"libQnnHtp.so": "0" * 32})
+    qnn_sdk = _foreign(a, ep_versions={"onnxruntime_qnn": "2.7.0", "qnn_sdk": "2.50.0"})
+    report = cache.prune(dry_run=True)
+    assert [(i.key, i.why) for i in report.items] == [(qnn_sdk.name, "other_environment")]
+    assert "ep_versions.qnn_sdk 2.50.0 -> " in report.items[0].detail
+    assert sideloaded.is_dir()
