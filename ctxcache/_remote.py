@@ -142,7 +142,7 @@ class RemoteTier:
                     read_timeout=self.timeout,
                     # One attempt: the fallback (a local compile) is always there, and boto3's default
                     # retries with backoff would turn a dead server into many seconds of waiting.
-                    retries={"max_attempts": 1, "mode": "standard"},
+                    retries={"total_max_attempts": 1, "mode": "standard"},  # botocore: max_attempts counts retries only
                     **kw,
                 )
                 self._client = boto3.session.Session().client(

@@ -187,28 +187,43 @@ def test_outage_server_stopped(tmp_path: Path, conv_model: Path, conv_model_b: P
     with caplog.at_level("WARNING", logger="ctxcache"):
         r = cache.load(conv_model, providers=providers())
     assert r.outcome == "miss"
-    assert r.timings.fetch < 2.0
+    # Connection refused is immediate; the bound leaves room for boto3's client set-up on a loaded machine.
+    assert r.timings.fetch < 4.0
     assert any("tier_unreachable" in rec.getMessage() for rec in caplog.records)
     # The outage is remembered: the next miss does not wait for the dead server again.
     r2 = cache.load(conv_model_b, providers=providers())
-    assert r2.outcome == "miss" and r2.timings.fetch < 0.05
+    assert r2.outcome == "miss" and r2.timings.fetch < 0.5
 
 
 def test_outage_server_hung(tmp_path: Path, conv_model: Path) -> None:
-    """A server that accepts connections and never answers: bounded by the read timeout."""
+    """A server that accepts connections and never answers: one attempt, bounded by the read timeout."""
+    import threading
+
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
-    hung.listen(16)  # the kernel completes connections; nobody ever reads or writes
+    hung.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:  # accept and hold every connection, never write a byte
+        while True:
+            try:
+                conn, _ = hung.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{hung.getsockname()[1]}"
         cache = ctxcache.ContextCache(tmp_path / "c", tiers=[RemoteTier("s3://x/y", endpoint_url=url, timeout=0.5)])
-        start = time.monotonic()
         r = cache.load(conv_model, providers=providers())
         assert r.outcome == "miss"
-        assert r.timings.fetch < 3.0, r.timings
-        assert time.monotonic() - start < 10
+        assert r.timings.fetch < 5.0, r.timings  # 0.5 s read timeout + client set-up
+        assert len(held) == 1  # no retries: boto3's default would try again with backoff
     finally:
         hung.close()
+        for conn in held:
+            conn.close()
 
 
 def test_push_and_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path, conv_model_b: Path) -> None:
