@@ -149,6 +149,10 @@ def test_warm_multi_model_multi_job_then_every_app_launch_hits(
     proc = run_python(LAUNCH_ALL.format(cache_dir=str(cache_dir), models=paths))
     launched = last_json(proc.stdout)
     assert launched == {p: ["hit", QNN] for p in paths}
+    # Counted across the worker processes and the app's process, into one log.
+    code, st = run_json(capsys, "stats", "--cache-dir", str(cache_dir))
+    assert (st["misses"], st["hits"], st["fallbacks"], st["bypasses"]) == (3, 3, 0, 0)
+    assert st["saved_seconds"] > 0
 
     # Idempotent: a second warm compiles nothing.
     code, again = run_json(capsys, "warm", str(warm_models), "--jobs", "2", "--cache-dir", str(cache_dir))
