@@ -440,3 +440,70 @@ def test_same_model_by_many_paths_is_one_entry(tmp_path: Path, rel_models: list[
         assert r.outcome == "hit" and r.key == first.key, (p if not isinstance(p, bytes) else "<bytes>", r)
         assert _digest(r) == reference(src)
     assert len(cache.entries()) == 1
+
+
+# -- a model over 2 GB with external data --------------------------------------------------------
+def _big_external_model(d: Path) -> Path:
+    """A conv whose weights live in a 2.07 GB (sparse) external-data file, past the 2**31 offset."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
+    offset = (1 << 31) + 4096
+    data = d / "big weights.data"
+    with open(data, "wb") as f:
+        f.truncate(offset + (64 << 20))  # sparse: no disk space used
+        f.seek(offset)
+        f.write(w.tobytes())
+    t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=w.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(w.nbytes))):
+        t.external_data.add(key=k, value=v)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["output"])],
+        "big",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 16, 32, 32])],
+        [t],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = d / "big model.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_model_over_2gb_with_external_data(tmp_path: Path, qnn_providers: list[Any]) -> None:
+    import subprocess
+    import sys
+
+    from test_reliability_support import _env
+
+    model = _big_external_model(tmp_path)
+    data = tmp_path / "big weights.data"
+    assert data.stat().st_size > (1 << 31)
+    cache = ctxcache.ContextCache(tmp_path / "cache")
+    first = cache.load(model, providers=qnn_providers)
+    assert first.outcome == "miss", first
+    assert _digest(first) == reference(model)
+    second = ctxcache.ContextCache(tmp_path / "cache").load(model, providers=qnn_providers)
+    assert second.outcome == "hit" and second.timings.hash < 0.5, second.timings  # the stat memo, not 2 GB read
+    # Hashing streams: memory stays flat whatever the data size (measured in a fresh process).
+    probe = subprocess.run(
+        [sys.executable, "-c", "import resource, sys; from pathlib import Path; from ctxcache._hashing import model_digest;"
+         "model_digest(Path(sys.argv[1]), None); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)", str(model)],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert int(probe.stdout.split()[-1]) < 400 * 1024, f"peak RSS {probe.stdout} KiB while hashing 2 GB"
+    # A byte changed past 2**31 (in the weights) is a new key, and the outputs follow the new weights.
+    with open(data, "r+b") as f:
+        f.seek((1 << 31) + 4096 + 3)  # the sign byte of the first weight
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x80]))
+    third = ctxcache.ContextCache(tmp_path / "cache").load(model, providers=qnn_providers)
+    assert third.outcome == "miss" and third.key != first.key, third
+    changed = reference(model, fresh=True)
+    assert changed != _digest(first) and _digest(third) == changed

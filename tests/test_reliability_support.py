@@ -224,10 +224,12 @@ def hold_lock(lock: Path, seconds: float) -> subprocess.Popen[str]:
 _REFERENCES: dict[str, str] = {}
 
 
-def reference(model: Path) -> str:
-    """Digest of a JIT QNN session's output on the original model (no cache involved)."""
+def reference(model: Path, *, fresh: bool = False) -> str:
+    """Digest of a JIT QNN session's output on the original model (no cache involved).
+
+    Memoised per path; ``fresh`` recomputes it (for a test that changed the model in place)."""
     key = str(model)
-    if key not in _REFERENCES:
+    if fresh or key not in _REFERENCES:
         proc = subprocess.run([sys.executable, "-c", REFERENCE, key], capture_output=True, text=True, env=_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         _REFERENCES[key] = json.loads(proc.stdout.strip().splitlines()[-1])["digest"]
