@@ -1,9 +1,10 @@
-"""A shared remote tier on S3-compatible object storage (AWS S3, MinIO, Ceph, R2...), via boto3.
+"""A shared remote tier on S3-compatible object storage (AWS S3, MinIO, Ceph, R2...) via boto3, or on
+any fsspec URL (a shared folder ``file:///mnt/share/ctxcache``, ``gcs://``, ``az://``...).
 
 Read-through: on a local miss the entry is fetched, verified and published into the local cache like a
 bundle's (``_tiers.install``). Optional write-back: an entry compiled here is uploaded for the fleet.
 
-Object layout under ``s3://bucket/prefix``::
+Object layout under ``s3://bucket/prefix`` (or the fsspec URL)::
 
     v1/<key>/files/<name>        manifest.json, ctx.onnx, ctx_qnn.bin ...
     v1/<key>/record.json.sig     optional: hmac-sha256:<hex> over record.json's bytes
@@ -14,7 +15,7 @@ Remote bytes are never trusted: every file is checked against the record, and wh
 configured the record must carry a valid HMAC-SHA256. An outage costs one short timeout, then the tier
 is skipped for ``retry_after`` seconds (the app compiles locally meanwhile); it never raises into the app.
 
-boto3 is an optional dependency (``pip install 'ctxcache[remote]'``), imported only on a local miss.
+boto3 (``pip install 'ctxcache[remote]'``) and fsspec are optional, imported only on a local miss.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ _MAX_RECORD = 1 << 20
 
 
 class RemoteUnavailable(ImportError):
-    """boto3 is not installed."""
+    """The client library for this URL (boto3 for s3://, fsspec otherwise) is not installed."""
 
 
 def _boto3() -> Any:
@@ -59,7 +60,7 @@ def _boto3() -> Any:
         import boto3
     except ImportError:
         raise RemoteUnavailable(
-            "the remote tier needs boto3: pip install 'ctxcache[remote]'"
+            "the remote tier needs boto3 for s3:// URLs: pip install 'ctxcache[remote]'"
         ) from None
     return boto3
 
@@ -67,7 +68,7 @@ def _boto3() -> Any:
 def parse_url(url: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix/")``."""
     if not url.startswith("s3://"):
-        raise ValueError(f"a remote tier URL looks like s3://bucket/prefix, not {url!r}")
+        raise ValueError(f"an S3 URL looks like s3://bucket/prefix, not {url!r}")
     bucket, _, prefix = url[5:].partition("/")
     if not bucket:
         raise ValueError(f"no bucket in {url!r}")
@@ -75,20 +76,169 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/" if prefix else "")
 
 
+# -- storage backends: names are relative ("v1/<key>/record.json"); each maps them to its objects ------
+class _S3:
+    """boto3, with one attempt and short timeouts."""
+
+    def __init__(self, tier: RemoteTier, client: Any) -> None:
+        self.tier = tier
+        self.bucket, self.prefix = parse_url(tier.url)
+        self._client = client
+        self._lock = threading.Lock()
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                boto3 = _boto3()
+                from botocore.config import Config
+
+                kw: dict[str, Any] = {}
+                if self.tier.anonymous:
+                    from botocore import UNSIGNED
+
+                    kw["signature_version"] = UNSIGNED
+                config = Config(
+                    connect_timeout=self.tier.timeout,
+                    read_timeout=self.tier.timeout,
+                    # One attempt: the fallback (a local compile) is always there, and boto3's default
+                    # retries with backoff would turn a dead server into many seconds of waiting.
+                    # (botocore's max_attempts counts retries only; total_max_attempts counts all.)
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    **kw,
+                )
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.tier.endpoint_url, config=config, region_name=self.tier.region or "us-east-1"
+                )
+            return self._client
+
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    @staticmethod
+    def _missing(e: Exception) -> bool:
+        from botocore.exceptions import ClientError
+
+        return isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")
+
+    def get(self, name: str, limit: int | None = None) -> bytes | None:
+        try:
+            resp = self.client().get_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception as e:
+            if self._missing(e):
+                return None
+            raise
+        with contextlib.closing(resp["Body"]) as body:
+            return body.read() if limit is None else body.read(limit + 1)  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def stream(self, name: str) -> Iterator[IO[bytes]]:
+        try:
+            resp = self.client().get_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception as e:
+            if self._missing(e):
+                raise FileNotFoundError(name) from None
+            raise
+        with contextlib.closing(resp["Body"]) as body:
+            yield body
+
+    def put(self, name: str, data: bytes | IO[bytes]) -> None:
+        self.client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.client().head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except Exception as e:
+            if self._missing(e):
+                return False
+            raise
+
+    def children(self, name: str) -> list[str]:
+        base = self._key(name)
+        out: list[str] = []
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+            out += [cp["Prefix"][len(base):].strip("/") for cp in page.get("CommonPrefixes", [])]
+        return out
+
+    def transport_error(self, e: Exception) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        return isinstance(e, (BotoCoreError, ClientError))
+
+
+class _Fsspec:
+    """Any fsspec URL (file://, gcs://, az://, https:// read-only, ...): the same object layout."""
+
+    def __init__(self, tier: RemoteTier) -> None:
+        self.tier = tier
+        self._fs: Any = None
+        self._root = ""
+
+    def fs(self) -> Any:
+        if self._fs is None:
+            try:
+                import fsspec
+            except ImportError:
+                raise RemoteUnavailable(f"the remote tier needs fsspec for {self.tier.url}: pip install fsspec") from None
+            self._fs, root = fsspec.core.url_to_fs(self.tier.url, **self.tier.storage_options)
+            self._root = str(root).rstrip("/")
+        return self._fs
+
+    def _path(self, name: str) -> str:
+        self.fs()  # sets _root
+        return f"{self._root}/{name}" if self._root else name
+
+    def get(self, name: str, limit: int | None = None) -> bytes | None:
+        try:
+            with self.fs().open(self._path(name), "rb") as f:
+                return f.read() if limit is None else f.read(limit + 1)  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return None
+
+    @contextlib.contextmanager
+    def stream(self, name: str) -> Iterator[IO[bytes]]:
+        with self.fs().open(self._path(name), "rb") as f:
+            yield f
+
+    def put(self, name: str, data: bytes | IO[bytes]) -> None:
+        fs = self.fs()
+        path = self._path(name)
+        parent = path.rsplit("/", 1)[0]
+        try:
+            fs.makedirs(parent, exist_ok=True)
+        except (NotImplementedError, OSError):
+            pass  # object stores have no folders
+        fs.pipe_file(path, data if isinstance(data, bytes) else data.read())
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs().exists(self._path(name)))
+
+    def children(self, name: str) -> list[str]:
+        try:
+            items = self.fs().ls(self._path(name).rstrip("/"), detail=False)
+        except FileNotFoundError:
+            return []
+        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in items]
+
+    def transport_error(self, e: Exception) -> bool:
+        return isinstance(e, (OSError, TimeoutError)) and not isinstance(e, FileNotFoundError)
+
+
 class RemoteTier:
-    """S3-compatible shared cache.
+    """A shared cache in object storage: S3-compatible (``s3://``, via boto3) or any fsspec URL.
 
     Args:
-        url: ``s3://bucket/prefix``.
-        endpoint_url: for non-AWS servers (MinIO, a local test server). boto3 also reads
+        url: ``s3://bucket/prefix``, or an fsspec URL (``file:///mnt/share/ctxcache``, ``gcs://b/p``...).
+        endpoint_url: for non-AWS S3 servers (MinIO, a local test server). boto3 also reads
             ``$AWS_ENDPOINT_URL``; credentials come from boto3's usual chain (env, ~/.aws, role).
         write_back: upload entries compiled on this machine.
         signing_key: HMAC key; records must be signed with it (and uploads are). Default
             ``$CTXCACHE_SIGNING_KEY``; when neither is set, signatures are not checked (digests are).
-        timeout: seconds for connecting and for each read; keep it short, a compile is the fallback.
+        timeout: seconds for connecting and for each read (S3); keep it short, a compile is the fallback.
         retry_after: after an outage, seconds during which this process does not try the remote again.
-        anonymous: unsigned requests (a public read-only bucket).
+        anonymous: unsigned S3 requests (a public read-only bucket).
         client: a ready boto3 S3 client (overrides endpoint/timeout/anonymous).
+        storage_options: passed to fsspec for non-S3 URLs.
     """
 
     kind = "remote"
@@ -105,9 +255,9 @@ class RemoteTier:
         anonymous: bool = False,
         region: str | None = None,
         client: Any = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
-        self.bucket, self.prefix = parse_url(url)
         self.endpoint_url = endpoint_url
         self.write_back = write_back
         self._signing_key = signing_key
@@ -115,9 +265,9 @@ class RemoteTier:
         self.retry_after = retry_after
         self.anonymous = anonymous
         self.region = region
-        self._client = client
+        self.storage_options = dict(storage_options or {})
+        self._backend: _S3 | _Fsspec = _S3(self, client) if url.startswith("s3://") else _Fsspec(self)
         self._down_until = 0.0
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RemoteTier({self.url!r})"
@@ -126,32 +276,9 @@ class RemoteTier:
         return f"remote {self.url}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
 
     # -- plumbing -----------------------------------------------------------------------------------
-    def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                boto3 = _boto3()
-                from botocore.config import Config
-
-                kw: dict[str, Any] = {}
-                if self.anonymous:
-                    from botocore import UNSIGNED
-
-                    kw["signature_version"] = UNSIGNED
-                config = Config(
-                    connect_timeout=self.timeout,
-                    read_timeout=self.timeout,
-                    # One attempt: the fallback (a local compile) is always there, and boto3's default
-                    # retries with backoff would turn a dead server into many seconds of waiting.
-                    retries={"total_max_attempts": 1, "mode": "standard"},  # botocore: max_attempts counts retries only
-                    **kw,
-                )
-                self._client = boto3.session.Session().client(
-                    "s3", endpoint_url=self.endpoint_url, config=config, region_name=self.region or "us-east-1"
-                )
-            return self._client
-
-    def _obj(self, key: str, *rest: str) -> str:
-        return "/".join([self.prefix.rstrip("/"), LAYOUT, key, *rest]).lstrip("/")
+    @staticmethod
+    def _obj(key: str, *rest: str) -> str:
+        return "/".join([LAYOUT, key, *rest])
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -165,47 +292,31 @@ class RemoteTier:
         except RemoteUnavailable as e:
             raise TierError("tier_unreachable", str(e)) from None
         except Exception as e:
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            if isinstance(e, (BotoCoreError, ClientError)):
+            if self._backend.transport_error(e):
                 self._down_until = time.monotonic() + self.retry_after
                 raise TierError("tier_unreachable", f"{what}: {type(e).__name__}: {e}") from None
             raise
 
-    def _get(self, name: str, limit: int | None = None) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            resp = self.client().get_object(Bucket=self.bucket, Key=name)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise
-        with contextlib.closing(resp["Body"]) as body:
-            return body.read() if limit is None else body.read(limit + 1)  # type: ignore[no-any-return]
-
     # -- the tier protocol --------------------------------------------------------------------------
     def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
         # Exact keys only: objects are addressed by key (a fleet shares one environment per prefix).
+        b = self._backend
         with self._guard(f"fetching {key[:12]}"):
-            raw = self._get(self._obj(key, RECORD), _MAX_RECORD)
+            raw = b.get(self._obj(key, RECORD), _MAX_RECORD)
             if raw is None:
                 return None
             if len(raw) > _MAX_RECORD:
                 raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is too large")
             signing_key = resolve_signing_key(self._signing_key)
-            sig = self._get(self._obj(key, RECORD_SIG), 4096) if signing_key is not None else None
+            sig = b.get(self._obj(key, RECORD_SIG), 4096) if signing_key is not None else None
             check_signature(raw, sig, signing_key, f"{self.describe()} record {key[:12]}")
             try:
                 record = json.loads(raw)
             except ValueError as e:
                 raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is not JSON ({e})") from None
 
-            @contextlib.contextmanager
-            def opener(name: str) -> Iterator[IO[bytes]]:
-                resp = self.client().get_object(Bucket=self.bucket, Key=self._obj(key, "files", name))
-                with contextlib.closing(resp["Body"]) as body:
-                    yield body
+            def opener(name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+                return b.stream(self._obj(key, "files", name))
 
             return install(store, key, record, opener, {"tier": self.kind, "location": self.url})
 
@@ -215,19 +326,13 @@ class RemoteTier:
 
     # -- push / pull --------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         with self._guard(f"looking up {key[:12]}"):
-            try:
-                self.client().head_object(Bucket=self.bucket, Key=self._obj(key, RECORD))
-                return True
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise
+            return self._backend.exists(self._obj(key, RECORD))
 
     def push_entry(self, entry: Entry, *, overwrite: bool = False, store: Store | None = None) -> bool:
         """Upload one local entry (after a full re-hash); ``False`` if the remote already has it."""
+        import hashlib
+
         from ._tiers import sha256_file
 
         if not overwrite and self.has(entry.key):
@@ -237,39 +342,29 @@ class RemoteTier:
             if problem is not None:
                 raise TierError(problem[0], f"not pushing {entry.key[:12]}: {problem[1]}")
         files: dict[str, dict[str, Any]] = {}
+        b = self._backend
         with self._guard(f"pushing {entry.key[:12]}"):
-            c = self.client()
             for art in entry.artifacts:
                 path: Path = entry.path / art["name"]
                 files[art["name"]] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
                 with open(path, "rb") as f:
-                    c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, "files", art["name"]), Body=f)
+                    b.put(self._obj(entry.key, "files", art["name"]), f)
             manifest = portable_manifest(entry)
-            import hashlib
-
             files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
-            c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, "files", MANIFEST), Body=manifest)
+            b.put(self._obj(entry.key, "files", MANIFEST), manifest)
             raw = json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
             signing_key = resolve_signing_key(self._signing_key)
             if signing_key is not None:
-                c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, RECORD_SIG), Body=sign(raw, signing_key))
+                b.put(self._obj(entry.key, RECORD_SIG), sign(raw, signing_key))
             # The record goes last: it is what readers look for, so they never see a half-uploaded entry.
-            c.put_object(Bucket=self.bucket, Key=self._obj(entry.key, RECORD), Body=raw)
+            b.put(self._obj(entry.key, RECORD), raw)
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
 
     def keys(self) -> list[str]:
-        """Every key with a record in the remote store."""
-        out: list[str] = []
-        base = self._obj("")
+        """Every key with an entry folder in the remote store."""
         with self._guard("listing"):
-            paginator = self.client().get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
-                for cp in page.get("CommonPrefixes", []):
-                    key = cp["Prefix"][len(base):].strip("/")
-                    if len(key) == 32:
-                        out.append(key)
-        return sorted(out)
+            return sorted(k for k in self._backend.children(LAYOUT + "/") if len(k) == 32)
 
 
 def push(cache: ContextCache, remote: RemoteTier, entries: list[Entry], *, overwrite: bool = False) -> dict[str, str]:

@@ -282,7 +282,7 @@ def coerce(tiers: Iterable[Tier | str | os.PathLike[str]] | None) -> list[Tier]:
     for item in tiers or ():
         if isinstance(item, (str, os.PathLike)):
             text = os.fspath(item)
-            if text.startswith("s3://"):
+            if "://" in text:  # s3:// via boto3, any other scheme via fsspec
                 from ._remote import RemoteTier
 
                 out.append(RemoteTier(text))

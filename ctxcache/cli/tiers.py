@@ -104,10 +104,15 @@ def _add_signing_flag(p: argparse.ArgumentParser, verb: str) -> None:
 def _remote(args: argparse.Namespace) -> Any:
     from .._remote import RemoteTier, RemoteUnavailable, _boto3
 
+    if "://" not in args.url:
+        raise UsageError(f"a remote is a URL (s3://bucket/prefix, file:///share/ctxcache, ...), not {args.url!r}")
     try:
-        _boto3()
-    except RemoteUnavailable as e:
-        raise CommandFailed(str(e)) from None
+        if args.url.startswith("s3://"):
+            _boto3()
+        else:
+            import fsspec  # noqa: F401
+    except (RemoteUnavailable, ImportError) as e:
+        raise CommandFailed(str(e) if isinstance(e, RemoteUnavailable) else "this URL needs fsspec: pip install fsspec") from None
     try:
         return RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args), timeout=args.timeout)
     except ValueError as e:
@@ -115,7 +120,7 @@ def _remote(args: argparse.Namespace) -> Any:
 
 
 def _add_remote_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", metavar="URL", help="s3://bucket/prefix")
+    p.add_argument("url", metavar="URL", help="s3://bucket/prefix, or any fsspec URL (file:///mnt/share/ctxcache, gcs://...)")
     p.add_argument("--endpoint-url", metavar="URL", help="an S3-compatible server (MinIO, Ceph...); also $AWS_ENDPOINT_URL")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect/read timeout in seconds (default 10)")
 

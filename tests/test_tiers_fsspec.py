@@ -1,0 +1,85 @@
+"""The remote tier on an fsspec URL (a shared folder, ``file://``): write-back from one machine, a hit
+in a fresh process on another cache, tampering refused, ``ctxcache pull`` from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fsspec", reason="fsspec URLs for the remote tier need fsspec (in the 'remote' and 'test' extras)")
+
+import ctxcache  # noqa: E402
+from ctxcache import models  # noqa: E402
+from ctxcache._remote import RemoteTier  # noqa: E402
+from ctxcache._tiers import SIGNING_KEY_ENV  # noqa: E402
+
+from conftest import QNN, last_json, launch, run_python  # noqa: E402
+
+SECRET = "share-secret"
+
+LAUNCH = """
+import json, ctxcache
+from ctxcache import models
+cache = ctxcache.ContextCache({cache_dir!r}, tiers=[ctxcache.RemoteTier({url!r}, signing_key={key!r})])
+r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
+out = r.session.run(None, models.random_input(r.session, seed=7))[0]
+print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "out": out.ravel()[:64].tolist()}}))
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+
+
+def _seed(tmp_path: Path, model: Path) -> tuple[str, str]:
+    url = (tmp_path / "share").as_uri()
+    builder = ctxcache.ContextCache(tmp_path / "builder", tiers=[RemoteTier(url, write_back=True, signing_key=SECRET)])
+    r = builder.load(model, providers=[(QNN, models.qnn_htp_options())])
+    assert r.outcome == "miss"
+    return url, r.key  # type: ignore[return-value]
+
+
+def test_shared_folder_write_back_then_hit_in_fresh_process(tmp_path: Path, conv_model: Path) -> None:
+    url, key = _seed(tmp_path, conv_model)
+    share = tmp_path / "share" / "v1" / key
+    assert (share / "record.json").is_file() and (share / "record.json.sig").is_file()
+    assert RemoteTier(url).keys() == [key]
+    reference = launch(tmp_path / "builder", conv_model)
+    code = LAUNCH.format(cache_dir=str(tmp_path / "device"), url=url, key=SECRET, model=str(conv_model))
+    r: dict[str, Any] = last_json(run_python(code).stdout)
+    assert (r["outcome"], r["tier"], r["compile"]) == ("hit", "remote", 0.0)
+    assert r["out"] == reference["out"]
+
+
+@pytest.mark.parametrize("damage", ["flip_bin", "record_edited_unsigned"])
+def test_tampered_share_is_refused(tmp_path: Path, conv_model: Path, damage: str) -> None:
+    url, key = _seed(tmp_path, conv_model)
+    share = tmp_path / "share" / "v1" / key
+    if damage == "flip_bin":
+        b = share / "files" / "ctx_qnn.bin"
+        data = bytearray(b.read_bytes())
+        data[777] ^= 0x10
+        b.write_bytes(bytes(data))
+        tier = RemoteTier(url)  # no key: the digest catches it
+    else:
+        rec = json.loads((share / "record.json").read_text())
+        rec["model"]["name"] = "evil.onnx"
+        (share / "record.json").write_text(json.dumps(rec))
+        tier = RemoteTier(url, signing_key=SECRET)  # the signature catches it
+    r = ctxcache.ContextCache(tmp_path / "device", tiers=[tier]).load(conv_model, providers=[(QNN, models.qnn_htp_options())])
+    assert (r.outcome, r.tier) == ("miss", None)
+
+
+def test_cli_pull_from_shared_folder(tmp_path: Path, conv_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctxcache.cli import main
+
+    url, key = _seed(tmp_path, conv_model)
+    keyfile = tmp_path / "k"
+    keyfile.write_text(SECRET)
+    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst"), "--signing-key-file", str(keyfile), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {key: "installed"}
+    assert launch(tmp_path / "dst", conv_model)["outcome"] == "hit"
