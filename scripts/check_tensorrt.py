@@ -49,7 +49,9 @@ REFERENCE = textwrap.dedent(
     import json, sys, time
     import numpy as np, onnxruntime as ort
     from ctxcache import models
-    model, providers = sys.argv[1], json.loads(sys.argv[2])
+    model = sys.argv[1]
+    # JSON has no tuples; ORT takes (name, options) tuples only
+    providers = [p if isinstance(p, str) else tuple(p) for p in json.loads(sys.argv[2])]
     t = time.perf_counter()
     s = ort.InferenceSession(model, providers=providers)
     created = time.perf_counter() - t
