@@ -416,7 +416,8 @@ class Loader:
 
         failed = self.store.failure(key, self.cache.negative_ttl)
         if failed is not None:
-            reason = Reason("not_compilable", f"remembered: {failed.get('message', '')}")
+            code = "crashed_during_load" if failed.get("code") == "crashed_during_load" else "not_compilable"
+            reason = Reason(code, f"remembered: {failed.get('message', '')}")
             return done(self._original(model, chain, target, so), "bypass", reason)
 
         # ---- hit?
@@ -475,19 +476,26 @@ class Loader:
 
         # Under the key's lock when it is free: a compiler holding it may be replacing this very entry
         # (it will find and handle the broken one itself). The entry_id check covers the rest.
+        crashed = reason.code == "crashed_during_load"
         handle = try_lock(self.store.lock_path(key))
-        if handle is None:
-            if reason.code == "crashed_during_load":
-                # The dead loader's marker is consumed now: left in place, this entry would be loaded
-                # (and kill) again by the lock holder or the next launch. expect_id spares a fresh one.
-                self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id if entry else None)
-                return
+        if handle is None and not crashed:
             log.info("entry %s is being rebuilt by another process; leaving it to that process", key[:12])
             return
+        # A crash is quarantined even when the lock is busy: the dead loader's marker is consumed now,
+        # and left in place this entry would be loaded (and kill) again by the lock holder or the next
+        # launch. expect_id spares an entry the holder just replaced.
         try:
             self.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id if entry else None)
         finally:
-            release(handle)
+            if handle is not None:
+                release(handle)
+        if crashed and self.store.crash_count(key) >= 2:
+            # Recompiled once and killed its loader again: on that device it always will. Without this
+            # every other launch would crash (compile, crash, fallback, compile, crash ...).
+            self.store.remember_failure(
+                key, "crashed_during_load",
+                "its context killed the process while loading, twice (recompiled in between)",
+            )
 
     def _miss(self, model: _Model, chain: Chain, target: int, so: ort.SessionOptions | None, key: str,
               fp: _fingerprint.Fingerprint, digest: ModelDigest, timings: Timings, done: _Done) -> LoadResult:

@@ -422,6 +422,22 @@ class Store:
         self._trim_quarantine()
         return True
 
+    def crash_count(self, key: str) -> int:
+        """How many quarantined entries of ``key`` killed the process that loaded them."""
+        n = 0
+        try:
+            names = [x for x in os.listdir(self.quarantine_dir) if x.startswith(key + ".")]
+        except OSError:
+            return 0
+        for name in names:
+            try:
+                data = json.loads(_fs.read_regular(self.quarantine_dir / name / "reason.json", 1 << 16))
+            except (OSError, ValueError, RecursionError):
+                continue
+            if isinstance(data, dict) and data.get("code") == "crashed_during_load":
+                n += 1
+        return n
+
     def _trim_quarantine(self) -> None:
         try:
             # lstat: one dangling link here must not stop the trimming for good (unbounded growth).
