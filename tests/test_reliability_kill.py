@@ -190,3 +190,24 @@ def test_crashed_entry_is_quarantined_even_while_its_lock_is_held(tmp_path: Path
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_context_that_kills_every_load_stops_being_loaded(tmp_path: Path, rel_models: list[Path]) -> None:
+    """On a device where the context kills its loader every time (a driver bug), ctxcache recompiles
+    once, and after the second crash runs the original model instead of crashing every other launch."""
+    cache_dir, model = tmp_path / "cache", rel_models[1]
+    app_killed(cache_dir, model, "load_any")  # compile, crash 1
+    r = app(cache_dir, model, kill_at="load_any")[0]
+    assert (r["outcome"], r["reason"]) == ("fallback", "crashed_during_load"), r
+    app_killed(cache_dir, model, "load_any")  # recompile, crash 2
+    r = app(cache_dir, model, kill_at="load_any")[0]
+    assert (r["outcome"], r["reason"]) == ("fallback", "crashed_during_load"), r
+    for _ in range(2):  # from now on: no compile, no context load, no crash
+        r = app(cache_dir, model, kill_at="load_any")[0]
+        assert (r["outcome"], r["reason"]) == ("bypass", "crashed_during_load"), r
+        assert_correct(r, model, ("bypass",))
+    # clear() forgets it (a driver update, say); the next launch compiles again.
+    import ctxcache
+
+    ctxcache.ContextCache(cache_dir).clear()
+    assert launch(cache_dir, model)["outcome"] == "miss"
