@@ -149,10 +149,10 @@ class ContextCache:
 
         m = _model_arg(model)
         chain = resolve_providers(providers, provider_options)
-        target = next((i for i, (ep, _) in enumerate(chain) if ep.compiles), None)
-        if target is None:
+        # The loader's rule: only a compiling provider at the head of the list gets a context.
+        if not chain or not chain[0][0].compiles:
             return None
-        ep, options = chain[target]
+        ep, options = chain[0]
         if ep.unavailable_reason() is not None:
             return None
         digest = self._loader.digest(m)
