@@ -110,8 +110,12 @@ def test_kill_at_random_times_loop(tmp_path: Path, rel_models: list[Path]) -> No
         landed += rc == -9
         assert_consistent(cache_dir)
         rec = launch(cache_dir, model, extra_key=extra)
-        assert_correct(rec, model, ("hit", "miss"))
+        assert_correct(rec, model)
         seen[rec["outcome"]] = seen.get(rec["outcome"], 0) + 1
+        if rec["outcome"] == "fallback":
+            # Only a kill inside the context load itself may cost a fallback, and it heals at once.
+            assert rec["reason"] == "crashed_during_load", rec
+            assert launch(cache_dir, model, extra_key=extra)["outcome"] == "miss"
         outcomes_after += 1
     # The loop proves nothing if the kills never landed inside a load.
     assert landed >= rounds // 3, (landed, rounds)
