@@ -448,7 +448,9 @@ def explain(
 
     failed = cache.store.failure(key, cache.negative_ttl)
     if failed is not None:
-        ex.verdict, ex.reason = "bypass", Reason("not_compilable", f"remembered: {failed.get('message', '')}")
+        # Same codes as the loader gives this bypass.
+        code = "crashed_during_load" if failed.get("code") == "crashed_during_load" else "not_compilable"
+        ex.verdict, ex.reason = "bypass", Reason(code, f"remembered: {failed.get('message', '')}")
         return ex
     try:
         entry = cache.store.lookup(key)

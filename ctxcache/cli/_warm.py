@@ -245,7 +245,9 @@ def warm_one(cache: Any, model: str, name: str, options: dict[str, Any], verbose
             res.update(status="cached", outcome="hit")
         else:
             if ex.verdict == "bypass" and ex.reason is not None and ex.reason.code == "not_compilable" and ex.key:
-                _manage.forget_failure(cache, ex.key)  # warm is an explicit request: try again
+                # warm is an explicit request: try the compile again. Not for crashed_during_load: that
+                # context killed its loader twice, and retrying it here would only kill a worker.
+                _manage.forget_failure(cache, ex.key)
             so = ort.SessionOptions()
             so.log_severity_level = 0 if verbose > 1 else 3  # ORT's and QNN's own warnings are noise here
             r = cache.load(model, providers=[(name, options)], sess_options=so)
