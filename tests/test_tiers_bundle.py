@@ -336,3 +336,23 @@ def test_portable_match_still_requires_the_same_binary_options(built: dict[str, 
     cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(tmp_path / "bundle", match="portable")])
     r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
     assert (r.outcome, r.tier) == ("miss", None)
+
+
+def test_concurrent_first_launches_fetch_once(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    """Four processes start at once on an empty cache: one fills from the bundle under the key's lock,
+    the others find the published entry when they look again. All hit, nobody compiles."""
+    import subprocess
+    import sys
+
+    code = TIER_LAUNCH.format(cache_dir=str(tmp_path / "shared"), bundle=str(built["folder"]), model=str(conv_model), key=None)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(4)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        results.append(last_json(out))
+    assert [r["outcome"] for r in results] == ["hit"] * 4
+    assert sorted(str(r["tier"]) for r in results) == ["None", "None", "None", "bundle"]
+    assert all(r["compile"] == 0.0 and r["out"] == built["reference"]["out"] for r in results)
