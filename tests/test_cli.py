@@ -414,3 +414,15 @@ def test_python_dash_m_ctxcache_is_the_same_cli(cache_dir: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ctxcache", "verify", "--bogus"], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_warm_retries_a_remembered_compile_failure(warm_models: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = warm_models / "a.onnx"
+    cache = ContextCache(cache_dir)
+    key = cache.key(model, providers=[(QNN, models.qnn_htp_options())]).key
+    cache.store.ensure()
+    cache.store.remember_failure(key, "not_compilable", "QNN compiled no node (remembered from an older SDK)")
+    assert cache.explain(model, providers=[(QNN, models.qnn_htp_options())]).verdict == "bypass"
+    code, summary = run_json(capsys, "warm", str(model), "--cache-dir", str(cache_dir))
+    assert code == 0 and summary["results"][0]["status"] == "compiled"
+    assert cache.explain(model, providers=[(QNN, models.qnn_htp_options())]).verdict == "hit"
