@@ -58,7 +58,8 @@ ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
 feeds = models.random_input(ref, seed=3)
 expected = ref.run(None, feeds)[0]
 cache = ctxcache.ContextCache({cache!r})
-providers = [("OpenVINOExecutionProvider", {{"device_type": "CPU"}})]
+# True reaches the EP as "true": as "1" ORT would silently drop the EP and run on CPU
+providers = [("OpenVINOExecutionProvider", {{"device_type": "CPU", "enable_qdq_optimizer": True}})]
 runs = []
 for _ in range(2):
     r = cache.load(model, providers=providers)
@@ -87,7 +88,11 @@ def test_binary_options_keep_device_and_precision_only() -> None:
     p = OpenVINOProvider()
     opts = p.normalize_options({"device_type": "GPU.1", "precision": "FP16", "num_of_threads": 4, "num_streams": "2",
                                 "cache_dir": "/tmp/ov", "model_priority": "HIGH", "enable_qdq_optimizer": "True"})
-    assert p.binary_options(opts) == {"device_type": "GPU.1", "enable_qdq_optimizer": "1", "precision": "FP16"}
+    assert p.binary_options(opts) == {"device_type": "GPU.1", "enable_qdq_optimizer": "true", "precision": "FP16"}
+    # the EP reads only true/false: a 1 or Python True would make ORT drop the provider silently
+    for spelling in (True, 1, "1", "TRUE", "true"):
+        assert p.normalize_options({"enable_qdq_optimizer": spelling})["enable_qdq_optimizer"] == "true"
+    assert p.normalize_options({"disable_dynamic_shapes": False})["disable_dynamic_shapes"] == "false"
     # "CPU" is the EP's default device: naming it or not builds the same blob
     assert p.binary_options(p.normalize_options({})) == p.binary_options(p.normalize_options({"device_type": "CPU"}))
     assert p.binary_options(p.normalize_options({"device_type": "NPU"})) != p.binary_options(p.normalize_options({}))
@@ -138,7 +143,7 @@ def test_onnxruntime_openvino_real_compile_then_fallback(tmp_path: Path) -> None
     res = _run_in(python, LAUNCHES.format(model=str(tmp_path / "m" / "conv.onnx"), cache=str(tmp_path / "cache")))
     runs, parts = res["runs"], res["parts"]
     assert parts is not None, "OpenVINO should be available in its own venv"
-    assert parts["ep"] == OV and parts["ep_options"] == {"device_type": "CPU"}
+    assert parts["ep"] == OV and parts["ep_options"] == {"device_type": "CPU", "enable_qdq_optimizer": "true"}
     assert parts["ep_versions"]["openvino"].count(".") >= 2 and parts["ep_versions"]["onnxruntime-openvino"] == res["ort"]
     assert any(d.get("type") == "CPU" and d.get("model") for d in parts["devices"])
     for run in runs:

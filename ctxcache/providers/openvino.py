@@ -180,9 +180,21 @@ class OpenVINOProvider(ExecutionProvider):
         )
 
     # -- options ------------------------------------------------------------------------------
+    def normalize_options(self, options: Mapping[str, Any]) -> dict[str, str]:
+        # The OpenVINO EP reads its switches as "true"/"false" only. Measured with onnxruntime-openvino
+        # 1.24.1: enable_qdq_optimizer="1" makes provider creation fail and ORT silently runs the whole
+        # session on CPU. Python's True (which other providers get as "1") and 1/0 become true/false.
+        fixed: dict[Any, Any] = {}
+        for key, value in options.items():
+            if key in _BOOL_OPTIONS:
+                text = str(value).strip().lower() if isinstance(value, (bool, int, str)) else value
+                value = {"1": "true", "0": "false", "true": "true", "false": "false"}.get(text, value) if isinstance(text, str) else value
+            fixed[key] = value
+        return super().normalize_options(fixed)
+
     def validate_options(self, options: dict[str, str]) -> None:
         for key in _BOOL_OPTIONS:
-            if key in options and options[key].lower() not in ("0", "1", "true", "false"):
+            if key in options and options[key] not in ("true", "false"):
                 raise ProviderOptionError(
                     f"OpenVINO option {key!r} must be true/false, got {options[key]!r}.", provider=self.name, option=key
                 )
@@ -210,9 +222,6 @@ class OpenVINOProvider(ExecutionProvider):
 
     def binary_options(self, options: dict[str, str]) -> dict[str, str]:
         out = super().binary_options(options)
-        for key in _BOOL_OPTIONS:
-            if key in out:
-                out[key] = "1" if out[key].lower() in ("1", "true") else "0"
         # The EP builds for CPU when no device is named: absent and "CPU" make the same blob.
         out.setdefault("device_type", "CPU")
         return dict(sorted(out.items()))
