@@ -257,6 +257,12 @@ class Bundle:
         with self.open() as r:
             return sorted(r.records)
 
+    def lookup(self, key: str, parts: Sequence[tuple[str, Any]] = ()) -> str | None:
+        """``"exact"`` / ``"portable"`` when the bundle holds an entry for this key, else ``None``."""
+        with self.open() as r:
+            found = find_record(r.records, key, parts, "portable")
+        return None if found is None else "exact" if found[0] == key else "portable"
+
     def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
         with self.open() as r:
             found = find_record(r.records, key, parts, self.match)

@@ -244,6 +244,17 @@ class ModelPackageTier:
                     raise TierError("tier_unsafe", f"{self.location}: variant {var['name']} lies outside the package")
                 yield var["name"], vdir, meta["ctxcache"]
 
+    def lookup(self, key: str, parts: Sequence[tuple[str, Any]] = ()) -> str | None:
+        """``"exact"`` / ``"portable"`` when a variant holds an entry for this key, else ``None``."""
+        best = None
+        for _name, _vdir, meta in self.variants():
+            record = meta.get("record")
+            if isinstance(record, dict) and find_record({str(record.get("key")): record}, key, parts, "portable"):
+                if record.get("key") == key:
+                    return "exact"
+                best = "portable"
+        return best
+
     def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
         for _name, vdir, meta in self.variants():
             record = meta.get("record")

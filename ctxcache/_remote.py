@@ -325,6 +325,9 @@ class RemoteTier:
             self.push_entry(entry, overwrite=False)
 
     # -- push / pull --------------------------------------------------------------------------------
+    def lookup(self, key: str, parts: Sequence[tuple[str, Any]] = ()) -> str | None:
+        return "exact" if self.has(key) else None
+
     def has(self, key: str) -> bool:
         with self._guard(f"looking up {key[:12]}"):
             return self._backend.exists(self._obj(key, RECORD))

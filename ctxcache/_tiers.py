@@ -357,6 +357,27 @@ def fill_from_tiers(cache: ContextCache, key: str, parts: Sequence[tuple[str, An
     return None
 
 
+def tier_report(cache: ContextCache, fingerprint: Any = None) -> list[dict[str, Any]]:
+    """What ``doctor`` / ``explain`` can show: each tier, in lookup order, and (given the
+    :class:`~ctxcache.Fingerprint` a load would use, from ``cache.key(...)``) whether it holds that entry.
+
+    Read-only: nothing is fetched or installed. ``has`` is ``"exact"``, ``"portable"`` (built on another
+    host; used only by a tier with ``match="portable"``), ``None``, or ``"error: <why>"``.
+    """
+    out: list[dict[str, Any]] = []
+    for tier in cache.tiers:
+        item: dict[str, Any] = {"tier": tier.describe(), "kind": tier.kind, "match": getattr(tier, "match", "exact")}
+        if fingerprint is not None:
+            try:
+                item["has"] = tier.lookup(fingerprint.key, fingerprint.parts) if hasattr(tier, "lookup") else None
+            except TierError as e:
+                item["has"] = f"error: {e}"
+            except Exception as e:  # a report never raises
+                item["has"] = f"error: {type(e).__name__}: {e}"
+        out.append(item)
+    return out
+
+
 def write_back(cache: ContextCache, entry: Entry) -> None:
     """Offer a freshly compiled entry to every tier that accepts writes (a remote with write_back=True)."""
     if "origin" in entry.manifest:

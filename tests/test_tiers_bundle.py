@@ -356,3 +356,17 @@ def test_concurrent_first_launches_fetch_once(built: dict[str, Any], tmp_path: P
     assert [r["outcome"] for r in results] == ["hit"] * 4
     assert sorted(str(r["tier"]) for r in results) == ["None", "None", "None", "bundle"]
     assert all(r["compile"] == 0.0 and r["out"] == built["reference"]["out"] for r in results)
+
+
+def test_tier_report_says_which_tier_holds_the_key(built: dict[str, Any], tmp_path: Path, conv_model: Path, conv_model_b: Path) -> None:
+    from ctxcache._tiers import tier_report
+
+    _as_if_built_elsewhere(built["folder"], tmp_path / "foreign", built["key"])
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(tmp_path / "nowhere.tar"), Bundle(built["tar"]),
+                                                         Bundle(tmp_path / "foreign", match="portable")])
+    providers = [(QNN, ctxcache_models().qnn_htp_options())]
+    report = tier_report(cache, cache.key(conv_model, providers=providers))
+    assert [r["has"] for r in report][1:] == ["exact", "portable"]
+    assert report[0]["has"].startswith("error: tier_unreachable")
+    assert [r["has"] for r in tier_report(cache, cache.key(conv_model_b, providers=providers))][1:] == [None, None]
+    assert not cache.store.keys()  # read-only: nothing was installed
