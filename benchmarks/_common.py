@@ -123,10 +123,10 @@ def _feeds(sess):
     return {i.name: rng.random([d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32)
             for i in sess.get_inputs()}
 def _done(sess, **kw):
-    t_session = time.time()
+    t_session, cpu_session = time.time(), time.process_time()
     sess.run(None, _feeds(sess))
     t = time.time()
-    print(json.dumps(dict(kw, t_session=t_session, t_end=t, peak_rss_kb=_hwm_kb(),
+    print(json.dumps(dict(kw, t_session=t_session, cpu_session=cpu_session, t_end=t, peak_rss_kb=_hwm_kb(),
                           providers=sess.get_providers())))
 """
 

@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                 sections.append(f"### {name}\n\nFAILED (exit {proc.returncode}); see {log}.")
                 print(f"   FAILED; see {log}", file=sys.stderr, flush=True)
                 continue
-            sections.append(proc.stdout.strip())
-            print(proc.stdout.strip() + f"\n   ({time.time() - t:.0f} s)\n", flush=True)
+            # QNN's native code prints a line or two on stdout too: keep only the tables.
+            text = proc.stdout[proc.stdout.find("### "):].strip()
+            sections.append(text)
+            print(text + f"\n   ({time.time() - t:.0f} s)\n", flush=True)
 
     command = "python benchmarks/run.py" + (" --big" if args.big else "") + (f" --only {args.only}" if args.only else "")
     text = header(command, time.time() - start, load) + "\n\n" + "\n\n".join(sections) + "\n"
