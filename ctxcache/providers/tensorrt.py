@@ -223,7 +223,9 @@ def provider_library_problem() -> str | None:
     Loading the library the way ORT will (same file, same process) gives the loader's own reason instead.
     """
     lib = provider_library()
-    if lib is None:
+    if lib is None or os.name == "nt":
+        # Windows resolves a DLL's dependencies with other search rules than ORT's loader: a probe there
+        # could refuse a library ORT would load, so ORT is left to judge.
         return None
     try:
         ctypes.CDLL(str(lib))
