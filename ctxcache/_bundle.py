@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import shutil
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +47,8 @@ from ._tiers import (
 from .errors import BundleError
 
 if TYPE_CHECKING:
+    import tarfile
+
     from ._cache import ContextCache
 
 log = logging.getLogger("ctxcache")
@@ -75,6 +76,8 @@ def check_tar_members(tf: tarfile.TarFile, where: str) -> dict[str, tarfile.TarI
     ctxcache never extracts by member name, so a hostile name could not escape anyway; refusing the
     whole archive makes tampering visible instead of silently skipping the odd member.
     """
+    import tarfile  # here, not at the top: an app that only configures a bundle should not pay for it
+
     files: dict[str, tarfile.TarInfo] = {}
     seen: set[str] = set()
     for n, m in enumerate(tf):
@@ -176,6 +179,8 @@ def _open_regular(path: Path) -> Iterator[IO[bytes]]:
 
 @contextmanager
 def _open_archive(location: Path, key: bytes | None) -> Iterator[_Reader]:
+    import tarfile
+
     try:
         tf = tarfile.open(location, "r:*")
     except (OSError, tarfile.TarError) as e:
@@ -367,6 +372,8 @@ def export_bundle(
             else:
                 out.unlink()
         if is_archive(out):
+            import tarfile
+
             part = out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
             mode = "w:gz" if out.name.lower().endswith((".tar.gz", ".tgz")) else "w"
             try:

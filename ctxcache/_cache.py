@@ -109,16 +109,26 @@ class ContextCache:
         self.verify = verify
         self.max_size = max_size
         self.negative_ttl = negative_ttl
-        # Read-only bundles / remote stores consulted on a local miss, in order (see _tiers.coerce).
-        self.tiers: list[Any] = []
-        if tiers:
-            from . import _tiers
-
-            self.tiers = _tiers.coerce(tiers)
+        # Bundles / packages / remote stores consulted on a local miss, in order (see _tiers.coerce). Paths
+        # and URLs become tier objects at the first miss, so a launch that hits imports no tier code.
+        for item in tiers or ():
+            if not isinstance(item, (str, os.PathLike)) and not hasattr(item, "fetch"):
+                raise TypeError(f"a tier must be a bundle path, a URL or a tier object, not {type(item).__name__}")
+        self._tier_specs: list[Any] = list(tiers or ())
+        self._tiers: list[Any] | None = None if self._tier_specs else []
         self._loader = Loader(self)
 
     def __repr__(self) -> str:
         return f"ContextCache({str(self.root)!r})"
+
+    @property
+    def tiers(self) -> list[Any]:
+        """The tiers as objects (:class:`~ctxcache.Bundle`, :class:`~ctxcache.RemoteTier`...), in lookup order."""
+        if self._tiers is None:
+            from . import _tiers
+
+            self._tiers = _tiers.coerce(self._tier_specs)
+        return self._tiers
 
     # -- loading ------------------------------------------------------------------------------
     def load(

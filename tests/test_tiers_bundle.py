@@ -370,3 +370,17 @@ def test_tier_report_says_which_tier_holds_the_key(built: dict[str, Any], tmp_pa
     assert report[0]["has"].startswith("error: tier_unreachable")
     assert [r["has"] for r in tier_report(cache, cache.key(conv_model_b, providers=providers))][1:] == [None, None]
     assert not cache.store.keys()  # read-only: nothing was installed
+
+
+def test_a_local_hit_imports_no_tier_code(built: dict[str, Any], conv_model: Path) -> None:
+    """Tiers given as paths are only turned into objects at the first miss: hits stay as cheap as without."""
+    code = f"""
+import json, sys, ctxcache
+from ctxcache import models
+cache = ctxcache.ContextCache({str(built['cache'].root)!r}, tiers=[{str(built['tar'])!r}, "s3://bucket/prefix"])
+r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
+print(json.dumps({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules if m.startswith("ctxcache._")
+                                                           and m in ("ctxcache._tiers", "ctxcache._bundle", "ctxcache._remote"))}}))
+"""
+    r = last_json(run_python(code).stdout)
+    assert r == {"outcome": "hit", "loaded": []}
