@@ -94,7 +94,7 @@ def check_tar_members(tf: tarfile.TarFile, where: str) -> dict[str, tarfile.TarI
         if not m.isdir() and m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
             raise TierError("tier_unsafe", f"{where}: member {name!r} has unsupported type {m.type!r}")
         clean = name.rstrip("/")
-        if not _MEMBER_RE.match(clean):
+        if not _MEMBER_RE.fullmatch(clean):  # fullmatch: '$' alone would let "index.json\n" through
             raise TierError("tier_unsafe", f"{where}: unexpected member {name!r}")
         if clean in seen:
             raise TierError("tier_unsafe", f"{where}: member {name!r} appears twice")

@@ -108,8 +108,11 @@ def find_record(records: dict[str, Any], key: str, parts: Sequence[tuple[str, An
     for rkey, rec in sorted(records.items()):
         rparts = rec.get("parts") if isinstance(rec, dict) else None
         if isinstance(rparts, list) and all(isinstance(p, list) and len(p) == 2 for p in rparts):
-            if portable_key(rparts) == want:
-                return rkey, rec
+            try:
+                if portable_key(rparts) == want:
+                    return rkey, rec
+            except (TypeError, ValueError):  # unhashable junk in an untrusted index: not a match
+                continue
     return None
 
 
@@ -193,7 +196,8 @@ def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
     if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
         raise TierError("tier_record", "record has no file table")
     for name, spec in files.items():
-        if not safe_name(name):
+        # isprintable: _store.safe_name's '$' anchor accepts a trailing newline ("ctx.onnx\n").
+        if not safe_name(name) or not name.isprintable():
             raise TierError("tier_unsafe", f"record names an unsafe file {name!r}")
         if not (isinstance(spec, dict) and isinstance(spec.get("size"), int) and spec["size"] >= 0
                 and isinstance(spec.get("sha256"), str) and _SHA_RE.match(spec["sha256"])):
@@ -235,8 +239,13 @@ def install(store: Store, key: str, record: Any, opener: Opener, origin: dict[st
 
     rkey = record.get("key") if isinstance(record, dict) else None
     portable = isinstance(rkey, str) and rkey != key
-    if portable and (not local_parts or portable_key(record.get("parts") or []) != portable_key(local_parts)):
-        raise TierError("tier_record", "record is for another key")
+    if portable:
+        try:
+            same = bool(local_parts) and portable_key(record.get("parts") or []) == portable_key(local_parts)
+        except (TypeError, IndexError, KeyError, ValueError):
+            same = False  # malformed parts: check_record would refuse them anyway
+        if not same:
+            raise TierError("tier_record", "record is for another key")
     files = check_record(record, str(rkey) if portable else key)
     store.ensure()
     staging = store.new_staging(key)

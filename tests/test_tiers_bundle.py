@@ -255,11 +255,14 @@ def _hostile_tar(src_tar: Path, dst: Path, kind: str) -> Path:
             info.name, info.size = "index.json", len(payload)
         elif kind == "unexpected":
             info.name, info.size = "setup.sh", len(payload)
+        elif kind == "newline":
+            info.name, info.size = "index.json\n", len(payload)
         out.addfile(info, io.BytesIO(payload) if payload else None)
     return dst
 
 
-HOSTILE = ["traversal", "traversal_inside", "absolute", "symlink", "hardlink", "device", "fifo", "duplicate", "unexpected"]
+HOSTILE = ["traversal", "traversal_inside", "absolute", "symlink", "hardlink", "device", "fifo", "duplicate", "unexpected",
+           "newline"]
 
 
 @pytest.mark.parametrize("kind", HOSTILE)
