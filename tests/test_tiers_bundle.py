@@ -387,3 +387,17 @@ print(json.dumps({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules
 """
     r = last_json(run_python(code).stdout)
     assert r == {"outcome": "hit", "loaded": []}
+
+
+def test_folder_bundle_with_a_symlinked_file_is_refused(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
+    """Even a link to a file with the right bytes: a bundle is read without following links."""
+    bundle = _copy_folder(built["folder"], tmp_path / "bundle")
+    binf = bundle / "entries" / built["key"] / "ctx_qnn.bin"
+    real = tmp_path / "elsewhere.bin"
+    shutil.move(binf, real)
+    binf.symlink_to(real)
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(bundle)])
+    r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
+    assert (r.outcome, r.tier) == ("miss", None)
+    res = import_bundle(ctxcache.ContextCache(tmp_path / "d"), bundle)
+    assert not res.installed and "tier_unsafe" in res.refused[built["key"]]
