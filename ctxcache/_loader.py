@@ -416,7 +416,7 @@ class Loader:
 
         failed = self.store.failure(key, self.cache.negative_ttl)
         if failed is not None:
-            code = "crashed_during_load" if failed.get("code") == "crashed_during_load" else "not_compilable"
+            code = failed.get("code") if failed.get("code") in ("crashed_during_load", "context_unloadable") else "not_compilable"
             reason = Reason(code, f"remembered: {failed.get('message', '')}")
             return done(self._original(model, chain, target, so), "bypass", reason)
 
@@ -636,6 +636,10 @@ class Loader:
             return done(session, "miss", entry=entry)
         assert why is not None
         self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
+        # A context that fails to load right after it was compiled here will fail the same way at the
+        # next launch (measured: OpenVINO contexts on this kind of machine, 3 of 3). Remember it like a
+        # compile failure, or every launch pays a compile plus a JIT session.
+        self.store.remember_failure(key, "context_unloadable", f"its freshly compiled context failed to load: {why}"[:500])
         self._fault(key, why)
         return done(self._original(model, chain, target, so), "fallback", why)
 
