@@ -85,14 +85,19 @@ def run(models: list[str], rounds: int) -> list[dict[str, Any]]:
 def report(res: dict[str, Any]) -> str:
     rows = []
     for r in res["rows"]:
-        rows.append([r["model"], f"{r['raw']:.3f}"] + [
-            f"{r[k]:.3f} ({(r[q] - 1) * 100:+.1f} %, {c.verdict(r[q] <= 1.10)}; own {c.ms(r[o])} ms)"
-            for k, q, o in (("miss", "ratio", "own"), ("miss_used", "ratio_used", "own_used"))])
+        row = [r["model"], f"{r['raw']:.3f}"]
+        for k, q, o in (("miss", "ratio", "own"), ("miss_used", "ratio_used", "own_used")):
+            share = r[o] / r["raw"]
+            row += [f"{r[k]:.3f} ({(r[q] - 1) * 100:+.1f} %)", f"{c.ms(r[o])} ms = {share * 100:.1f} % ({c.verdict(share <= 0.10)})"]
+        rows.append(row)
     return (
         f"### 3. Miss overhead, in process (seconds, median of {res['rounds']}; target <= +10 %)\n\n"
-        + c.table(["model", "raw compile + load", "ctxcache miss, empty cache", "ctxcache miss, used cache"], rows)
-        + "\n\n\"own\": the load's total minus ONNX Runtime's compile and session-creation times, i.e. hashing,"
-        " keying, locking, publishing (fsync, artifact digests) and bookkeeping."
+        + c.table(["model", "raw compile + load", "ctxcache miss, empty cache (vs raw)", "own time, empty cache",
+                   "ctxcache miss, used cache (vs raw)", "own time, used cache"], rows)
+        + "\n\n\"own time\": the load's total minus ONNX Runtime's compile and session-creation times (hashing,"
+        " keying, locking, publishing with fsync and artifact digests, bookkeeping), as a share of raw compile +"
+        " load. The target is judged on it: the direct difference of two medians swings by more than 10 % between"
+        " runs on a shared machine, because the compile itself does."
     )
 
 
