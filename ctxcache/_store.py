@@ -160,6 +160,20 @@ def _check_manifest(data: Any, key: str) -> str | None:
     return None
 
 
+def _private_group(gid: int, uid: int) -> bool:
+    """Whether ``gid`` is ``uid``'s own user-private group (Debian/Ubuntu: umask 002 makes folders
+    group-writable, harmlessly, when nobody else is in the group; Debian's ssh accepts it too)."""
+    try:
+        import grp
+        import pwd
+
+        user = pwd.getpwuid(uid)
+        members = grp.getgrgid(gid).gr_mem
+    except (ImportError, KeyError, OSError):
+        return False
+    return gid == user.pw_gid and all(m == user.pw_name for m in members)
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.base = root
@@ -219,7 +233,8 @@ class Store:
                     errno.EPERM, f"cache folder {d} is owned by uid {st.st_uid}, not by this user ({uid}); "
                     "use a cache folder of your own", str(d)
                 )
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            others = stat.S_IWOTH | (0 if _private_group(st.st_gid, uid) else stat.S_IWGRP)
+            if st.st_mode & others:
                 raise InsecureCache(
                     errno.EPERM, f"cache folder {d} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
                     f"run: chmod go-w {d}", str(d)
