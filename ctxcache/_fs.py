@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     A unique temp name in the same folder, fsync, then ``os.replace`` (huggingface_hub and pip do the
     same). ``durable=False`` skips the fsyncs for data that is cheap to recompute (the hash memo).
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

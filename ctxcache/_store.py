@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 import time
@@ -351,7 +350,7 @@ class Store:
 
     # -- publish ------------------------------------------------------------------------------
     def new_staging(self, key: str) -> Path:
-        path = self.staging_dir / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        path = self.staging_dir / f"{key}.{os.getpid()}.{os.urandom(4).hex()}"
         path.mkdir(mode=0o700)
         return path
 
@@ -373,7 +372,7 @@ class Store:
                 {"name": child.name, "size": st.st_size, "xxh3": file_digest(child), "sig": list(signature(st))}
             )
         manifest = dict(manifest, format=MANIFEST_FORMAT, key=key, artifacts=artifacts)
-        manifest.setdefault("entry_id", secrets.token_hex(8))
+        manifest.setdefault("entry_id", os.urandom(8).hex())
         problem = _check_manifest(manifest, key)
         if problem is not None:
             raise BrokenEntry("compile_output", f"compiled entry is unusable: {problem}")
@@ -393,7 +392,7 @@ class Store:
         Never raises: on a read-only cache the rename fails, and a cache fault must not become an app
         error (found by tests/test_reliability_disk.py). Junk that is a file, not a folder, goes too.
         """
-        trash = self.staging_dir / f"trash.{path.name}.{secrets.token_hex(4)}"
+        trash = self.staging_dir / f"trash.{path.name}.{os.urandom(4).hex()}"
         try:
             os.rename(path, trash)
         except FileNotFoundError:
@@ -422,7 +421,7 @@ class Store:
             # A link planted as an entry: nothing of ours to keep, and reason.json would be written
             # through it into the folder it points at.
             return self._discard(src)
-        dst = self.quarantine_dir / f"{key}.{int(time.time())}.{secrets.token_hex(3)}"
+        dst = self.quarantine_dir / f"{key}.{int(time.time())}.{os.urandom(3).hex()}"
         try:
             os.rename(src, dst)
         except FileNotFoundError:
@@ -524,7 +523,7 @@ class Store:
 
     def mark_loading(self, key: str) -> _Marker | None:
         """Leave a marker while a context loads; one that outlives its process means the load killed it."""
-        path = self.markers_dir / f"{key}.{os.getpid()}.{secrets.token_hex(3)}"
+        path = self.markers_dir / f"{key}.{os.getpid()}.{os.urandom(3).hex()}"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
