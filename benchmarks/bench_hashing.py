@@ -137,7 +137,7 @@ def report(res: dict[str, Any]) -> str:
     for k in ("small", "big"):
         r, m = res[k], res["mem_" + k]
         rows.append([f"{r['size'] / 2**20:.0f} MiB", f"{r['raw_gbs']:.2f}", f"{r['read_gbs']:.2f}", f"{r['lib_gbs']:.2f}",
-                     f"**{r['ratio'] * 100:.0f} %** ({c.verdict(r['ratio'] >= 0.8)})",
+                     f"**{r['ratio'] * 100:.1f} %** ({c.verdict(r['ratio'] >= 0.8)})",
                      f"{r['ratio_read'] * 100:.0f} % ({c.verdict(r['ratio_read'] >= 0.8)})",
                      f"{r['memo_ms']:.3f} (max {r['memo_max_ms']:.2f}; {c.verdict(r['memo_ms'] <= 1)})",
                      f"{m['after_kb'] / 1024:.1f} (+{m['grow_mb']:.1f})"])
