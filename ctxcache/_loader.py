@@ -416,7 +416,8 @@ class Loader:
 
         failed = self.store.failure(key, self.cache.negative_ttl)
         if failed is not None:
-            code = failed.get("code") if failed.get("code") in ("crashed_during_load", "context_unloadable") else "not_compilable"
+            remembered = failed.get("code")
+            code = remembered if isinstance(remembered, str) and remembered in ("crashed_during_load", "context_unloadable") else "not_compilable"
             reason = Reason(code, f"remembered: {failed.get('message', '')}")
             return done(self._original(model, chain, target, so), "bypass", reason)
 
