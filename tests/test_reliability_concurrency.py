@@ -22,7 +22,6 @@ from test_reliability_support import (
     SOAK,
     _env,
     _records,
-    app,
     app_cmd,
     assert_consistent,
     assert_correct,

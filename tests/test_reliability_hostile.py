@@ -10,13 +10,12 @@ paths itself; other providers need not, and a symlink passes QNN's check).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import xxhash
 from test_reliability_support import assert_consistent, reference, rel_models  # noqa: F401
 
 import ctxcache
-from ctxcache import _store, errors, models
+from ctxcache import errors, models
 from ctxcache._hashing import file_digest, signature
 
 
@@ -235,7 +234,7 @@ def test_planted_symlinks_never_lead_outside(
     before = {p: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in outside.rglob("*") if p.is_file()}
     fresh = ctxcache.ContextCache(tmp_path / "cache", max_size=1)
     for m in rel_models[:2]:
-        r = _with_deadline(lambda: fresh.load(m, providers=qnn_providers))
+        r = _with_deadline(lambda m=m: fresh.load(m, providers=qnn_providers))
         assert r.outcome in ("hit", "miss", "fallback", "bypass"), r
         assert _digest(r) == reference(m)
     _with_deadline(lambda: (fresh.entries(include_broken=True), fresh.stats(), fresh.clear()))
@@ -255,7 +254,7 @@ def test_fifos_in_the_cache_never_hang_a_load(
         "manifest": v1 / "entries" / first.key / "manifest.json",
         "negative": v1 / "negative" / f"{first.key}.json",
         "events_log": v1 / "events.log",
-        "memo": sorted((v1 / "memo").iterdir())[0],
+        "memo": min((v1 / "memo").iterdir()),
     }[where]
     _fifo(target)
     fresh = ctxcache.ContextCache(tmp_path / "cache")
