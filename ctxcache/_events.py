@@ -6,8 +6,10 @@ processes count into one file without a lock; the counters are sums over the lin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,10 @@ def record(path: Path, outcome: str, key: str | None, reason: str | None, compil
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     fd = os.open(path, flags, 0o600)
     try:
+        # A hard link shares its inode with a file elsewhere: appending would write there too.
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EINVAL, "events log is not a plain file of the cache (a link?)", str(path))
         os.write(fd, (line + "\n").encode())
     finally:
         os.close(fd)
