@@ -266,20 +266,39 @@ def test_fifos_in_the_cache_never_hang_a_load(
 def test_hard_links_in_cache_never_change_the_linked_file(
     tmp_path: Path, rel_models: list[Path], qnn_providers: list[Any], outside: Path
 ) -> None:
+    """Hard links planted for every file ctxcache writes into (not replaces): appends or writes through
+    them would change a file outside the cache (same inode)."""
     cache, first = _cached(tmp_path, rel_models[0], qnn_providers)
     entry: Path = first.entry_path
+    v1 = cache.store.root
     keep = outside / "keep.bin"
     shutil.copyfile(entry / "ctx_qnn.bin", keep)
     (entry / "ctx_qnn.bin").unlink()
     os.link(keep, entry / "ctx_qnn.bin")  # same content: verifies after a re-hash, and must load fine
+    victims = {}
+    second_key = cache.key(rel_models[1], providers=qnn_providers).key
+    for name, path in {
+        "events": v1 / "events.log",
+        "lock": v1 / "locks" / f"{second_key}.lock",
+        "negative": v1 / "negative" / f"{second_key}.json",
+    }.items():
+        victim = outside / f"victim-{name}"
+        victim.write_bytes(b"precious\n")
+        if path.exists():
+            path.unlink()
+        os.link(victim, path)
+        victims[victim] = victim.read_bytes()
     content = keep.read_bytes()
     r = ctxcache.ContextCache(tmp_path / "cache").load(rel_models[0], providers=qnn_providers)
     assert r.outcome == "hit" and _digest(r) == reference(rel_models[0])
-    os.link(keep, cache.store.root / "events.log.lnk")
+    r = ctxcache.ContextCache(tmp_path / "cache").load(rel_models[1], providers=qnn_providers)  # lock + compile
+    assert _digest(r) == reference(rel_models[1])
     cache.invalidate(model=rel_models[0])
     cache.load(rel_models[0], providers=qnn_providers)
     cache.clear()
-    assert keep.read_bytes() == content and os.stat(keep).st_nlink >= 1
+    assert keep.read_bytes() == content
+    for victim, before in victims.items():
+        assert victim.read_bytes() == before, f"{victim.name} was written through a hard link in the cache"
 
 
 # -- ownership and permissions ---------------------------------------------------------------------
