@@ -35,6 +35,7 @@ from ._tiers import (
     check_signature,
     install,
     make_record,
+    portable_key,
     portable_manifest,
     resolve_signing_key,
     sign,
@@ -160,6 +161,14 @@ class _S3:
             out += [cp["Prefix"][len(base):].strip("/") for cp in page.get("CommonPrefixes", [])]
         return out
 
+    def names(self, name: str) -> list[str]:
+        """Object names directly under ``name`` (a folder-like prefix)."""
+        base = self._key(name)
+        out: list[str] = []
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+            out += [obj["Key"][len(base):] for obj in page.get("Contents", [])]
+        return out
+
     def transport_error(self, e: Exception) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -220,6 +229,9 @@ class _Fsspec:
             return []
         return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in items]
 
+    def names(self, name: str) -> list[str]:
+        return self.children(name)
+
     def transport_error(self, e: Exception) -> bool:
         return isinstance(e, (OSError, TimeoutError)) and not isinstance(e, FileNotFoundError)
 
@@ -239,6 +251,8 @@ class RemoteTier:
         anonymous: unsigned S3 requests (a public read-only bucket).
         client: a ready boto3 S3 client (overrides endpoint/timeout/anonymous).
         storage_options: passed to fsspec for non-S3 URLs.
+        match: ``"exact"``, or ``"portable"`` to also use an entry pushed from another host (a build
+            farm) whose key differs only in ``host``, ``devices`` and ``ep_libraries`` (as for Bundle).
     """
 
     kind = "remote"
@@ -256,7 +270,11 @@ class RemoteTier:
         region: str | None = None,
         client: Any = None,
         storage_options: dict[str, Any] | None = None,
+        match: str = "exact",
     ) -> None:
+        if match not in ("exact", "portable"):
+            raise ValueError(f"match must be 'exact' or 'portable', not {match!r}")
+        self.match = match
         self.url = url
         self.endpoint_url = endpoint_url
         self.write_back = write_back
@@ -298,17 +316,29 @@ class RemoteTier:
             raise
 
     # -- the tier protocol --------------------------------------------------------------------------
+    def _portable_candidates(self, parts: Sequence[tuple[str, Any]]) -> list[str]:
+        # Pointers written by push: v1/portable/<portable key>/<key>. Untrusted like everything else:
+        # install() re-checks that the record's parts really match this machine's portable key.
+        names = self._backend.names(self._obj("portable", portable_key(parts)) + "/")
+        return sorted(n for n in names if len(n) == 32 and all(c in "0123456789abcdef" for c in n))
+
     def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
-        # Exact keys only: objects are addressed by key (a fleet shares one environment per prefix).
         b = self._backend
         with self._guard(f"fetching {key[:12]}"):
+            rkey = key
             raw = b.get(self._obj(key, RECORD), _MAX_RECORD)
+            if raw is None and self.match == "portable" and parts:
+                for rkey in self._portable_candidates(parts):
+                    raw = b.get(self._obj(rkey, RECORD), _MAX_RECORD)
+                    if raw is not None:
+                        break
             if raw is None:
                 return None
+            key_for_files = rkey
             if len(raw) > _MAX_RECORD:
                 raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is too large")
             signing_key = resolve_signing_key(self._signing_key)
-            sig = b.get(self._obj(key, RECORD_SIG), 4096) if signing_key is not None else None
+            sig = b.get(self._obj(rkey, RECORD_SIG), 4096) if signing_key is not None else None
             check_signature(raw, sig, signing_key, f"{self.describe()} record {key[:12]}")
             try:
                 record = json.loads(raw)
@@ -316,9 +346,9 @@ class RemoteTier:
                 raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is not JSON ({e})") from None
 
             def opener(name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-                return b.stream(self._obj(key, "files", name))
+                return b.stream(self._obj(key_for_files, "files", name))
 
-            return install(store, key, record, opener, {"tier": self.kind, "location": self.url})
+            return install(store, key, record, opener, {"tier": self.kind, "location": self.url}, parts)
 
     def write_back_entry(self, entry: Entry) -> None:
         if self.write_back:
@@ -326,7 +356,10 @@ class RemoteTier:
 
     # -- push / pull --------------------------------------------------------------------------------
     def lookup(self, key: str, parts: Sequence[tuple[str, Any]] = ()) -> str | None:
-        return "exact" if self.has(key) else None
+        if self.has(key):
+            return "exact"
+        with self._guard("listing"):
+            return "portable" if parts and self._portable_candidates(parts) else None
 
     def has(self, key: str) -> bool:
         with self._guard(f"looking up {key[:12]}"):
@@ -361,6 +394,9 @@ class RemoteTier:
                 b.put(self._obj(entry.key, RECORD_SIG), sign(raw, signing_key))
             # The record goes last: it is what readers look for, so they never see a half-uploaded entry.
             b.put(self._obj(entry.key, RECORD), raw)
+            parts = entry.manifest.get("parts")
+            if isinstance(parts, list):  # then the pointer that portable readers (other hosts) look for
+                b.put(self._obj("portable", portable_key(parts), entry.key), entry.key.encode())
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
 

@@ -83,3 +83,44 @@ def test_cli_pull_from_shared_folder(tmp_path: Path, conv_model: Path, capsys: p
     assert main(["pull", url, "--cache-dir", str(tmp_path / "dst"), "--signing-key-file", str(keyfile), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == {key: "installed"}
     assert launch(tmp_path / "dst", conv_model)["outcome"] == "hit"
+
+
+def test_portable_match_from_a_build_farm_push(tmp_path: Path, conv_model: Path) -> None:
+    """A build host pushes an entry whose key differs only in host/devices/ep_libraries; a device with
+    match="portable" uses it (published under its own key), match="exact" does not."""
+    import shutil
+
+    from ctxcache import _fingerprint
+
+    providers = [(QNN, models.qnn_htp_options())]
+    local = ctxcache.ContextCache(tmp_path / "local")
+    real = local.load(conv_model, providers=providers)
+    reference = real.session.run(None, models.random_input(real.session, seed=7))[0].ravel()[:64].tolist()
+    # The same context as the build farm would have it: relabelled for another host.
+    entry = local.store.lookup(real.key)
+    assert entry is not None
+    parts = dict((p[0], p[1]) for p in entry.manifest["parts"])
+    parts.update(host="linux-x86_64-farm", devices=[{"type": "CPU", "vendor": "farm"}],
+                 ep_libraries={k: "f" * 32 for k in parts["ep_libraries"]})
+    new_parts = [[label, parts[label]] for label, _ in entry.manifest["parts"]]
+    farm_key = _fingerprint.build([(p[0], p[1]) for p in new_parts]).key
+    farm = ctxcache.ContextCache(tmp_path / "farm")
+    farm.store.ensure()
+    shutil.copytree(entry.path, farm.store.entry_path(farm_key))
+    mpath = farm.store.entry_path(farm_key) / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest.update(key=farm_key, parts=new_parts)
+    mpath.write_text(json.dumps(manifest))
+    farm_entry = farm.store.lookup(farm_key)
+    assert farm_entry is not None
+    url = (tmp_path / "share").as_uri()
+    assert RemoteTier(url, signing_key=SECRET).push_entry(farm_entry, store=farm.store)
+
+    exact = ctxcache.ContextCache(tmp_path / "exact", tiers=[RemoteTier(url, signing_key=SECRET)])
+    assert exact.load(conv_model, providers=providers).outcome == "miss"
+    device = ctxcache.ContextCache(tmp_path / "device", tiers=[RemoteTier(url, signing_key=SECRET, match="portable")])
+    r = device.load(conv_model, providers=providers)
+    assert (r.outcome, r.tier, r.key) == ("hit", "remote", real.key)
+    assert r.session.run(None, models.random_input(r.session, seed=7))[0].ravel()[:64].tolist() == reference
+    origin = json.loads((tmp_path / "device" / "v1" / "entries" / real.key / "manifest.json").read_text())["origin"]
+    assert origin["key"] == farm_key
