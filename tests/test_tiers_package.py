@@ -107,3 +107,22 @@ def test_damaged_package_is_refused_and_compiled(built: dict[str, Any], tmp_path
     r = cache.load(conv_model, providers=[(QNN, models.qnn_htp_options())])
     assert (r.outcome, r.tier) == ("miss", None)
     assert r.timings.compile > 0
+
+
+def test_two_targets_in_one_package(tmp_path: Path, conv_model: Path) -> None:
+    """soc_model 60 / htp_arch 73 and soc_model 69 / htp_arch 79: two variants of one component; the
+    tier installs the one whose key the load asks for."""
+    cache = ctxcache.ContextCache(tmp_path / "build")
+    opts60 = models.qnn_htp_options()
+    opts69 = dict(opts60, soc_model="69", htp_arch="79")
+    k60 = cache.load(conv_model, providers=[(QNN, opts60)]).key
+    k69 = cache.load(conv_model, providers=[(QNN, opts69)]).key
+    assert k60 != k69
+    res = export_model_package(cache, tmp_path / "pkg", models=[conv_model], compatibility=False)
+    assert set(res.variants) == {k60, k69}
+    info = ort.ModelPackage.open(str(tmp_path / "pkg")).get_info()
+    assert len(info["components"]) == 1 and len(info["components"][0]["variants"]) == 2
+    device = ctxcache.ContextCache(tmp_path / "device", tiers=[tmp_path / "pkg"])
+    r = device.load(conv_model, providers=[(QNN, opts69)])
+    assert (r.outcome, r.tier, r.key) == ("hit", "package", k69)
+    assert device.store.keys() == [k69]
