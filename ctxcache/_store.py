@@ -253,18 +253,22 @@ class Store:
         """The committed entry for ``key``, ``None`` if there is none. Raises :class:`BrokenEntry`."""
         path = self.entries_dir / key
         mpath = path / MANIFEST
+        # lstat first (one syscall, as many as before on a hit, fewer on a miss): an entry folder
+        # replaced by a link must not even have its manifest read, let alone its context loaded by ORT.
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise BrokenEntry("entry_not_folder", f"{path} is not an entry folder (a link or a file)")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise BrokenEntry("manifest_unreadable", f"cannot stat {path}: {e}") from None
         try:
             # Not a link, FIFO or device: those would read outside the cache or hang the launch.
             raw = _fs.read_regular(mpath, _MAX_MANIFEST)
         except FileNotFoundError:
-            if os.path.lexists(path):
-                raise BrokenEntry("manifest_missing", f"entry {key[:12]} has no manifest") from None
-            return None
+            raise BrokenEntry("manifest_missing", f"entry {key[:12]} has no manifest") from None
         except OSError as e:
             raise BrokenEntry("manifest_unreadable", f"cannot read {mpath}: {e}") from None
-        # An entry folder replaced by a link would have ORT load a context from anywhere.
-        if os.path.islink(path):
-            raise BrokenEntry("entry_not_folder", f"{path} is a link, not an entry folder")
         if len(raw) > _MAX_MANIFEST:
             raise BrokenEntry("manifest_corrupt", f"{mpath} is larger than {_MAX_MANIFEST} bytes")
         try:
