@@ -77,7 +77,6 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    os.environ.update({k: os.environ.get(k, v) for k, v in CREDS.items()})
     server = S3Server()
     yield server
     server.stop()
