@@ -230,3 +230,19 @@ def test_disk_full_in_staging_is_not_remembered_as_uncompilable(
     healed = ctxcache.ContextCache(tmp_path / "cache").load(rel_models[0], providers=qnn_providers)
     assert healed.outcome == "miss", healed
     assert _digest(healed) == reference(rel_models[0])
+
+
+def test_live_session_survives_its_entry_being_deleted(tmp_path: Path, rel_models: list[Path],
+                                                       qnn_providers: list[Any]) -> None:
+    """`ctxcache clear` (or a prune, or the user's rm -rf) while the app runs: a session already made
+    from a cached context keeps running with correct outputs, and the next load recompiles."""
+    root = tmp_path / "cache"
+    cache = ctxcache.ContextCache(root)
+    cache.load(rel_models[0], providers=qnn_providers)
+    hit = ctxcache.ContextCache(root).load(rel_models[0], providers=qnn_providers)
+    assert hit.outcome == "hit"
+    ctxcache.ContextCache(root).clear()
+    assert _digest(hit) == reference(rel_models[0])
+    shutil.rmtree(root)
+    assert _digest(hit) == reference(rel_models[0])
+    assert ctxcache.ContextCache(root).load(rel_models[0], providers=qnn_providers).outcome == "miss"
