@@ -301,3 +301,48 @@ def test_model_edited_with_mtime_restored_gets_a_new_key(tmp_path: Path, rel_mod
     import xxhash
 
     assert xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes()) == reference(rel_models[1])
+
+
+THREADS = r"""
+import json, sys, threading
+import numpy as np, xxhash
+import ctxcache
+from ctxcache import models
+cfg = json.loads(sys.argv[1])
+cache = ctxcache.ContextCache(cfg["cache_dir"])
+out, errors = [], []
+barrier = threading.Barrier(cfg["threads"])
+def work(i):
+    barrier.wait()  # all threads enter the first load together: provider registration races too
+    for j in range(cfg["loads"]):
+        model = cfg["models"][(i + j) % len(cfg["models"])]
+        try:
+            r = cache.load(model, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
+            y = r.session.run(None, models.random_input(r.session, seed=7))[0]
+            out.append({"model": model, "outcome": r.outcome, "reason": r.reason.code if r.reason else None,
+                        "digest": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(y).tobytes())})
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+ts = [threading.Thread(target=work, args=(i,)) for i in range(cfg["threads"])]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps({"records": out, "errors": errors}))
+"""
+
+
+def test_threads_of_one_app_load_at_once(tmp_path: Path, rel_models: list[Path]) -> None:
+    """Apps load their models on several threads: one ContextCache shared by 4 threads, first loads at
+    the same instant in a fresh process (QNN's plugin registration included)."""
+    cfg = {"cache_dir": str(tmp_path / "cache"), "models": [str(m) for m in rel_models], "threads": 4, "loads": 6}
+    proc = subprocess.run([sys.executable, "-c", THREADS, json.dumps(cfg)], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == [], result["errors"]
+    assert len(result["records"]) == 24
+    by_model = {str(m): m for m in rel_models}
+    for rec in result["records"]:
+        assert rec["outcome"] in ("hit", "miss"), rec
+        assert rec["digest"] == reference(by_model[rec["model"]]), rec
+    assert sum(r["outcome"] == "miss" for r in result["records"]) == len(rel_models)  # one compile per model
+    assert assert_consistent(tmp_path / "cache") == len(rel_models)
