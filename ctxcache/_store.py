@@ -44,13 +44,14 @@ MANIFEST_FORMAT = 1
 _MAX_MANIFEST = 1 << 20
 _KEEP_QUARANTINED = 8
 _STAGING_MAX_AGE = 24 * 3600.0
-_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+# fullmatch, not match + '$': '$' also matches before a trailing newline ("ctx.onnx\n" passed).
+_KEY_RE = re.compile(r"[0-9a-f]{32}")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
 
 def safe_name(name: object) -> bool:
     """A plain file name inside an entry: no separators, no '..', no hidden or device names."""
-    return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+    return isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name)) and ".." not in name
 
 
 class InsecureCache(PermissionError):
@@ -503,7 +504,7 @@ class Store:
     # -- listing ------------------------------------------------------------------------------
     def keys(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.entries_dir) if _KEY_RE.match(n))
+            return sorted(n for n in os.listdir(self.entries_dir) if _KEY_RE.fullmatch(n))
         except OSError:
             return []
 

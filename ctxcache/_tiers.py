@@ -184,7 +184,7 @@ def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
         raise TierError("tier_record", "record is not a JSON object")
     if not isinstance(record.get("format"), int) or record["format"] > RECORD_FORMAT:
         raise TierError("tier_record", f"record format {record.get('format')!r} is not readable by this ctxcache")
-    if record.get("key") != key or not _KEY_RE.match(key):
+    if record.get("key") != key or not _KEY_RE.fullmatch(key):
         raise TierError("tier_record", "record key does not match")
     parts = record.get("parts")
     if not isinstance(parts, list) or not all(isinstance(p, list) and len(p) == 2 for p in parts):

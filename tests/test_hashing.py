@@ -104,3 +104,12 @@ def test_walker_reads_ep_context_nodes(tmp_path: Path, conv_model: Path, qnn_pro
     assert node.embed_mode == 0 and node.cache_context == b"ctx_qnn.bin"
     assert node.source == "QNNExecutionProvider"
     assert facts.metadata["ep_compatibility_info.QNNExecutionProvider"].startswith("v2:")
+
+
+def test_entry_file_names_and_keys_are_matched_whole() -> None:
+    from ctxcache._store import _KEY_RE, safe_name
+
+    assert safe_name("ctx.onnx") and safe_name("ctx_qnn.bin")
+    for bad in ["ctx.onnx\n", "../ctx.onnx", ".hidden", "a/b", "", "x" * 200, "a..b"]:
+        assert not safe_name(bad), bad
+    assert _KEY_RE.fullmatch("0" * 32) and not _KEY_RE.fullmatch("0" * 32 + "\n")
