@@ -214,3 +214,70 @@ def test_context_that_kills_every_load_stops_being_loaded(tmp_path: Path, rel_mo
 
     ctxcache.ContextCache(cache_dir).clear()
     assert launch(cache_dir, model)["outcome"] == "miss"
+
+
+MANAGE = r"""
+import os, signal, sys
+from pathlib import Path
+import ctxcache
+from ctxcache import _fs
+cache_dir, op, point = sys.argv[1], sys.argv[2], sys.argv[3]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "removing":  # the entry is out of entries/ (renamed to trash), its files half deleted
+    real = _fs.remove_tree
+    def remove_tree(path):
+        for i, p in enumerate(sorted(Path(path).rglob("*"))):
+            if i == 1:
+                die()
+            if p.is_file():
+                p.unlink()
+        real(path)
+    _fs.remove_tree = remove_tree
+elif point == "quarantined":  # renamed into quarantine/, reason.json not yet written
+    real_rename = os.rename
+    def rename(src, dst, *a, **k):
+        real_rename(src, dst, *a, **k)
+        if "quarantine" in os.fspath(dst):
+            die()
+    os.rename = rename
+cache = ctxcache.ContextCache(cache_dir)
+if op == "clear":
+    cache.clear()
+elif op == "invalidate":
+    cache.invalidate(key=sys.argv[4])
+elif op == "prune":
+    cache.prune(max_size=0)
+print("NOT KILLED")
+"""
+
+
+@pytest.mark.parametrize("op,point", [("clear", "removing"), ("invalidate", "quarantined"), ("prune", "removing")])
+def test_kill_during_cache_management(tmp_path: Path, rel_models: list[Path], op: str, point: str) -> None:
+    """`ctxcache clear / prune` or an invalidation killed half way: the apps never see half an entry."""
+    import subprocess
+    import sys
+
+    import ctxcache
+    from test_reliability_support import _env
+
+    cache_dir = tmp_path / "cache"
+    recs = app(cache_dir, rel_models)
+    recs += app(cache_dir, rel_models[1:])
+    key = recs[0]["key"]
+    if op == "prune" and not hasattr(ctxcache.ContextCache, "prune"):
+        pytest.skip("ContextCache.prune is not in this tree")
+    proc = subprocess.run([sys.executable, "-c", MANAGE, str(cache_dir), op, point, key], capture_output=True,
+                          text=True, env=_env(), timeout=300)
+    assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert_consistent(cache_dir)
+    outcomes = []
+    for m in rel_models:
+        rec = launch(cache_dir, m)
+        assert_correct(rec, m, ("hit", "miss"))
+        outcomes.append(rec["outcome"])
+        assert launch(cache_dir, m)["outcome"] == "hit"
+    assert "miss" in outcomes  # the killed operation had taken at least one entry away
+    # ... and that recompile cleaned the dead process's half-deleted trash out of staging.
+    leftovers = [p.name for p in (cache_dir / "v1" / "staging").iterdir()]
+    assert not any(n.startswith("trash.") for n in leftovers), leftovers
