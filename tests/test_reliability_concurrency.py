@@ -79,7 +79,7 @@ print(json.dumps({"disruptor": done, "peak_bytes": peak}), flush=True)
 @pytest.mark.slow
 def test_soak_many_processes_with_a_disruptor(tmp_path: Path, rel_models: list[Path]) -> None:
     cache_dir = tmp_path / "cache"
-    workers, rounds, loads = 3, 2 * SOAK, 12
+    workers, rounds, loads = 3, 3 * SOAK, 20
     for m in rel_models:
         reference(m)
     stop = tmp_path / "stop"

@@ -103,10 +103,13 @@ def test_kill_at_random_times_loop(tmp_path: Path, rel_models: list[Path]) -> No
     landed = 0
     seen: dict[str, int] = {}
     start = time.perf_counter()
+    # How long a miss takes here and now (hash, lock, compile, publish, load, run): the kills are drawn
+    # over that window, so they land inside the load on a fast idle machine and a loaded one alike.
+    window = launch(cache_dir, rel_models[0], extra_key="calibrate")["seconds"] * 1.1
     for i in range(rounds):
         model = rel_models[i % len(rel_models)]
         extra = f"round{i}"  # a fresh key each round, so every round kills a real compile window
-        rc = kill_randomly(cache_dir, model, rng.uniform(0.0, 0.4), extra_key=extra)
+        rc = kill_randomly(cache_dir, model, rng.uniform(0.0, window), extra_key=extra)
         landed += rc == -9
         assert_consistent(cache_dir)
         rec = launch(cache_dir, model, extra_key=extra)
@@ -117,8 +120,8 @@ def test_kill_at_random_times_loop(tmp_path: Path, rel_models: list[Path]) -> No
             assert rec["reason"] == "crashed_during_load", rec
             assert launch(cache_dir, model, extra_key=extra)["outcome"] == "miss"
     # The loop proves nothing if the kills never landed inside a load.
-    assert landed >= rounds // 3, (landed, rounds)
-    report("kill_random_loop", {"rounds": rounds, "kills_landed": landed, "relaunch_outcomes": seen,
+    assert landed >= rounds // 2, (landed, rounds)
+    report("kill_random_loop", {"rounds": rounds, "window_seconds": round(window, 3), "kills_landed": landed, "relaunch_outcomes": seen,
                                 "entries": assert_consistent(cache_dir), "seconds": round(time.perf_counter() - start, 1)})
 
 
