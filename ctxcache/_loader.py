@@ -636,13 +636,28 @@ class Loader:
         if session is not None:
             return done(session, "miss", entry=entry)
         assert why is not None
+        # Only ORT's own refusal of an intact entry says the context cannot load here; an entry that
+        # another process cleared, pruned or replaced in the meantime failed for that reason, once
+        # (found by the soak in tests/test_reliability_concurrency.py: a concurrent clear cost the model
+        # the cache for negative_ttl).
+        inherent = why.code in ("load_failed", "wrong_provider") and self._intact(entry)
         self.store.quarantine(key, why.code, why.message, expect_id=entry.entry_id)
-        # A context that fails to load right after it was compiled here will fail the same way at the
-        # next launch (measured: OpenVINO contexts on this kind of machine, 3 of 3). Remember it like a
-        # compile failure, or every launch pays a compile plus a JIT session.
-        self.store.remember_failure(key, "context_unloadable", f"its freshly compiled context failed to load: {why}"[:500])
+        if inherent:
+            # A context that fails to load right after it was compiled here will fail the same way at the
+            # next launch (measured: OpenVINO contexts on this kind of machine, 3 of 3). Remember it like a
+            # compile failure, or every launch pays a compile plus a JIT session.
+            self.store.remember_failure(key, "context_unloadable", f"its freshly compiled context failed to load: {why}"[:500])
         self._fault(key, why)
         return done(self._original(model, chain, target, so), "fallback", why)
+
+
+    def _intact(self, entry: Entry) -> bool:
+        """Whether ``entry`` is still committed, the same one (entry_id) and whole."""
+        try:
+            now = self.store.lookup(entry.key)
+        except BrokenEntry:
+            return False
+        return now is not None and now.entry_id == entry.entry_id and self.store.verify(now) is None
 
 
 def _low_space(folder: Path, model_size: int) -> str | None:
