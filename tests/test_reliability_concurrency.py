@@ -346,3 +346,31 @@ def test_threads_of_one_app_load_at_once(tmp_path: Path, rel_models: list[Path])
         assert rec["digest"] == reference(by_model[rec["model"]]), rec
     assert sum(r["outcome"] == "miss" for r in result["records"]) == len(rel_models)  # one compile per model
     assert assert_consistent(tmp_path / "cache") == len(rel_models)
+
+
+@pytest.mark.parametrize("race", ["cleared", "replaced"])
+def test_entry_cleared_between_publish_and_load_is_not_remembered(
+    tmp_path: Path, rel_models: list[Path], qnn_providers: list[Any], monkeypatch: pytest.MonkeyPatch, race: str
+) -> None:
+    """Another process clears (or replaces) the entry this one just published, before it loads it: a
+    fallback, once; not "this context cannot load here" for negative_ttl."""
+    import shutil
+
+    cache = ctxcache.ContextCache(tmp_path / "cache")
+    real = ctxcache.ContextCache._after_publish
+
+    def then_race(self: ctxcache.ContextCache, entry: Any) -> None:
+        real(self, entry)
+        if race == "cleared":
+            ctxcache.ContextCache(self.root).clear()
+        else:  # a rebuilt entry under the same key: other files, other entry_id
+            shutil.rmtree(entry.path / "ctx_qnn.bin", ignore_errors=True)
+            (entry.path / "ctx_qnn.bin").write_bytes(b"x")
+
+    monkeypatch.setattr(ctxcache.ContextCache, "_after_publish", then_race)
+    r = cache.load(rel_models[0], providers=qnn_providers)
+    assert r.outcome == "fallback", r
+    monkeypatch.undo()
+    again = ctxcache.ContextCache(tmp_path / "cache").load(rel_models[0], providers=qnn_providers)
+    assert again.outcome == "miss", again
+    assert again.session.run(None, models.random_input(again.session, seed=7)) is not None
