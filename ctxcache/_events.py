@@ -17,6 +17,12 @@ from typing import Any
 
 # A line longer than this is damage, not an event (and must not cost memory to skip).
 _MAX_LINE = 4096
+# The log is folded into events.summary.json past this size (~10,000 launches), so `stats` and `ls`
+# stay fast and the file stays small in an app that launches for years.
+_COMPACT_AT = 1 << 20
+# Appenders open, write one line and close within microseconds; a compactor waits this long after
+# renaming the log so that a line whose writer opened the old name still lands before it is read.
+_SETTLE = 0.05
 
 
 def record(path: Path, outcome: str, key: str | None, reason: str | None, compile_s: float, saved_s: float) -> None:
@@ -36,6 +42,8 @@ def record(path: Path, outcome: str, key: str | None, reason: str | None, compil
         os.write(fd, (line + "\n").encode())
     finally:
         os.close(fd)
+    if st.st_size > _COMPACT_AT:
+        compact(path)
 
 
 @dataclass
@@ -70,7 +78,118 @@ class Stats:
         }
 
 
+    def add(self, other: Stats) -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        self.fallbacks += other.fallbacks
+        self.bypasses += other.bypasses
+        self.compile_seconds += other.compile_seconds
+        self.saved_seconds += other.saved_seconds
+        for k, v in other.reasons.items():
+            self.reasons[k] = self.reasons.get(k, 0) + v
+        for k, v in other.per_key_hits.items():
+            self.per_key_hits[k] = self.per_key_hits.get(k, 0) + v
+        if other.since is not None and (self.since is None or other.since < self.since):
+            self.since = other.since
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.as_dict(), per_key_hits=self.per_key_hits)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Stats:
+        """Counters from a summary file; anything malformed counts as nothing, never as an error."""
+        out = cls()
+        if not isinstance(data, dict):
+            return out
+        for name in ("hits", "misses", "fallbacks", "bypasses"):
+            if isinstance(data.get(name), int) and data[name] >= 0:
+                setattr(out, name, data[name])
+        for name in ("compile_seconds", "saved_seconds"):
+            if isinstance(data.get(name), (int, float)):
+                setattr(out, name, float(data[name]))
+        if isinstance(data.get("since"), (int, float)):
+            out.since = float(data["since"])
+        for name in ("reasons", "per_key_hits"):
+            table = data.get(name)
+            if isinstance(table, dict):
+                getattr(out, name).update({k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, int)})
+        return out
+
+
+def _summary_path(path: Path) -> Path:
+    return path.with_name("events.summary.json")
+
+
+def _read_summary(path: Path) -> Stats:
+    from ._fs import open_regular
+
+    try:
+        with os.fdopen(open_regular(_summary_path(path)), "rb") as f:
+            raw = f.read(_MAX_SUMMARY + 1)
+    except OSError:
+        return Stats()
+    if len(raw) > _MAX_SUMMARY:
+        return Stats()
+    try:
+        return Stats.from_json(json.loads(raw))
+    except ValueError:
+        return Stats()
+
+
+_MAX_SUMMARY = 8 << 20
+
+
+def _folding(path: Path) -> list[Path]:
+    """Logs being compacted now, or left by a compactor that died before folding them in."""
+    try:
+        return sorted(path.parent / n for n in os.listdir(path.parent) if n.startswith("events.") and n.endswith(".folding"))
+    except OSError:
+        return []
+
+
+def compact(path: Path) -> bool:
+    """Fold the log into the summary file. One compactor at a time; returns whether it ran."""
+    from . import _fs
+    from ._locking import release, try_lock
+
+    handle = try_lock(path.parent / "locks" / "events.lock")
+    if handle is None:
+        return False
+    try:
+        import secrets
+
+        moving = path.with_name(f"events.{secrets.token_hex(4)}.folding")
+        try:
+            os.rename(path, moving)
+        except OSError:
+            return False
+        time.sleep(_SETTLE)
+        total = _read_summary(path)
+        pending = _folding(path)
+        for log in pending:
+            total.add(_summarize_log(log))
+        _fs.atomic_write(_summary_path(path), json.dumps(total.to_json(), separators=(",", ":")).encode())
+        for log in pending:
+            try:
+                os.unlink(log)
+            except OSError:
+                pass
+        return True
+    except OSError:
+        return False
+    finally:
+        release(handle)
+
+
 def summarize(path: Path) -> Stats:
+    """Every load ever counted in this cache: the summary file plus the log (and any log mid-fold)."""
+    stats = _read_summary(path)
+    for log in [*_folding(path), path]:
+        stats.add(_summarize_log(log))
+    return stats
+
+
+def _summarize_log(path: Path) -> Stats:
     stats = Stats()
     from ._fs import open_regular
 
@@ -112,7 +231,8 @@ def summarize(path: Path) -> Stats:
 
 
 def reset(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    for p in [path, _summary_path(path), *_folding(path)]:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
