@@ -42,18 +42,13 @@ def _dead_markers(cache: ContextCache, key: str) -> bool:
     ``verify`` without ``--fix`` must only report; consuming the marker would turn the next launch's
     crash protection off.
     """
-    from ._fs import pid_alive
-
     prefix = key + "."
     try:
         names = [n for n in os.listdir(cache.store.markers_dir) if n.startswith(prefix)]
     except OSError:
         return False
-    for name in names:
-        parts = name.split(".")
-        if len(parts) == 3 and parts[1].isdigit() and not pid_alive(int(parts[1])):
-            return True
-    return False
+    # The store's rule, not a pid check: a marker's flock tells a dead loader from a reused pid.
+    return any(cache.store._dead_marker(name) for name in names)
 
 
 def _quarantine(cache: ContextCache, key: str, entry: Entry | None, reason: Reason) -> bool:
