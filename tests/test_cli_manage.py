@@ -183,3 +183,15 @@ def test_prune_keeps_entries_that_differ_only_in_library_digests(
     assert [(i.key, i.why) for i in report.items] == [(qnn_sdk.name, "other_environment")]
     assert "ep_versions.qnn_sdk 2.50.0 -> " in report.items[0].detail
     assert sideloaded.is_dir()
+
+
+def test_verify_sees_a_crashed_loader_whose_pid_was_reused(cache_dir: Path, conv_model: Path, qnn_providers: list[Any]) -> None:
+    # A flock-style marker whose pid is alive now (ours: a container app is pid 1 at every start) but
+    # whose lock nobody holds was left by a loader that died; verify must report it as the loader would.
+    cache = ContextCache(cache_dir)
+    key = cache.load(conv_model, providers=qnn_providers).key
+    marker = cache.store.markers_dir / f"{key}.{os.getpid()}.abc123"
+    marker.write_bytes(b"flock\n")
+    [res] = cache.verify_entries()
+    assert res.problem is not None and res.problem.code == "crashed_during_load"
+    assert marker.exists()  # reported, not consumed
