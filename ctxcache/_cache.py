@@ -15,7 +15,7 @@ import onnxruntime as ort
 from . import _events
 from ._config import resolve_cache_dir, resolve_strict
 from ._loader import Loader, LoadResult, ModelArg, ProvidersArg
-from ._store import BrokenEntry, Entry, Store
+from ._store import Entry, Store
 
 log = logging.getLogger("ctxcache")
 

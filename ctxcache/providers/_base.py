@@ -117,10 +117,39 @@ class ExecutionProvider:
         """
         return False
 
+    # -- plugin EPs ---------------------------------------------------------------------------
+    #: The package module of a plugin EP (``onnxruntime_qnn``...), set by subclasses that find one.
+    #: A plugin's library must be registered with ONNX Runtime, and the provider is added per device.
+    _plugin: Any = None
+    _registered: bool = False
+
+    def _ensure_registered(self) -> None:
+        if self._registered or self._plugin is None:
+            return
+        # The app may have registered the library itself (under any registration name): then the
+        # devices are already there and a second registration would fail.
+        if not any(d.ep_name == self.name for d in ort.get_ep_devices()):
+            try:
+                ort.register_execution_provider_library(self.name, self._plugin.get_library_path())
+            except Exception as e:  # ORT raises its own Fail, which derives from Exception only
+                if "already registered" not in str(e):
+                    raise
+        self._registered = True
+
+    def devices(self) -> list[Any]:
+        """The ORT EP devices of a plugin provider (registering its library first); ``[]`` otherwise."""
+        if self._plugin is None:
+            return []
+        self._ensure_registered()
+        return [d for d in ort.get_ep_devices() if d.ep_name == self.name]
+
     # -- sessions -----------------------------------------------------------------------------
     def configure(self, so: ort.SessionOptions, options: dict[str, str]) -> None:
         """Add this provider to ``so`` for compiling (``ModelCompiler`` reads providers from ``so``)."""
-        so.add_provider(self.name, options)
+        if self._plugin is not None:
+            so.add_provider_for_devices(self.devices(), options)
+        else:
+            so.add_provider(self.name, options)
 
     def session(
         self,
@@ -130,6 +159,11 @@ class ExecutionProvider:
         rest: list[tuple[str, dict[str, str]]],
     ) -> ort.InferenceSession:
         """A session on ``model`` with this provider first and ``rest`` after it, as the user listed them."""
+        if self._plugin is not None:
+            # A plugin EP lives in the session options (the classic providers= list would silently
+            # run on CPU); ORT appends CPU itself, so a trailing CPUExecutionProvider needs nothing.
+            self.configure(so, options)
+            return ort.InferenceSession(model, sess_options=so)
         names = [self.name] + [n for n, _ in rest]
         opts = [options] + [o for _, o in rest]
         return ort.InferenceSession(model, sess_options=so, providers=names, provider_options=opts)

@@ -145,24 +145,8 @@ class OpenVINOProvider(ExecutionProvider):
         # A build with OpenVINO compiled in wins over the plugin: the plugin cannot register beside it.
         self._builtin = self.name in ort.get_available_providers()
         self._plugin = None if self._builtin else _plugin_module()
-        self._registered = False
 
     # -- availability -------------------------------------------------------------------------
-    def _ensure_registered(self) -> None:
-        if self._registered or self._plugin is None:
-            return
-        if not any(d.ep_name == self.name for d in ort.get_ep_devices()):
-            try:
-                ort.register_execution_provider_library(self.name, self._plugin.get_library_path())
-            except Exception as e:  # ORT's Fail derives from Exception only
-                if "already registered" not in str(e):
-                    raise
-        self._registered = True
-
-    def devices(self) -> list[Any]:
-        self._ensure_registered()
-        return [d for d in ort.get_ep_devices() if d.ep_name == self.name]
-
     def unavailable_reason(self) -> str | None:
         if self._builtin:
             return None
@@ -271,22 +255,3 @@ class OpenVINOProvider(ExecutionProvider):
                 out.append({"type": str(d.device.type).rsplit(".", 1)[-1], "vendor_id": d.device.vendor_id,
                             "device_id": d.device.device_id, "ep_metadata": meta})
         return sorted(out, key=lambda x: repr(sorted(x.items())))
-
-    # -- sessions -----------------------------------------------------------------------------
-    def configure(self, so: ort.SessionOptions, options: dict[str, str]) -> None:
-        if self._plugin is not None:
-            so.add_provider_for_devices(self.devices(), options)
-        else:
-            so.add_provider(self.name, options)
-
-    def session(
-        self,
-        model: str | bytes,
-        so: ort.SessionOptions,
-        options: dict[str, str],
-        rest: list[tuple[str, dict[str, str]]],
-    ) -> ort.InferenceSession:
-        if self._plugin is None:
-            return super().session(model, so, options, rest)
-        self.configure(so, options)
-        return ort.InferenceSession(model, sess_options=so)

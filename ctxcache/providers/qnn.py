@@ -102,26 +102,8 @@ class QNNProvider(ExecutionProvider):
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
         self._plugin = _plugin_module()
-        self._registered = False
 
     # -- availability -------------------------------------------------------------------------
-    def _ensure_registered(self) -> None:
-        if self._registered or self._plugin is None:
-            return
-        # The app may have registered the library itself (under any registration name): then the
-        # devices are already there and a second registration would fail.
-        if not any(d.ep_name == self.name for d in ort.get_ep_devices()):
-            try:
-                ort.register_execution_provider_library(self.name, self._plugin.get_library_path())
-            except Exception as e:  # ORT raises its own Fail, which derives from Exception only
-                if "already registered" not in str(e):
-                    raise
-        self._registered = True
-
-    def devices(self) -> list[Any]:
-        self._ensure_registered()
-        return [d for d in ort.get_ep_devices() if d.ep_name == self.name]
-
     def unavailable_reason(self) -> str | None:
         if self._plugin is not None:
             try:
@@ -249,31 +231,14 @@ class QNNProvider(ExecutionProvider):
 
     # -- sessions -----------------------------------------------------------------------------
     def configure(self, so: ort.SessionOptions, options: dict[str, str]) -> None:
-        if self._plugin is None:
-            so.add_provider(self.name, options)
-            return
-        options = dict(options)
-        if "backend_path" not in options:
+        if self._plugin is not None and "backend_path" not in options:
             # The plugin ships its backends beside itself; they are not on the loader's search path,
             # so a bare backend_type (or nothing: HTP) is turned into the wheel's own library path.
+            options = dict(options)
             backend = self._backend_path(options)
             options.pop("backend_type", None)
             options["backend_path"] = str(backend)
-        so.add_provider_for_devices(self.devices(), options)
-
-    def session(
-        self,
-        model: str | bytes,
-        so: ort.SessionOptions,
-        options: dict[str, str],
-        rest: list[tuple[str, dict[str, str]]],
-    ) -> ort.InferenceSession:
-        if self._plugin is None:
-            return super().session(model, so, options, rest)
-        # A plugin EP lives in the session options; ORT appends CPU itself, so a trailing
-        # CPUExecutionProvider in the user's list needs nothing more.
-        self.configure(so, options)
-        return ort.InferenceSession(model, sess_options=so)
+        super().configure(so, options)
 
     def compatibility(self, info: str) -> str | None:
         if self._plugin is None:
