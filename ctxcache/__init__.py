@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# First on purpose: measured, `import ctxcache` costs ~20 ms more (wall and main-thread CPU; ~1,300 more
+# page faults, twice the kernel time) when onnxruntime is first imported from inside ctxcache's own
+# modules. Cause not pinned down; see benchmarks/README.md, question 2.
+import onnxruntime  # noqa: F401  # isort: skip
+
 from typing import TYPE_CHECKING
 
 from . import errors
