@@ -88,7 +88,12 @@ def _quantize(src: Path, dst: Path) -> Path:
     """A QDQ model (uint8 activations and weights) from onnxruntime.quantization.quantize_static."""
     import numpy as np
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in name.shape]
@@ -176,7 +181,7 @@ def launch(kind: str, model_path: Path, cache: Path | None = None, timeout: floa
     code = _PRELUDE + f"MODEL = {str(model_path)!r}\nCACHE = {str(cache)!r}\n" + LAUNCH_CODE[kind]
     env = child_env()
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, capture_output=True, text=True,
                           env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} launch of {model_path.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -11,7 +11,6 @@ Also ``import ctxcache`` on top of ``import onnxruntime``, in fresh interpreters
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -30,9 +29,8 @@ print(json.dumps({"ort": t1 - t0, "ctxcache": t2 - t1, "ctxcache_cpu": c2 - c1, 
 
 
 def hit_overhead(models: list[str], rounds: int) -> list[dict[str, Any]]:
-    import onnxruntime as ort
-
     import ctxcache
+    import onnxruntime as ort
 
     opts = c.qnn_options()
     providers = [(c.QNN, opts)]

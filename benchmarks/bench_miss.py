@@ -21,9 +21,8 @@ import _common as c
 
 
 def run(models: list[str], rounds: int) -> list[dict[str, Any]]:
-    import onnxruntime as ort
-
     import ctxcache
+    import onnxruntime as ort
 
     opts = c.qnn_options()
     rows = []

@@ -99,7 +99,7 @@ def report(res: dict[str, Any]) -> str:
     n = res["n"]
     ok = all(x == 1 for x in res["compiles"])
     rows = [
-        [f"1 process, empty cache (compile + load)", f"{res['one']:.3f}", "1.00", "1"],
+        ["1 process, empty cache (compile + load)", f"{res['one']:.3f}", "1.00", "1"],
         [f"{n} processes at once, empty cache", f"{res['stampede']:.3f}", f"{res['stampede'] / res['one']:.2f}",
          f"{', '.join(map(str, res['compiles']))} ({c.verdict(ok)})"],
         [f"{n} processes at once, plain ORT JIT (no cache)", f"{res['jit']:.3f}", f"{res['jit'] / res['one']:.2f}",

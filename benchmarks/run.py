@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(HERE / f"bench_{name}.py")] + (big if args.big else small)
             print(f"== {name}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
             t = time.time()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=errs, text=True, cwd=HERE, env=c.child_env())
+            proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=errs, text=True, cwd=HERE, env=c.child_env())
             if proc.returncode != 0:
                 sections.append(f"### {name}\n\nFAILED (exit {proc.returncode}); see {log}.")
                 print(f"   FAILED; see {log}", file=sys.stderr, flush=True)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if BEGIN not in old or END not in old:
             print(f"{readme} has no {BEGIN} ... {END} markers; not written", file=sys.stderr)
             return 1
-        new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}{END}", old, flags=re.S)
+        new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}{END}", old, flags=re.DOTALL)
         readme.write_text(new)
     return 1 if any("FAILED" in s for s in sections) else 0
 
