@@ -106,3 +106,29 @@ def test_export_and_import_model_package(src: dict[str, Any], tmp_path: Path, co
     assert main(["import", str(pkg), "--cache-dir", str(tmp_path / "dev"), "--format", "json"]) == 0
     assert _json(capsys)["installed"] == [src["b"]]
     assert launch(tmp_path / "dev", conv_model_b)["outcome"] == "hit"
+
+
+def test_explain_and_doctor_show_the_tiers_consulted(src: dict[str, Any], tmp_path: Path, conv_model: Path,
+                                                     conv_model_b: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "only_a.tar"
+    assert main(["export", str(bundle), "--cache-dir", str(src["dir"]), "--model", str(conv_model)]) == 0
+    capsys.readouterr()
+    device = tmp_path / "device"
+    # Locally a miss, but the bundle holds the exact key: the app's load would be a hit from the tier.
+    assert main(["explain", str(conv_model), "--cache-dir", str(device), "--tier", str(bundle), "--format", "json"]) == 0
+    res = _json(capsys)
+    assert res["verdict"] == "miss" and res["served_by_tier"] == f"bundle {bundle}"
+    assert [t["has"] for t in res["tiers"]] == ["exact"]
+    # A model the bundle does not hold: a compile, exit 1, and the tier line says so.
+    assert main(["explain", str(conv_model_b), "--cache-dir", str(device), "--tier", str(bundle)]) == 1
+    text = capsys.readouterr().out
+    assert "tier" in text and "no entry for this key" in text
+    # Without --tier nothing about tiers is said or consulted.
+    assert main(["explain", str(conv_model), "--cache-dir", str(device), "--format", "json"]) == 1
+    assert _json(capsys)["tiers"] == []
+    # The load agrees with explain: a hit from the bundle, no compile.
+    r = ctxcache.ContextCache(device, tiers=[str(bundle)]).load(conv_model, providers=[(QNN, models.qnn_htp_options())])
+    assert (r.outcome, r.tier, r.timings.compile) == ("hit", "bundle", 0)
+    main(["doctor", "--cache-dir", str(device), "--tier", str(bundle), "--format", "json"])
+    tiers = _json(capsys)["tiers"]
+    assert [t["kind"] for t in tiers] == ["bundle"] and str(bundle) in tiers[0]["tier"]

@@ -74,10 +74,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     cache = open_cache(args, extra_key=args.extra_key, embed=args.embed)
     configs = providers_or_default(args.providers)
-    ex = cache.explain(args.model, providers=[c.as_tuple() for c in configs])
+    provider_list = [c.as_tuple() for c in configs]
+    ex = cache.explain(args.model, providers=provider_list)
+    tiers = _tier_lines(cache, args.model, provider_list) if args.tier and not ex.hit else []
+    # A local miss that a tier would serve is still a hit for the application (outcome "hit", tier set).
+    served_by = next((t for t in tiers if t["would_serve"]), None)
+    hit = ex.hit or served_by is not None
     if args.format == "json":
-        emit_json({"cache_dir": str(cache.root), "providers": [c.as_dict() for c in configs], **ex.as_dict()})
-        return EXIT_OK if ex.hit else EXIT_FAILED
+        emit_json({"cache_dir": str(cache.root), "providers": [c.as_dict() for c in configs], **ex.as_dict(),
+                   "tiers": tiers, "served_by_tier": served_by["tier"] if served_by else None})
+        return EXIT_OK if hit else EXIT_FAILED
     out(f"model     {ex.model}" + (f"  (content {ex.model_digest[:12]})" if ex.model_digest else ""))
     out(f"provider  {' / '.join(c.label() for c in configs)}")
     if ex.key:
@@ -93,7 +99,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 f"differs in {len(n.differences)} part{'s' if len(n.differences) != 1 else ''}:")
             for d in n.differences:
                 out(f"            {d}")
-    return EXIT_OK if ex.hit else EXIT_FAILED
+    for t in tiers:
+        out(f"tier      {t['tier']}: {t['has'] or 'no entry for this key'}"
+            + ("  -> a load would fetch it from here instead of compiling" if t is served_by else ""))
+    return EXIT_OK if hit else EXIT_FAILED
+
+
+def _tier_lines(cache: Any, model: str, provider_list: list[Any]) -> list[dict[str, Any]]:
+    """What each tier holds for the key this load would use, in lookup order (read-only: nothing is fetched)."""
+    from .._tiers import tier_report
+
+    fp = cache.key(model, providers=provider_list)
+    if fp is None:
+        return []
+    report = tier_report(cache, fp)
+    served = False
+    for t in report:
+        # The loader takes the first tier that has the entry: exactly, or built elsewhere where the tier
+        # accepts portable entries.
+        usable = t.get("has") == "exact" or (t.get("has") == "portable" and t.get("match") == "portable")
+        t["would_serve"] = usable and not served
+        served = served or usable
+    return report
 
 
 # -- verify -----------------------------------------------------------------------------------------
@@ -283,6 +310,14 @@ def _doctor_data(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         keys.append({"provider": cfg.label(), "parts": env if isinstance(env, dict) else None,
                      "unavailable": env if isinstance(env, str) else None})
     data["key_parts"] = keys
+    # The tiers a load would consult on a local miss, in order (given with --tier, as the app passes them).
+    try:
+        from .._tiers import tier_report
+
+        data["tiers"] = tier_report(cache) if args.tier else []
+    except Exception as e:  # noqa: BLE001 - a tier that cannot even be opened is a problem to report
+        data["tiers"] = []
+        problems.append(f"tiers: {e}")
     data["problems"] = problems
     return data, problems
 
@@ -338,6 +373,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         out(f"key here      {k['provider']}:")
         for label, value in k["parts"].items():
             out(f"                {label:<13} {_compact(value)}")
+    for t in data["tiers"]:
+        out(f"tier          {t['tier']} ({t['kind']}, match {t['match']})")
     for p in problems:
         out(f"problem       {p}")
     if not problems:

@@ -153,6 +153,12 @@ def add_key_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embed", action="store_true", help="the app uses embed=True")
 
 
+def add_tier_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tier", action="append", default=[], metavar="PATH|URL",
+                   help="a tier the application passes in ContextCache(tiers=[...]), in order (repeatable): "
+                        "a bundle folder or .tar, an ORT model package folder, an s3:// or fsspec URL")
+
+
 def cache_dir_arg(args: argparse.Namespace) -> str | None:
     # Absolute, so that messages name the real folder and worker processes agree on it.
     return os.path.abspath(os.path.expanduser(args.cache_dir)) if args.cache_dir else None
@@ -161,6 +167,8 @@ def cache_dir_arg(args: argparse.Namespace) -> str | None:
 def open_cache(args: argparse.Namespace, **kw: Any) -> Any:
     from .._cache import ContextCache
 
+    if getattr(args, "tier", None):
+        kw["tiers"] = list(args.tier)
     return ContextCache(cache_dir_arg(args), app_name=args.app_name, app_author=args.app_author, **kw)
 
 

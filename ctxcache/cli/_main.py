@@ -20,6 +20,7 @@ from ._common import (
     add_format_flag,
     add_key_flags,
     add_provider_flags,
+    add_tier_flag,
     parse_duration,
     parse_size,
 )
@@ -105,13 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_format_flag(p)
 
     p = _sub(subs, "explain", "would loading MODEL hit? if not, which key parts differ from the entries of that model",
-             "ctxcache explain model.onnx --preset qnn-htp -o soc_model=69 -o htp_arch=79\n"
+             "ctxcache explain model.onnx --preset qnn-htp -o soc_model=69 -o htp_arch=79 --tier /opt/app/ctx.tar\n"
              "  -> miss: differs from entry 3f2a9c1e0b7d in ep_options.htp_arch 73 -> 79, ep_options.soc_model 60 -> 69",
              _commands.cmd_explain)
     p.add_argument("model", metavar="MODEL", help="the model file the application loads")
     add_provider_flags(p, what="the providers list the application passes, in order (default: --preset qnn-htp)")
     add_key_flags(p)
     add_cache_flags(p)
+    add_tier_flag(p)
     add_format_flag(p)
 
     p = _sub(subs, "verify", "re-hash every entry (all digests); --fix quarantines what fails",
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
              "ctxcache doctor\nctxcache doctor --provider qnn -o backend_type=htp --format json", _commands.cmd_doctor)
     add_provider_flags(p, what="show the key parts for these providers (default: --preset qnn-htp)")
     add_cache_flags(p)
+    add_tier_flag(p)
     add_format_flag(p)
 
     from . import tiers  # export / import / push / pull
