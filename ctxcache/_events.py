@@ -25,11 +25,13 @@ _COMPACT_AT = 1 << 20
 _SETTLE = 0.05
 
 
-def record(path: Path, outcome: str, key: str | None, reason: str | None, compile_s: float, saved_s: float) -> None:
-    line = json.dumps(
-        {"t": round(time.time(), 3), "o": outcome, "k": key, "r": reason, "c": round(compile_s, 4), "s": round(saved_s, 4)},
-        separators=(",", ":"),
-    )
+def record(path: Path, outcome: str, key: str | None, reason: str | None, compile_s: float, saved_s: float,
+           *, tier: str | None = None) -> None:
+    event: dict[str, Any] = {"t": round(time.time(), 3), "o": outcome, "k": key, "r": reason, "c": round(compile_s, 4),
+                             "s": round(saved_s, 4)}
+    if tier is not None:
+        event["f"] = tier  # a hit whose entry was fetched from a bundle / package / remote during this load
+    line = json.dumps(event, separators=(",", ":"))
     # O_NOFOLLOW: a planted link must not make every launch append to a file outside the cache;
     # O_NONBLOCK: a FIFO planted here fails (ENXIO) instead of blocking the launch.
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -58,6 +60,8 @@ class Stats:
     saved_seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     per_key_hits: dict[str, int] = field(default_factory=dict)
+    #: hits whose entry came from a tier during the load, per tier kind ("bundle", "package", "remote")
+    tier_hits: dict[str, int] = field(default_factory=dict)
     since: float | None = None
 
     @property
@@ -74,6 +78,7 @@ class Stats:
             "compile_seconds": round(self.compile_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
             "reasons": dict(sorted(self.reasons.items())),
+            "tier_hits": dict(sorted(self.tier_hits.items())),
             "since": self.since,
         }
 
@@ -89,6 +94,8 @@ class Stats:
             self.reasons[k] = self.reasons.get(k, 0) + v
         for k, v in other.per_key_hits.items():
             self.per_key_hits[k] = self.per_key_hits.get(k, 0) + v
+        for k, v in other.tier_hits.items():
+            self.tier_hits[k] = self.tier_hits.get(k, 0) + v
         if other.since is not None and (self.since is None or other.since < self.since):
             self.since = other.since
 
@@ -109,7 +116,7 @@ class Stats:
                 setattr(out, name, float(data[name]))
         if isinstance(data.get("since"), (int, float)):
             out.since = float(data["since"])
-        for name in ("reasons", "per_key_hits"):
+        for name in ("reasons", "per_key_hits", "tier_hits"):
             table = data.get(name)
             if isinstance(table, dict):
                 getattr(out, name).update({k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, int)})
@@ -213,6 +220,8 @@ def _summarize_log(path: Path) -> Stats:
                 key = ev.get("k")
                 if isinstance(key, str):
                     stats.per_key_hits[key] = stats.per_key_hits.get(key, 0) + 1
+                if isinstance(ev.get("f"), str):
+                    stats.tier_hits[ev["f"]] = stats.tier_hits.get(ev["f"], 0) + 1
             elif outcome == "miss":
                 stats.misses += 1
             elif outcome == "fallback":

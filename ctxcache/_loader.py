@@ -355,6 +355,7 @@ class Loader:
                 result.reason.code if result.reason else None,
                 result.timings.compile,
                 result.saved_seconds,
+                tier=result.tier,
             )
         except OSError:
             pass

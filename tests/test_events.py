@@ -77,3 +77,15 @@ def test_leftover_fold_from_a_dead_compactor_is_counted_once(tmp_path: Path) -> 
     assert (s.misses, s.hits) == (3, 1)
     assert not list(log.parent.glob("*.folding"))
     assert json.loads((log.parent / "events.summary.json").read_text())["misses"] == 3
+
+
+def test_tier_hits_are_counted_apart(tmp_path: Path) -> None:
+    log = _events_dir(tmp_path)
+    _events.record(log, "hit", "a" * 32, None, 0.0, 1.0, tier="bundle")
+    _events.record(log, "hit", "a" * 32, None, 0.0, 1.0)
+    _events.record(log, "hit", "b" * 32, None, 0.0, 1.0, tier="remote")
+    assert _events.compact(log)
+    _events.record(log, "hit", "b" * 32, None, 0.0, 1.0, tier="remote")
+    s = _events.summarize(log)
+    assert s.hits == 4 and s.tier_hits == {"bundle": 1, "remote": 2}
+    assert s.as_dict()["tier_hits"] == {"bundle": 1, "remote": 2}

@@ -332,6 +332,7 @@ def test_portable_match_uses_an_entry_built_on_another_host(built: dict[str, Any
     assert manifest["origin"]["key"] == foreign
     assert dict((p[0], p[1]) for p in manifest["parts"])["host"] != "linux-x86_64-buildfarm"  # answers to this machine
     assert cache.load(conv_model, providers=providers).outcome == "hit"  # later launches: plain local hits
+    assert cache.stats().tier_hits == {"bundle": 1} and cache.stats().hits == 2  # one fetched, one local
 
 
 def test_portable_match_still_requires_the_same_binary_options(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:

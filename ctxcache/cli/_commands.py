@@ -208,6 +208,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         rows = [
             ["loads", st.loads],
             ["hits", st.hits],
+            ["  fetched from a tier", ", ".join(f"{k} {v}" for k, v in data["tier_hits"].items()) or "-"],
             ["misses (compiled)", st.misses],
             ["fallbacks", st.fallbacks],
             ["bypasses", st.bypasses],
