@@ -651,7 +651,6 @@ class Loader:
         self._fault(key, why)
         return done(self._original(model, chain, target, so), "fallback", why)
 
-
     def _intact(self, entry: Entry) -> bool:
         """Whether ``entry`` is still committed, the same one (entry_id) and whole."""
         try:
