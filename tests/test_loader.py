@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import LAUNCH, QNN, ROOT, launch, run_python
+from conftest import LAUNCH, QNN, ROOT, launch
 
 import ctxcache
 from ctxcache import errors, models
