@@ -8,7 +8,7 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from conftest import QNN
+from conftest import QNN, run_python
 
 import ctxcache
 from ctxcache import _fingerprint, models
@@ -125,3 +125,16 @@ def test_diff_names_the_changed_leaf() -> None:
     old = {"onnxruntime": "1.31.1", "ep_options": {"soc_model": "60", "htp_arch": "73"}, "model": "a" * 32}
     new = {"onnxruntime": "1.32.0", "ep_options": {"soc_model": "57", "htp_arch": "73"}, "model": "a" * 32}
     assert _fingerprint.diff(old, new) == [("onnxruntime", "1.31.1", "1.32.0"), ("ep_options.soc_model", "60", "57")]
+
+
+def test_provider_registry_is_lazy_and_consistent() -> None:
+    from ctxcache import providers
+
+    for name in providers._MODULES:
+        cls = providers._provider_class(name)
+        assert cls is not None and cls.name == name
+    proc = run_python(
+        "import sys, ctxcache; print(sorted(m for m in sys.modules if m.startswith('ctxcache.providers.')))"
+    )
+    # Only the interface is imported with ctxcache; a provider's module loads when it is first named.
+    assert proc.stdout.strip().splitlines()[-1] == "['ctxcache.providers._base']"

@@ -6,27 +6,33 @@ has no module for gets the conservative generic behaviour (every option keyed).
 
 from __future__ import annotations
 
-import difflib
+import importlib
 
 import onnxruntime as ort
 
 from ..errors import UnknownProviderError
 from ._base import ExecutionProvider
-from .coreml import CoreMLProvider
-from .cpu import CPUProvider
-from .directml import DirectMLProvider
-from .openvino import OpenVINOProvider
-from .qnn import QNNProvider
-from .tensorrt import TensorRTProvider
 
-_MODULES: dict[str, type[ExecutionProvider]] = {
-    CoreMLProvider.name: CoreMLProvider,
-    CPUProvider.name: CPUProvider,
-    DirectMLProvider.name: DirectMLProvider,
-    OpenVINOProvider.name: OpenVINOProvider,
-    QNNProvider.name: QNNProvider,
-    TensorRTProvider.name: TensorRTProvider,
+# Provider name -> "module:Class". Imported on first use: an app loading one provider does not pay for
+# the others' modules at `import ctxcache` (TensorRT's driver probes and ctypes setup, for one).
+_MODULES: dict[str, str] = {
+    "CoreMLExecutionProvider": "coreml:CoreMLProvider",
+    "CPUExecutionProvider": "cpu:CPUProvider",
+    "DmlExecutionProvider": "directml:DirectMLProvider",
+    "OpenVINOExecutionProvider": "openvino:OpenVINOProvider",
+    "QNNExecutionProvider": "qnn:QNNProvider",
+    "TensorrtExecutionProvider": "tensorrt:TensorRTProvider",
 }
+
+
+def _provider_class(name: str) -> type[ExecutionProvider] | None:
+    spec = _MODULES.get(name)
+    if spec is None:
+        return None
+    module, cls = spec.split(":")
+    found: type[ExecutionProvider] = getattr(importlib.import_module(f".{module}", __name__), cls)
+    return found
+
 
 # One instance per provider per process: QNN's plugin registration is process-wide state.
 _instances: dict[str, ExecutionProvider] = {}
@@ -45,10 +51,12 @@ def get(name: str) -> ExecutionProvider:
     inst = _instances.get(name)
     if inst is not None:
         return inst
-    cls = _MODULES.get(name)
+    cls = _provider_class(name)
     if cls is None:
         known = known_names()
         if name not in known:
+            import difflib
+
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else f". Known providers: {', '.join(known)}"
             raise UnknownProviderError(
