@@ -155,16 +155,13 @@ class ContextCache:
         sess_options: ort.SessionOptions | None = None,
     ) -> Any:
         """The :class:`Fingerprint` a load would use (``None`` when the load would bypass the cache)."""
-        from ._loader import _model_arg, resolve_providers
+        from ._loader import _model_arg, context_target, resolve_providers
 
         m = _model_arg(model)
         chain = resolve_providers(providers, provider_options)
-        # The loader's rule: only a compiling provider at the head of the list gets a context.
-        if not chain or not chain[0][0].compiles:
+        if context_target(chain) is not None:
             return None
         ep, options = chain[0]
-        if ep.unavailable_reason() is not None:
-            return None
         digest = self._loader.digest(m)
         return self._loader.fingerprint(digest.digest, ep, options, sess_options)
 

@@ -209,6 +209,22 @@ def resolve_providers(providers_arg: ProvidersArg, provider_options: Sequence[Ma
     return chain
 
 
+def context_target(chain: Chain) -> Reason | None:
+    """Why ``chain`` gets no cached context (outcome ``bypass``), or ``None`` when ``chain[0]`` does.
+
+    ORT gives nodes to providers in list order: a non-compiling provider first (CPU) takes them all, so
+    only a compiling, available provider at the head of the list is worth a context. One rule for
+    loads, :meth:`ContextCache.key` and ``explain``.
+    """
+    if not chain or not chain[0][0].compiles:
+        text = "no execution provider given" if not chain else f"{chain[0][0].name} comes first and compiles no context"
+        return Reason("nothing_to_compile", text)
+    unavailable = chain[0][0].unavailable_reason()
+    if unavailable is not None:
+        return Reason("provider_unavailable", unavailable)
+    return None
+
+
 def clone_session_options(src: ort.SessionOptions | None) -> ort.SessionOptions:
     """A fresh SessionOptions with the user's settings.
 
@@ -379,19 +395,14 @@ class Loader:
             text = (f"the session options choose the provider (selection policy or providers added to them); "
                     f"ONNX Runtime picked {session.get_providers()[0]}. Pass providers=[...] to cache its context")
             return LoadResult(session, "bypass", reason=Reason("provider_policy", text), timings=timings)
-        # ORT gives nodes to providers in list order: a non-compiling provider first (CPU) takes them all,
-        # so only a compiling provider at the head of the list is worth a context.
-        target = 0 if chain and chain[0][0].compiles else None
-        if target is None:
-            text = "no execution provider given" if not chain else f"{chain[0][0].name} comes first and compiles no context"
-            return LoadResult(self._original(model, chain, None, so), "bypass", reason=Reason("nothing_to_compile", text), timings=timings)
+        no_context = context_target(chain)
+        if no_context is not None:
+            if no_context.code == "provider_unavailable":
+                # The app still gets the rest of its list, without the provider that is missing.
+                chain = [(e, o) for e, o in chain[1:] if e.unavailable_reason() is None]
+            return LoadResult(self._original(model, chain, None, so), "bypass", reason=no_context, timings=timings)
+        target = 0
         ep, options = chain[target]
-        unavailable = ep.unavailable_reason()
-        if unavailable is not None:
-            rest = [(e, o) for e, o in chain if e is not ep and e.unavailable_reason() is None]
-            return LoadResult(
-                self._original(model, rest, None, so), "bypass", reason=Reason("provider_unavailable", unavailable), timings=timings
-            )
 
         try:
             self.store.ensure()

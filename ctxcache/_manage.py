@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import onnxruntime as ort
 
 from . import _fingerprint, providers
-from ._loader import ModelArg, ProvidersArg, Reason, _model_arg, resolve_providers
+from ._loader import ModelArg, ProvidersArg, Reason, _model_arg, context_target, resolve_providers
 from ._store import BrokenEntry, Entry
 
 if TYPE_CHECKING:
@@ -427,15 +427,10 @@ def explain(
     """
     m = _model_arg(model)
     chain = resolve_providers(providers, provider_options)
-    # As the loader decides: only a compiling provider at the head of the list gets a context (ORT
-    # hands nodes out in list order, so a CPU provider first takes them all).
-    if not chain or not chain[0][0].compiles:
-        why = "no execution provider given" if not chain else f"{chain[0][0].name} comes first and compiles no context"
-        return Explanation(m.name, "bypass", reason=Reason("nothing_to_compile", why))
+    no_context = context_target(chain)  # as the loader decides
+    if no_context is not None:
+        return Explanation(m.name, "bypass", reason=no_context)
     ep, options = chain[0]
-    unavailable = ep.unavailable_reason()
-    if unavailable is not None:
-        return Explanation(m.name, "bypass", reason=Reason("provider_unavailable", unavailable))
     digest = cache._loader.digest(m).digest
     fp = cache._loader.fingerprint(digest, ep, options, sess_options)
     key = fp.key
