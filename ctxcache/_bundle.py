@@ -158,23 +158,15 @@ def _open_folder(location: Path, key: bytes | None) -> Iterator[_Reader]:
 
 @contextmanager
 def _open_regular(path: Path) -> Iterator[IO[bytes]]:
-    """Open a bundle file for reading without following a link at its last component."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    """Open a bundle file for reading: a regular file, not a link (at its last component), FIFO or device."""
     try:
-        fd = os.open(path, flags)
+        fd = _fs.open_regular(path)
+    except FileNotFoundError:
+        raise
     except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         raise TierError("tier_unsafe", f"cannot open {path} as a plain file: {e}") from None
-    f = os.fdopen(fd, "rb")
-    try:
-        import stat
-
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TierError("tier_unsafe", f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
         yield f
-    finally:
-        f.close()
 
 
 @contextmanager

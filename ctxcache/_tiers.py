@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import _fingerprint
-from ._store import CONTEXT, MANIFEST, BrokenEntry, Entry, Store, safe_name
+from ._store import _KEY_RE, CONTEXT, MANIFEST, BrokenEntry, Entry, Store, safe_name
 
 if TYPE_CHECKING:
     from ._cache import ContextCache
@@ -48,8 +48,7 @@ HOST_PARTS = ("host", "devices", "ep_libraries")
 #: Environment variable holding the HMAC key for bundle and remote signatures (an argument wins).
 SIGNING_KEY_ENV = "CTXCACHE_SIGNING_KEY"
 RECORD_FORMAT = 1
-_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 _MAX_FILES = 64
 _CHUNK = 1 << 20
 # Manifest keys that describe one store's copy, not the entry: never exported, rebuilt on publish.
@@ -196,11 +195,10 @@ def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
     if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
         raise TierError("tier_record", "record has no file table")
     for name, spec in files.items():
-        # isprintable: _store.safe_name's '$' anchor accepts a trailing newline ("ctx.onnx\n").
-        if not safe_name(name) or not name.isprintable():
+        if not safe_name(name):
             raise TierError("tier_unsafe", f"record names an unsafe file {name!r}")
         if not (isinstance(spec, dict) and isinstance(spec.get("size"), int) and spec["size"] >= 0
-                and isinstance(spec.get("sha256"), str) and _SHA_RE.match(spec["sha256"])):
+                and isinstance(spec.get("sha256"), str) and _SHA_RE.fullmatch(spec["sha256"])):
             raise TierError("tier_record", f"record entry for {name!r} lacks size or sha256")
     if MANIFEST not in files or CONTEXT not in files:
         raise TierError("tier_record", f"record lacks {MANIFEST} or {CONTEXT}")
