@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from . import _fs
 from ._hashing import file_digest
-from ._store import MANIFEST, Entry, Store
+from ._store import _KEY_RE, MANIFEST, Entry, Store
 from ._tiers import (
     Opener,
     TierError,
@@ -420,7 +420,7 @@ def import_bundle(
         with bundle.open() as reader:
             cache.store.ensure()
             for key in sorted(reader.records):
-                if not re.match(r"^[0-9a-f]{32}$", key):
+                if not _KEY_RE.fullmatch(key):
                     result.refused[key] = "tier_record: not a key"
                     continue
                 with key_lock(cache.store.lock_path(key), cache.lock_timeout, key[:12]):

@@ -183,7 +183,7 @@ class OpenVINOProvider(ExecutionProvider):
                     f"OpenVINO option {key!r} must be true/false, got {options[key]!r}.", provider=self.name, option=key
                 )
         device = options.get("device_type")
-        if device is not None and not _DEVICE.match(device):
+        if device is not None and not _DEVICE.fullmatch(device):
             raise ProviderOptionError(
                 f"OpenVINO option 'device_type' must be CPU, GPU, GPU.<n>, NPU or AUTO:/HETERO:/MULTI:<devices>, got {device!r}.",
                 provider=self.name,
