@@ -64,12 +64,8 @@ def read_regular(path: Path, limit: int) -> bytes:
     Raises ``FileNotFoundError`` when it is missing and another ``OSError`` when it is a link, a FIFO,
     a device or a folder; a result longer than ``limit`` tells the caller the file is too big.
     """
-    fd = os.open(path, _READ_FLAGS)
+    fd = open_regular(path)
     try:
-        import stat
-
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
         chunks = []
         left = limit + 1
         while left > 0:
