@@ -7,25 +7,46 @@ from __future__ import annotations
 # modules. Cause not pinned down; see benchmarks/README.md, question 2.
 import onnxruntime  # noqa: F401  # isort: skip
 
+import importlib
 from typing import TYPE_CHECKING
 
 from . import errors
-from ._cache import ContextCache, EntryInfo, InferenceSession, default_cache
-from ._events import Stats
+from ._cache import ContextCache, InferenceSession, default_cache
 from ._fingerprint import Fingerprint
-from ._loader import LoadResult, Reason, Timings
+from ._types import REASONS, LoadResult, Reason, Timings
+from ._version import __version__
 
-__version__ = "0.1.0"
-
-# Tiers are needed only when an app configures them; importing them lazily keeps `import ctxcache`
-# (paid at every launch) free of tarfile, hmac and boto3.
+# Management, tiers and transfers are not needed to load a model; importing them lazily keeps
+# `import ctxcache` (paid at every launch) free of their dataclasses, tarfile, hmac and boto3.
 _LAZY = {
-    "Bundle": "._bundle",
-    "export_bundle": "._bundle",
-    "import_bundle": "._bundle",
-    "ModelPackageTier": "._package",
-    "export_model_package": "._package",
-    "RemoteTier": "._remote",
+    "Difference": "._manage",
+    "EntryInfo": "._manage",
+    "Explanation": "._manage",
+    "Nearest": "._manage",
+    "PruneItem": "._manage",
+    "PrunePlan": "._manage",
+    "ProviderCheck": "._manage",
+    "check_providers": "._manage",
+    "known_providers": "._manage",
+    "PruneReport": "._manage",
+    "Stats": "._stats",
+    "TierAnswer": "._manage",
+    "VerifyResult": "._manage",
+    "WarmResult": "._manage",
+    "Bundle": ".tiers.bundle",
+    "Diagnosis": "._doctor",
+    "diagnose": "._doctor",
+    "ExportResult": ".tiers.bundle",
+    "ImportResult": "._transfer",
+    "ModelPackageTier": ".tiers.package",
+    "PackageExport": ".tiers.package",
+    "PushResult": "._transfer",
+    "RemoteTier": ".tiers.remote",
+    "export_bundle": "._transfer",
+    "export_model_package": "._transfer",
+    "import_bundle": "._transfer",
+    "pull": "._transfer",
+    "push": "._transfer",
 }
 
 
@@ -33,32 +54,69 @@ def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ctxcache' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module, __name__), name)
 
 
 if TYPE_CHECKING:  # the real types, for type checkers and IDEs
-    from ._bundle import Bundle, export_bundle, import_bundle
-    from ._package import ModelPackageTier, export_model_package
-    from ._remote import RemoteTier
+    from ._doctor import Diagnosis, diagnose
+    from ._manage import (
+        Difference,
+        EntryInfo,
+        Explanation,
+        Nearest,
+        ProviderCheck,
+        PruneItem,
+        PrunePlan,
+        PruneReport,
+        TierAnswer,
+        VerifyResult,
+        WarmResult,
+        check_providers,
+        known_providers,
+    )
+    from ._stats import Stats
+    from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
+    from .tiers.bundle import Bundle, ExportResult
+    from .tiers.package import ModelPackageTier, PackageExport
+    from .tiers.remote import RemoteTier
 
 __all__ = [
+    "REASONS",
     "Bundle",
     "ContextCache",
+    "Diagnosis",
+    "Difference",
     "EntryInfo",
+    "Explanation",
+    "ExportResult",
     "Fingerprint",
+    "ImportResult",
     "InferenceSession",
     "LoadResult",
     "ModelPackageTier",
+    "Nearest",
+    "PackageExport",
+    "ProviderCheck",
+    "PruneItem",
+    "PrunePlan",
+    "PruneReport",
+    "PushResult",
     "Reason",
     "RemoteTier",
     "Stats",
+    "TierAnswer",
     "Timings",
+    "VerifyResult",
+    "WarmResult",
     "__version__",
+    "check_providers",
     "default_cache",
+    "diagnose",
     "errors",
     "export_bundle",
     "export_model_package",
     "import_bundle",
+    "known_providers",
+    "pull",
+    "push",
 ]

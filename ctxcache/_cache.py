@@ -1,4 +1,8 @@
-"""The public entry points: :class:`ContextCache` and the drop-in :func:`InferenceSession`."""
+"""The public entry points: :class:`ContextCache` and the drop-in :func:`InferenceSession`.
+
+The facade owns the configuration and wires the layers below it: the store, the key environment, the
+loader, the tiers (built at the first miss) and the post-publish jobs it injects into the loader.
+"""
 
 from __future__ import annotations
 
@@ -6,52 +10,24 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import onnxruntime as ort
 
-from . import _events
+from . import _key, _negative
 from ._config import resolve_cache_dir, resolve_strict
-from ._loader import Loader, LoadResult, ModelArg, ProvidersArg
-from ._store import Entry, Store
+from ._fingerprint import Fingerprint
+from ._inputs import ProvidersArg, context_target, resolve_model, resolve_providers
+from ._loader import Loader, Request, Settings
+from ._manifest import Entry
+from ._store import Store
+from ._types import LoadResult, ModelArg
+
+if TYPE_CHECKING:
+    from . import _manage, _stats
+    from .tiers import Tier
 
 log = logging.getLogger("ctxcache")
-
-
-@dataclass
-class EntryInfo:
-    """One cached context, as :meth:`ContextCache.entries` lists it."""
-
-    key: str
-    path: Path
-    model_name: str
-    provider: str
-    size: int
-    created: float
-    last_used: float
-    compile_seconds: float
-    parts: dict[str, Any] = field(default_factory=dict)
-    hits: int = 0
-    broken: str | None = None  # why the entry is unusable, if it is
-
-    @classmethod
-    def from_entry(cls, entry: Entry) -> EntryInfo:
-        m = entry.manifest
-        raw = m.get("model")
-        model: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        return cls(
-            key=entry.key,
-            path=entry.path,
-            model_name=str(model.get("name", "?")),
-            provider=str(m.get("provider", "?")),
-            size=entry.size,
-            created=float(m.get("created", 0.0)),
-            last_used=entry.last_used(),
-            compile_seconds=entry.compile_seconds,
-            parts=entry.parts,
-        )
 
 
 class ContextCache:
@@ -69,12 +45,12 @@ class ContextCache:
         embed: embed the compiled binary in the context model instead of a file beside it.
         extra_key: any string of the app's own that must be part of the key.
         verify: ``"stat"`` (re-hash an artifact only when its stat signature changed) or ``"full"``
-            (re-hash everything at every hit; slow for big models).
+            (re-hash everything at every hit).
         max_size: bytes; after each compile, least-recently-used entries are pruned to stay under it.
         negative_ttl: seconds to remember that a model cannot compile for a key (no retry each launch).
-        tiers: read-only bundles (folder or ``.tar`` path, or :class:`~ctxcache.Bundle`) and remote stores
-            (``s3://bucket/prefix`` or :class:`~ctxcache.RemoteTier`) consulted in order on a local miss,
-            before compiling. A tier entry is verified and copied into this cache; see README, "Tiers".
+        tiers: bundles (folder or ``.tar`` path, or :class:`~ctxcache.Bundle`), ORT model packages and
+            remote stores (``s3://bucket/prefix`` or :class:`~ctxcache.RemoteTier`) consulted in order on
+            a local miss, before compiling. A tier entry is verified and copied into this cache.
     """
 
     def __init__(
@@ -99,46 +75,65 @@ class ContextCache:
             raise ValueError(f"verify must be 'stat' or 'full', not {verify!r}")
         if lock_timeout is not None and lock_timeout < 0:
             raise ValueError("lock_timeout must be >= 0 or None")
-        self.root = resolve_cache_dir(cache_dir, app_name, app_author)
-        self.store = Store(self.root)
-        self.strict = resolve_strict(strict)
-        self.lock_timeout = lock_timeout
-        self.on_lock_timeout = on_lock_timeout
-        self.embed = embed
-        self.extra_key = extra_key
-        self.verify = verify
-        self.max_size = max_size
-        self.negative_ttl = negative_ttl
-        # Bundles / packages / remote stores consulted on a local miss, in order (see _tiers.coerce). Paths
-        # and URLs become tier objects at the first miss, so a launch that hits imports no tier code.
+        if max_size is not None and max_size < 0:
+            raise ValueError("max_size must be >= 0 or None")
+        if negative_ttl < 0:
+            raise ValueError("negative_ttl must be >= 0 seconds")
         for item in tiers or ():
-            if not isinstance(item, (str, os.PathLike)) and not hasattr(item, "fetch"):
+            # Duck-typed: checking against the Tier protocol would import the tier code at every launch.
+            if not isinstance(item, (str, os.PathLike)) and not hasattr(item, "offer"):
                 raise TypeError(f"a tier must be a bundle path, a URL or a tier object, not {type(item).__name__}")
+        self.root = resolve_cache_dir(cache_dir, app_name, app_author)
+        self.max_size = max_size
+        self.settings = Settings(strict=resolve_strict(strict), lock_timeout=lock_timeout,
+                                 on_lock_timeout=on_lock_timeout, embed=embed, extra_key=extra_key, verify=verify,
+                                 negative_ttl=negative_ttl)
+        self._store = Store(self.root)
+        self._env = _key.Environment(self._store.memo_dir)
+        # Paths and URLs become tier objects at the first miss, so a launch that hits imports no tier code.
         self._tier_specs: list[Any] = list(tiers or ())
-        self._tiers: list[Any] | None = None if self._tier_specs else []
-        self._loader = Loader(self)
+        self._tiers: list[Tier] | None = None if self._tier_specs else []
+        self._loader = Loader(self._store, self.settings, self._env, self._tier_list, self._after_publish)
 
     def __repr__(self) -> str:
         return f"ContextCache({str(self.root)!r})"
 
+    # Read-only views of the configuration (the loader holds the one copy, in ``settings``).
     @property
-    def tiers(self) -> list[Any]:
-        """The tiers as objects (:class:`~ctxcache.Bundle`, :class:`~ctxcache.RemoteTier`...), in lookup order."""
-        if self._tiers is None:
-            from . import _tiers
+    def strict(self) -> bool:
+        return self.settings.strict
 
-            self._tiers = _tiers.coerce(self._tier_specs)
+    @property
+    def embed(self) -> bool:
+        return self.settings.embed
+
+    @property
+    def extra_key(self) -> str | None:
+        return self.settings.extra_key
+
+    @property
+    def lock_timeout(self) -> float | None:
+        return self.settings.lock_timeout
+
+    @property
+    def negative_ttl(self) -> float:
+        return self.settings.negative_ttl
+
+    @property
+    def tiers(self) -> list[Tier]:
+        """The tiers as objects (:class:`~ctxcache.Bundle`, :class:`~ctxcache.RemoteTier`...), in lookup order."""
+        return self._tier_list()
+
+    def _tier_list(self) -> list[Tier]:
+        if self._tiers is None:
+            from .tiers import coerce
+
+            self._tiers = coerce(self._tier_specs)
         return self._tiers
 
     # -- loading ------------------------------------------------------------------------------
-    def load(
-        self,
-        model: ModelArg,
-        *,
-        providers: ProvidersArg,
-        provider_options: Sequence[Mapping[str, Any]] | None = None,
-        sess_options: ort.SessionOptions | None = None,
-    ) -> LoadResult:
+    def load(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
+             sess_options: ort.SessionOptions | None = None) -> LoadResult:
         """A session for ``model`` on ``providers``, from the cache when possible. Never raises a cache fault.
 
         Raises :class:`~ctxcache.errors.CtxCacheError` subclasses for bad input (missing model, not an
@@ -146,133 +141,135 @@ class ContextCache:
         """
         return self._loader.load(model, providers, provider_options, sess_options)
 
-    def key(
-        self,
-        model: ModelArg,
-        *,
-        providers: ProvidersArg,
-        provider_options: Sequence[Mapping[str, Any]] | None = None,
-        sess_options: ort.SessionOptions | None = None,
-    ) -> Any:
+    def key(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
+            sess_options: ort.SessionOptions | None = None) -> Fingerprint | None:
         """The :class:`Fingerprint` a load would use (``None`` when the load would bypass the cache)."""
-        from ._loader import _model_arg, context_target, resolve_providers
-
-        m = _model_arg(model)
-        chain = resolve_providers(providers, provider_options)
-        if context_target(chain) is not None:
+        req = Request(resolve_model(model), resolve_providers(providers, provider_options), sess_options)
+        if context_target(req.chain) is not None:
             return None
-        ep, options = chain[0]
-        digest = self._loader.digest(m)
-        return self._loader.fingerprint(digest.digest, ep, options, sess_options)
+        req.digest = req.model.digest(self._store.memo_dir)
+        return self._loader.fingerprint(req)
+
+    def warm(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
+             sess_options: ort.SessionOptions | None = None) -> _manage.WarmResult:
+        """Make sure ``model`` has an intact entry for ``providers`` (installer-time warm-up; idempotent).
+
+        A remembered "compiled no node" is retried; a context known not to load here is not compiled
+        again. ``ctxcache warm`` runs this in worker processes.
+        """
+        from . import _manage
+
+        return _manage.warm(self._loader, self._tier_list(), model, providers=providers,
+                            provider_options=provider_options, sess_options=sess_options)
+
+    def explain(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
+                sess_options: ort.SessionOptions | None = None) -> _manage.Explanation:
+        """Would :meth:`load` hit? If not, which key parts differ from the nearest entries of this model,
+        and which tier would serve it. Read-only."""
+        from . import _manage
+
+        return _manage.explain(self._loader, self._tier_list(), model, providers=providers,
+                               provider_options=provider_options, sess_options=sess_options)
 
     # -- management ---------------------------------------------------------------------------
-    def entries(self, *, include_broken: bool = False) -> list[EntryInfo]:
+    def entries(self, *, include_broken: bool = False) -> list[_manage.EntryInfo]:
         """Every committed entry, with hit counts from the stats log; newest use first."""
-        hits = _events.summarize(self.store.events_path).per_key_hits
-        out: list[EntryInfo] = []
-        for item in self.store.iter_entries():
-            if isinstance(item, Entry):
-                info = EntryInfo.from_entry(item)
-                info.hits = hits.get(item.key, 0)
-                out.append(info)
-            elif include_broken:
-                key, err = item
-                out.append(
-                    EntryInfo(key, self.store.entry_path(key), "?", "?", 0, 0.0, 0.0, 0.0, broken=f"{err.code}: {err.message}")
-                )
-        out.sort(key=lambda e: e.last_used, reverse=True)
-        return out
+        from . import _manage
 
-    def invalidate(self, key: str | None = None, *, model: ModelArg | None = None, reason: str = "invalidated by the application") -> int:
-        """Quarantine entries by key (or unique key prefix) or by model (every provider config). Returns the count."""
+        return _manage.entries(self._store, include_broken=include_broken)
+
+    def select(self, *, models: Sequence[ModelArg] | None = None, provider: str | None = None,
+               options: Mapping[str, Any] | None = None, keys: Sequence[str] | None = None) -> list[_manage.EntryInfo]:
+        """Entries selected by model file(s) (by content), provider name, a subset of binary options
+        (as the key records them) and/or key prefixes; every filter given must match. Sorted by key."""
+        from . import _manage
+
+        digests = {resolve_model(m).digest(self._store.memo_dir).digest for m in models} if models else None
+        found = _manage.select(self._store, digests=digests, provider=provider, options=options, keys=keys)
+        return sorted((_manage.EntryInfo.of(e) for e in found), key=lambda i: i.key)
+
+    def invalidate(self, key: str | None = None, *, model: ModelArg | None = None,
+                   reason: str = "invalidated by the application") -> int:
+        """Quarantine the entry of a key (or a unique key prefix of 4+ digits), or every entry of a model
+        (all provider configurations). Returns the count."""
+        from . import _manage
+
         if (key is None) == (model is None):
             raise ValueError("pass exactly one of key= or model=")
-        keys: list[str]
         if key is not None:
-            keys = [k for k in self.store.keys() if k.startswith(key)]
+            keys = _manage.keys_for_invalidate(self._store, key)
         else:
-            from ._loader import _model_arg
-
-            digest = self._loader.digest(_model_arg(model)).digest  # type: ignore[arg-type]
-            keys = [e.key for e in self.entries() if e.parts.get("model") == digest]
-        return sum(1 for k in keys if self.store.quarantine(k, "invalidated", reason))
+            assert model is not None
+            digest = resolve_model(model).digest(self._store.memo_dir).digest
+            keys = [e.key for e in _manage.select(self._store, digests={digest})]
+        return sum(1 for k in keys if self._store.evict(k, "invalidated", reason))
 
     def clear(self) -> int:
-        """Remove every entry (and remembered compile failures). Returns the number of entries removed."""
-        n = sum(1 for k in self.store.keys() if self.store.remove(k))
-        self.store.forget_failures()
+        """Remove every entry (and remembered failures). Returns the number of entries removed."""
+        n = sum(1 for k in self._store.list_keys() if self._store.evict(k, "cleared", "cleared", keep=False))
+        _negative.clear(self._store.negative_dir)
         return n
 
-    def stats(self) -> _events.Stats:
+    def stats(self) -> _stats.Stats:
         """Hits, misses, fallbacks (with reasons), bypasses and compile seconds, over all processes."""
-        return _events.summarize(self.store.events_path)
+        from . import _stats
+
+        _stats.compact(self._store.events_path)
+        return _stats.summarize(self._store.events_path)
 
     def reset_stats(self) -> None:
-        _events.reset(self.store.events_path)
+        from . import _stats
+
+        _stats.reset(self._store.events_path)
 
     def size(self) -> int:
         return sum(e.size for e in self.entries())
 
-    # Policy for verify / prune / explain lives in _manage; these are the public doors to it.
-    def verify_entries(self, *, fix: bool = False) -> list[Any]:
-        """Re-hash every artifact of every entry (``ctxcache verify``); ``fix`` quarantines what fails.
-
-        Returns one :class:`~ctxcache._manage.VerifyResult` per entry.
-        """
+    def environment(self, provider: str, options: Mapping[str, Any] | None = None) -> dict[str, Any] | str:
+        """The machine-side key parts a load with this provider configuration would use here (``doctor``),
+        or why the provider cannot run here."""
         from . import _manage
 
-        return _manage.verify(self, fix=fix)
+        return _manage.environment(self._env, provider, options or {})
 
-    def prune(
-        self,
-        *,
-        max_size: int | None = None,
-        older_than: float | None = None,
-        other_environments: bool = True,
-        dry_run: bool = False,
-    ) -> Any:
+    def verify_entries(self, *, fix: bool = False) -> list[_manage.VerifyResult]:
+        """Re-hash every artifact of every entry (``ctxcache verify``); ``fix`` quarantines what fails."""
+        from . import _manage
+
+        return _manage.verify(self._store, fix=fix)
+
+    def plan_prune(self, *, max_size: int | None = None, older_than: float | None = None,
+                   other_environments: bool = True) -> _manage.PrunePlan:
+        """What :meth:`prune` would remove (see there); ``plan.execute()`` removes exactly that."""
+        from . import _manage
+
+        return _manage.plan_prune(self._store, self._env, max_size=max_size, older_than=older_than,
+                                  other_environments=other_environments)
+
+    def prune(self, *, max_size: int | None = None, older_than: float | None = None, other_environments: bool = True,
+              dry_run: bool = False) -> _manage.PruneReport:
         """Remove damaged entries and entries built for another environment (another onnxruntime / EP /
         SDK version), then entries unused for ``older_than`` seconds, then least recently used ones until
-        the cache fits in ``max_size`` bytes. Returns a :class:`~ctxcache._manage.PruneReport`.
-        """
-        from . import _manage
+        the cache fits in ``max_size`` bytes."""
+        plan = self.plan_prune(max_size=max_size, older_than=older_than, other_environments=other_environments)
+        return plan.report() if dry_run else plan.execute()
 
-        return _manage.prune(
-            self, max_size=max_size, older_than=older_than, other_environments=other_environments, dry_run=dry_run
-        )
-
-    def explain(
-        self,
-        model: ModelArg,
-        *,
-        providers: ProvidersArg,
-        provider_options: Sequence[Mapping[str, Any]] | None = None,
-        sess_options: ort.SessionOptions | None = None,
-    ) -> Any:
-        """Would :meth:`load` hit? If not, which key parts differ from the nearest entries of this model.
-
-        Read-only. Returns an :class:`~ctxcache._manage.Explanation` (``verdict``, ``reason``,
-        ``nearest[i].differences`` such as ``onnxruntime 1.31.1 -> 1.32.0``).
-        """
-        from . import _manage
-
-        return _manage.explain(
-            self, model, providers=providers, provider_options=provider_options, sess_options=sess_options
-        )
-
+    # -- post-publish jobs (injected into the loader; run after the key lock is released) ------
     def _after_publish(self, entry: Entry) -> None:
-        if self.tiers:
-            from . import _tiers
+        from . import _manage, _stats
 
-            _tiers.write_back(self, entry)
-        if self.max_size is None:
-            return
-        # Keep the cache under its cap, never the entry just made: entries that cannot be hit on this
-        # machine (another onnxruntime / EP version) go first, then least recently used. Entries of
-        # other environments are kept while under the cap (a folder may be shared by two apps).
-        from . import _manage
+        tiers = self._tier_list()
+        if tiers:
+            from .tiers import _base
 
-        _manage.prune(self, max_size=self.max_size, other_environments=False, keep={entry.key})
+            _base.write_back(tiers, entry)
+        if self.max_size is not None:
+            # Keep the cache under its cap, never the entry just made: entries that cannot be hit on this
+            # machine (another onnxruntime / EP version) go first, then least recently used. Entries of
+            # other environments are kept while under the cap (a folder may be shared by two apps).
+            _manage.plan_prune(self._store, self._env, max_size=self.max_size, other_environments=False,
+                               keep={entry.key}).execute()
+        _stats.compact(self._store.events_path)
 
 
 _default_caches: dict[str, ContextCache] = {}
@@ -289,7 +286,7 @@ def default_cache() -> ContextCache:
         return cache
 
 
-def InferenceSession(  # noqa: N802 - named after the class it stands in for
+def InferenceSession(
     model: ModelArg,
     sess_options: ort.SessionOptions | None = None,
     providers: ProvidersArg = None,
@@ -305,3 +302,8 @@ def InferenceSession(  # noqa: N802 - named after the class it stands in for
     """
     c = cache if cache is not None else default_cache()
     return c.load(model, providers=providers, provider_options=provider_options, sess_options=sess_options).session
+
+
+def store_of(cache: ContextCache) -> Store:
+    """The facade-level modules' way to the store (``ContextCache`` keeps it private)."""
+    return cache._store

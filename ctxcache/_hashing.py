@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import xxhash
 
 from . import _fs
-from ._onnxproto import WireError, read_facts, resolve_external
+from ._onnxproto import WireError, open_model_file, read_facts, resolve_external
 from .errors import InvalidModelError, ModelNotFoundError
 
 log = logging.getLogger("ctxcache")
@@ -34,10 +35,14 @@ def signature(st: os.stat_result) -> Signature:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-def _hash_stream(h: xxhash.xxh3_128, path: Path, buf: bytearray) -> int:
+def _hash_stream(h: xxhash.xxh3_128, path: Path, buf: bytearray, *, follow_links: bool = True) -> int:
+    # Never a bare open(): a FIFO planted as a model's external data (or in the cache) would block the
+    # launch forever. The cache's own files are opened through _fs.open_regular (no link followed);
+    # a user's model may be a link, but its target must be a regular file.
+    fd = open_model_file(path) if follow_links else _fs.open_regular(path)
     view = memoryview(buf)
     total = 0
-    with open(path, "rb", buffering=0) as f:
+    with open(fd, "rb", buffering=0, closefd=True) as f:
         while True:
             n = f.readinto(view)
             if not n:
@@ -46,9 +51,11 @@ def _hash_stream(h: xxhash.xxh3_128, path: Path, buf: bytearray) -> int:
             total += n
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, *, follow_links: bool = False) -> str:
+    """xxh3-128 of one file. A cache file by default (a link is refused); ``follow_links`` for files
+    outside the cache (EP libraries)."""
     h = xxhash.xxh3_128()
-    _hash_stream(h, path, bytearray(_CHUNK))
+    _hash_stream(h, path, bytearray(_CHUNK), follow_links=follow_links)
     return h.hexdigest()
 
 
@@ -73,8 +80,7 @@ def _digest_files(model: Path, externals: Sequence[tuple[str, Path]]) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class ModelDigest:
+class ModelDigest(NamedTuple):
     digest: str
     files: tuple[str, ...]  # the model first, then its external-data files
     size: int  # bytes hashed (or that would be hashed)
@@ -87,7 +93,7 @@ def _memo_path(memo_dir: Path, key: str) -> Path:
 
 def _read_memo(memo_file: Path, key: str) -> dict[str, object] | None:
     try:
-        data = json.loads(_fs.read_regular(memo_file, 1 << 20))
+        data = json.loads(_fs.read_small(memo_file, 1 << 20))
     except (OSError, ValueError, RecursionError):  # a link, FIFO or junk in the memo is a memo miss
         return None
     if not isinstance(data, dict) or data.get("key") != key:
@@ -138,9 +144,10 @@ def model_digest(model: Path, memo_dir: Path | None) -> ModelDigest:
         raise InvalidModelError(
             f"cannot read model {model}: {e.strerror}. Check the file's permissions.", path=str(model), detail=str(e)
         ) from None
-    if not os.path.isfile(model):
+    if not stat.S_ISREG(st.st_mode):
         raise InvalidModelError(
-            f"{model} is not a file. Pass the path of an .onnx model file.", path=str(model), detail="not a file"
+            f"{model} is not a regular file (a folder, FIFO or device). Pass the path of an .onnx model file.",
+            path=str(model), detail="not a file"
         )
     try:
         facts = read_facts(model)
@@ -156,11 +163,22 @@ def model_digest(model: Path, memo_dir: Path | None) -> ModelDigest:
             path = resolve_external(model, location)
         except WireError as e:
             raise InvalidModelError(f"{model}: {e}.", path=str(model), detail=str(e)) from None
-        if not path.is_file():
+        try:
+            ext_st = os.stat(path)
+        except FileNotFoundError:
             raise ModelNotFoundError(
                 f"{model} references external data {location!r}, but {path} does not exist. "
                 "Keep the model's data files beside it.",
                 path=str(path),
+            ) from None
+        except OSError as e:
+            raise InvalidModelError(f"cannot read external data {path}: {e.strerror or e}. Check its permissions.",
+                                    path=str(path), detail=str(e)) from None
+        if not stat.S_ISREG(ext_st.st_mode):
+            raise InvalidModelError(
+                f"{model} references external data {location!r}, but {path} is not a regular file "
+                "(a folder, FIFO or device). Put the model's data file there.",
+                path=str(path), detail="not a regular file",
             )
         externals.append((location, path))
 
@@ -172,7 +190,8 @@ def model_digest(model: Path, memo_dir: Path | None) -> ModelDigest:
         sigs_after = [signature(os.stat(p)) for p in paths]
         # A file that changed while we read it must not be memoised under its new signature.
         if sigs_after == sigs_before:
-            payload = {"key": key, "digest": digest, "size": size, "files": [[p, list(s)] for p, s in zip(paths, sigs_after)]}
+            files = [[p, list(s)] for p, s in zip(paths, sigs_after, strict=True)]
+            payload = {"key": key, "digest": digest, "size": size, "files": files}
             try:
                 _fs.atomic_write(memo_file, json.dumps(payload).encode(), durable=False)
             except OSError as e:
@@ -192,7 +211,7 @@ def files_digest(paths: Iterable[Path], memo_dir: Path | None) -> dict[str, str]
             continue
         try:
             sig = signature(os.stat(path))
-            digest = file_digest(path)
+            digest = file_digest(path, follow_links=True)
         except OSError:
             out[path.name] = "missing"
             continue

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 log = logging.getLogger("ctxcache")
 
@@ -19,38 +19,65 @@ log = logging.getLogger("ctxcache")
 _LOG_EVERY = 5.0
 
 
-class _Waited:
-    """How long acquiring took; readable after the ``with`` starts."""
+class KeyLock:
+    """One key's lock: :meth:`acquire` with a deadline, :meth:`release` as soon as the job is done
+    (idempotent; the ``with`` block releases whatever is still held)."""
 
-    seconds: float = 0.0
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock: Any = None
+        self.waited = 0.0
+
+    def acquire(self, timeout: float | None, what: str) -> float:
+        """Hold the lock; returns the seconds waited. ``timeout=None`` waits forever.
+
+        Raises ``filelock.Timeout`` (a ``TimeoutError``) when the deadline passes, ``OSError`` when the
+        lock file cannot be created.
+        """
+        import filelock  # only the miss path needs it; keep it off the hit path's imports
+
+        lock = filelock.FileLock(str(self.path), is_singleton=False)
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        while True:
+            step = _LOG_EVERY if deadline is None else max(0.0, min(_LOG_EVERY, deadline - time.monotonic()))
+            try:
+                lock.acquire(timeout=step, poll_interval=0.05)
+                break
+            except filelock.Timeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                log.info("still waiting for another process to compile %s (%.0f s so far)", what, time.monotonic() - start)
+        self._lock = lock
+        self.waited = time.monotonic() - start
+        return self.waited
+
+    def release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+
+    def __enter__(self) -> KeyLock:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
 
 
-@contextmanager
-def key_lock(path: Path, timeout: float | None, what: str) -> Iterator[_Waited]:
-    """Hold the lock at ``path``. ``timeout=None`` waits forever.
+class key_lock:
+    """``with key_lock(path, timeout, what):`` holds the lock for the block (raises like :meth:`KeyLock.acquire`)."""
 
-    Raises ``filelock.Timeout`` (a ``TimeoutError``) when the deadline passes.
-    """
-    import filelock  # only the miss path needs it; keep it off the hit path's imports
+    def __init__(self, path: Path, timeout: float | None, what: str) -> None:
+        self._lock = KeyLock(path)
+        self._timeout = timeout
+        self._what = what
 
-    lock = filelock.FileLock(str(path), is_singleton=False)
-    waited = _Waited()
-    start = time.monotonic()
-    deadline = None if timeout is None else start + timeout
-    while True:
-        step = _LOG_EVERY if deadline is None else max(0.0, min(_LOG_EVERY, deadline - time.monotonic()))
-        try:
-            lock.acquire(timeout=step, poll_interval=0.05)
-            break
-        except filelock.Timeout:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise
-            log.info("still waiting for another process to compile %s (%.0f s so far)", what, time.monotonic() - start)
-    waited.seconds = time.monotonic() - start
-    try:
-        yield waited
-    finally:
-        lock.release()
+    def __enter__(self) -> KeyLock:
+        self._lock.acquire(self._timeout, self._what)
+        return self._lock
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self._lock.release()
 
 
 def try_lock(path: Path) -> object | None:

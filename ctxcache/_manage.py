@@ -1,8 +1,7 @@
-"""Cache management behind ``ctxcache verify / prune / explain``: full integrity checks, pruning, and
-the answer to "would this load hit, and if not, what changed?".
-
-Policy lives here, storage in ``_store``: these functions only decide *which* entries to check, drop or
-compare, and call the store to do it. Nothing here prints; the CLI renders the returned objects.
+"""Cache management: listing, full verification, pruning (plan, then execute that plan), explaining a
+load, warming a model, selecting entries. Policy lives here, storage in ``_store``; nothing here prints
+(the CLI renders the returned objects). Every "would this be served" question is asked of
+``_servable.entry_problem`` and ``_negative.remembered``, exactly as the loader asks them.
 """
 
 from __future__ import annotations
@@ -12,76 +11,141 @@ import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import onnxruntime as ort
 
-from . import _fingerprint, providers
-from ._loader import ModelArg, ProvidersArg, Reason, _model_arg, context_target, resolve_providers
-from ._store import BrokenEntry, Entry
+from . import _fingerprint, _key, _markers, _negative, _stats, providers
+from ._inputs import ProvidersArg, context_target, resolve_model, resolve_providers
+from ._loader import Loader, Request
+from ._manifest import Entry
+from ._servable import entry_problem
+from ._store import BrokenEntry, Store
+from ._types import ModelArg, Reason
 
 if TYPE_CHECKING:
-    from ._cache import ContextCache
+    from .tiers import Tier
 
 log = logging.getLogger("ctxcache")
 
-# Key parts that describe the machine and its software, not the model or the app's choices.
-ENV_PARTS = ("format", "onnxruntime", "ep_versions", "ep_libraries", "devices", "host")
-# The ones that say for sure an entry was built for software this machine does not run. ep_libraries
-# and devices are left out on purpose: the manifest keeps the backend *type*, not the app's
-# backend_path, so an app with a side-loaded SDK would look foreign here while its entries still hit.
-# Removing a usable entry costs a compile at the next launch; keeping a dead one costs only disk,
-# which --max-size / --older-than reclaim.
-STALE_PARTS = ("format", "onnxruntime", "ep_versions", "host")
+
+@dataclass(frozen=True)
+class ProviderCheck:
+    """One provider configuration as ctxcache reads it: the canonical name, the options normalised,
+    the ones that shape the compiled binary (what the key records), and whether it can compile here."""
+
+    name: str
+    options: dict[str, str]
+    binary_options: dict[str, str]
+    compiles: bool
+    unavailable: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": self.options, "binary_options": self.binary_options,
+                "compiles": self.compiles, "unavailable": self.unavailable}
 
 
-# -- shared helpers ---------------------------------------------------------------------------------
-def _dead_markers(cache: ContextCache, key: str) -> bool:
-    """Whether a process died while loading ``key`` (like ``Store.poisoned``, but leaves the markers).
-
-    ``verify`` without ``--fix`` must only report; consuming the marker would turn the next launch's
-    crash protection off.
-    """
-    prefix = key + "."
-    try:
-        names = [n for n in os.listdir(cache.store.markers_dir) if n.startswith(prefix)]
-    except OSError:
-        return False
-    # The store's rule, not a pid check: a marker's flock tells a dead loader from a reused pid.
-    return any(cache.store._dead_marker(name) for name in names)
+def check_providers(providers_arg: ProvidersArg,
+                    provider_options: Sequence[Mapping[str, Any]] | None = None) -> list[ProviderCheck]:
+    """Check a ``providers=`` list without loading anything: raises the errors a load would raise for it
+    (:class:`~ctxcache.errors.UnknownProviderError`, :class:`~ctxcache.errors.ProviderOptionError`)."""
+    return [ProviderCheck(ep.name, opts, ep.binary_options(opts), ep.compiles, ep.unavailable_reason() if ep.compiles else None)
+            for ep, opts in resolve_providers(providers_arg, provider_options)]
 
 
-def _quarantine(cache: ContextCache, key: str, entry: Entry | None, reason: Reason) -> bool:
-    """Quarantine under the key's lock when it is free (a compiler holding it may be replacing the entry)."""
-    from ._locking import release, try_lock
-
-    handle = try_lock(cache.store.lock_path(key))
-    if handle is None:
-        return False
-    try:
-        return cache.store.quarantine(key, reason.code, reason.message, expect_id=entry.entry_id if entry else None)
-    finally:
-        release(handle)
+def known_providers() -> list[str]:
+    """Every provider name this onnxruntime (and ctxcache) knows, for suggestions and ``doctor``."""
+    return providers.known_names()
 
 
-def _remove(cache: ContextCache, key: str) -> bool:
-    from ._locking import release, try_lock
+# -- listing --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EntryInfo:
+    """One cached context, as :meth:`ContextCache.entries` lists it."""
 
-    handle = try_lock(cache.store.lock_path(key))
-    if handle is None:
-        log.info("entry %s is being rebuilt by another process; not removing it", key[:12])
-        return False
-    try:
-        return cache.store.remove(key)
-    finally:
-        release(handle)
+    key: str
+    path: Path
+    model_name: str
+    provider: str
+    size: int
+    created: float
+    last_used: float
+    compile_seconds: float
+    parts: dict[str, Any] = field(default_factory=dict)
+    hits: int = 0
+    #: why the entry is unusable, if it is
+    broken: str | None = None
+    #: where a tier-filled entry came from (``{"tier": "bundle", "location": ...}``), else ``None``
+    origin: dict[str, Any] | None = None
+    entry_id: str = ""
+
+    @classmethod
+    def of(cls, entry: Entry, hits: int = 0) -> EntryInfo:
+        return cls(entry.key, entry.path, entry.model_name, entry.provider, entry.size, entry.created,
+                   entry.last_used(), entry.compile_seconds, entry.parts, hits, None, entry.origin, entry.entry_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "model": self.model_name, "provider": self.provider, "size": self.size,
+                "created": self.created, "last_used": self.last_used, "hits": self.hits,
+                "compile_seconds": self.compile_seconds, "broken": self.broken,
+                "ep_options": self.parts.get("ep_options"), "path": str(self.path), "origin": self.origin}
 
 
-def environment(cache: ContextCache, ep_name: str, options: Mapping[str, Any]) -> dict[str, Any] | str:
-    """This machine's environment key parts for ``ep_name`` with ``options`` (``ENV_PARTS``).
+def entries(store: Store, *, include_broken: bool = False) -> list[EntryInfo]:
+    """Every committed entry, with hit counts from the stats log; newest use first."""
+    hits = _stats.summarize(store.events_path).per_key_hits
+    out: list[EntryInfo] = []
+    for item in store.iter_entries():
+        if isinstance(item, Entry):
+            out.append(EntryInfo.of(item, hits.get(item.key, 0)))
+        elif include_broken:
+            key, err = item
+            out.append(EntryInfo(key, store.entry_path(key), "?", "?", 0, 0.0, 0.0, 0.0, broken=f"{err.code}: {err.message}"))
+    out.sort(key=lambda e: e.last_used, reverse=True)
+    return out
 
-    Returns a string instead when the provider cannot run here (its entries cannot be hit here).
-    """
+
+def select(store: Store, *, digests: Collection[str] | None = None, provider: str | None = None,
+           options: Mapping[str, Any] | None = None, keys: Sequence[str] | None = None) -> list[Entry]:
+    """Committed entries selected by model digest(s), provider name, a subset of binary options and/or
+    key prefixes; every filter given must match."""
+    want = {str(k): str(v) for k, v in (options or {}).items()}
+    out = []
+    for item in store.iter_entries():
+        if not isinstance(item, Entry):
+            continue
+        parts = item.parts
+        if digests is not None and parts.get("model") not in digests:
+            continue
+        if provider is not None and parts.get("ep") != provider:
+            continue
+        raw = parts.get("ep_options")
+        ep_opts: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        if any(str(ep_opts.get(k)) != v for k, v in want.items()):
+            continue
+        if keys is not None and not any(item.key.startswith(k) for k in keys):
+            continue
+        out.append(item)
+    return out
+
+
+def keys_for_invalidate(store: Store, key: str) -> list[str]:
+    """The one entry a key or key prefix names. A prefix must be at least 4 hex digits and match one
+    entry: ``invalidate(key="")`` once quarantined every entry."""
+    text = key.strip().lower()
+    if len(text) < 4 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"key must be an entry key or a prefix of at least 4 hex digits, not {key!r}")
+    found = [k for k in store.list_keys() if k.startswith(text)]
+    if len(found) > 1:
+        raise ValueError(f"key prefix {key!r} matches {len(found)} entries ({', '.join(k[:12] for k in found[:5])}); "
+                         "give more digits")
+    return found
+
+
+# -- environment -----------------------------------------------------------------------------------------
+def environment(env: _key.Environment, ep_name: str, options: Mapping[str, Any]) -> dict[str, Any] | str:
+    """The machine-side key parts for a provider configuration here, or why the provider cannot run here."""
     try:
         ep = providers.get(ep_name)
         opts = ep.normalize_options(options)
@@ -90,12 +154,10 @@ def environment(cache: ContextCache, ep_name: str, options: Mapping[str, Any]) -
     why = ep.unavailable_reason()
     if why is not None:
         return why
-    env = dict(cache._loader._env(ep, opts))
-    env["format"] = _fingerprint.FORMAT_VERSION
-    return {label: env[label] for label in ENV_PARTS}
+    return {label: env.parts(ep, opts)[label] for label in _key.ENV_PARTS}
 
 
-def _env_mismatch(cache: ContextCache, parts: dict[str, Any], memo: dict[str, dict[str, Any] | str]) -> str | None:
+def env_mismatch(env: _key.Environment, parts: Mapping[str, Any], memo: dict[str, dict[str, Any] | str]) -> str | None:
     """Why an entry with ``parts`` cannot be hit on this machine, or ``None`` when it can."""
     ep_name = parts.get("ep")
     options = parts.get("ep_options")
@@ -104,23 +166,17 @@ def _env_mismatch(cache: ContextCache, parts: dict[str, Any], memo: dict[str, di
     memo_key = ep_name + _fingerprint.canonical_json(options)
     here = memo.get(memo_key)
     if here is None:
-        here = memo[memo_key] = environment(cache, ep_name, options)
+        here = memo[memo_key] = environment(env, ep_name, options)
     if isinstance(here, str):
         return here
-    diffs = _fingerprint.diff({k: parts.get(k) for k in STALE_PARTS}, {k: here[k] for k in STALE_PARTS})
+    diffs = _key.stale_parts(parts, here)
     if not diffs:
         return None
-    return "; ".join(_render(d) for d in diffs[:3]) + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else "")
+    return "; ".join(_key.render(d) for d in diffs[:3]) + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else "")
 
 
-def _render(d: tuple[str, Any, Any]) -> str:
-    path, old, new = d
-    label = "model content" if path == "model" else path  # the part is a digest of the bytes, not a name
-    return f"{label} {_fingerprint.short(old)} -> {_fingerprint.short(new)}"
-
-
-# -- verify -----------------------------------------------------------------------------------------
-@dataclass
+# -- verify ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class VerifyResult:
     """One entry's full integrity check. ``problem`` is ``None`` when every digest matched."""
 
@@ -136,52 +192,47 @@ class VerifyResult:
         return self.problem is None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "model": self.model_name,
-            "provider": self.provider,
-            "size": self.size,
-            "ok": self.ok,
-            "code": self.problem.code if self.problem else None,
-            "message": self.problem.message if self.problem else None,
-            "quarantined": self.quarantined,
-        }
+        return {"key": self.key, "model": self.model_name, "provider": self.provider, "size": self.size, "ok": self.ok,
+                "code": self.problem.code if self.problem else None,
+                "message": self.problem.message if self.problem else None, "quarantined": self.quarantined}
 
 
-def verify(cache: ContextCache, *, fix: bool = False) -> list[VerifyResult]:
-    """Re-hash every artifact of every entry; with ``fix``, quarantine what fails (kept for a post-mortem)."""
+def verify(store: Store, *, fix: bool = False) -> list[VerifyResult]:
+    """Re-hash every artifact of every entry (and check for dead loaders and the provider's verdict);
+    with ``fix``, quarantine what fails (kept for a post-mortem)."""
     out: list[VerifyResult] = []
-    for item in cache.store.iter_entries():
-        entry: Entry | None
+    for item in store.iter_entries():
         if isinstance(item, Entry):
-            entry = item
-            model = entry.manifest.get("model")
-            name = str(model.get("name", "?")) if isinstance(model, dict) else "?"
-            res = VerifyResult(entry.key, name, str(entry.manifest.get("provider", "?")), entry.size)
-            problem = cache.store.verify(entry, full=True)
-            if problem is not None:
-                res.problem = Reason(*problem)
-            elif _dead_markers(cache, entry.key):
-                res.problem = Reason("crashed_during_load", "a process died while loading this context")
+            ep = _provider_or_none(item.provider)
+            problem = entry_problem(store, item, ep, full=True)
+            key, name, prov, size, eid = item.key, item.model_name, item.provider, item.size, item.entry_id
         else:
             key, err = item
-            entry = None
-            res = VerifyResult(key, "?", "?", 0, Reason(err.code, err.message))
-        if res.problem is not None and fix:
-            res.quarantined = _quarantine(cache, res.key, entry, res.problem)
-            if res.quarantined and res.problem.code == "crashed_during_load":
-                cache.store.poisoned(res.key)  # the entry is gone; its markers would only mislead
-        out.append(res)
+            problem, name, prov, size, eid = Reason(err.code, err.message), "?", "?", 0, None
+        quarantined = False
+        if problem is not None and fix:
+            quarantined = store.evict(key, problem.code, problem.message, expect_id=eid)
+            if quarantined and problem.code == "crashed_during_load":
+                # The entry is gone; its markers would only mislead.
+                _markers.consume(store.markers_dir, _markers.dead_markers(store.markers_dir, key))
+        out.append(VerifyResult(key, name, prov, size, problem, quarantined))
     if fix:
-        cache.store.clean_staging()
+        store.clean_staging()
     return out
 
 
-# -- prune ------------------------------------------------------------------------------------------
+def _provider_or_none(name: str) -> Any:
+    try:
+        return providers.get(name)
+    except Exception:  # noqa: BLE001 - an entry of a provider this onnxruntime does not know
+        return None
+
+
+# -- prune -----------------------------------------------------------------------------------------------
 PruneWhy = Literal["broken", "other_environment", "older_than", "over_size"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneItem:
     key: str
     model_name: str
@@ -190,65 +241,87 @@ class PruneItem:
     last_used: float
     why: PruneWhy
     detail: str
-    removed: bool = False
+    entry_id: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "model": self.model_name,
-            "provider": self.provider,
-            "size": self.size,
-            "last_used": self.last_used,
-            "why": self.why,
-            "detail": self.detail,
-            "removed": self.removed,
-        }
+    def as_dict(self, removed: bool | None = None) -> dict[str, Any]:
+        d: dict[str, Any] = {"key": self.key, "model": self.model_name, "provider": self.provider, "size": self.size,
+                             "last_used": self.last_used, "why": self.why, "detail": self.detail}
+        if removed is not None:
+            d["removed"] = removed
+        return d
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneReport:
-    items: list[PruneItem] = field(default_factory=list)
+    """What :meth:`PrunePlan.execute` did: each planned item and whether it went."""
+
+    items: tuple[PruneItem, ...]
+    removed: tuple[str, ...]
+    size_before: int
     dry_run: bool = False
-    size_before: int = 0
 
     @property
     def freed(self) -> int:
-        return sum(i.size for i in self.items if i.removed or self.dry_run)
+        gone = set(self.removed)
+        return sum(i.size for i in self.items if i.key in gone or self.dry_run)
 
     @property
     def size_after(self) -> int:
         return self.size_before - self.freed
 
+    @property
+    def failed(self) -> tuple[PruneItem, ...]:
+        """Planned items that could not be removed (being rebuilt, replaced since the plan, refused by the OS)."""
+        gone = set(self.removed)
+        return () if self.dry_run else tuple(i for i in self.items if i.key not in gone)
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "size_before": self.size_before,
-            "freed": self.freed,
-            "size_after": self.size_after,
-            "items": [i.as_dict() for i in self.items],
-        }
+        gone = set(self.removed)
+        return {"dry_run": self.dry_run, "size_before": self.size_before, "freed": self.freed,
+                "size_after": self.size_after, "failed": len(self.failed),
+                "items": [i.as_dict(None if self.dry_run else i.key in gone) for i in self.items]}
 
 
-def plan_prune(
-    cache: ContextCache,
-    *,
-    max_size: int | None = None,
-    older_than: float | None = None,
-    other_environments: bool = True,
-    keep: Collection[str] = (),
-) -> tuple[list[PruneItem], int]:
-    """What :func:`prune` would remove, in order, and the cache size before.
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a prune would remove, in order. Show it, then :meth:`execute` exactly this plan."""
 
-    Order: damaged entries; entries built for another environment (another onnxruntime, EP or SDK
-    version, another OS or architecture, or a provider that cannot run here: their keys cannot come up
-    on this machine); entries unused
-    for ``older_than`` seconds; then least recently used until the rest fits in ``max_size``, entries of
-    other environments first. ``other_environments=False`` keeps those unless a limit needs the room
-    (for a cache folder shared by apps on different onnxruntime versions).
-    """
-    from ._cache import EntryInfo
+    items: tuple[PruneItem, ...]
+    size_before: int
+    _store: Store = field(repr=False, compare=False)
 
-    infos = cache.entries(include_broken=True)
+    @property
+    def freed(self) -> int:
+        return sum(i.size for i in self.items)
+
+    def report(self) -> PruneReport:
+        """The plan as a report, removing nothing (``--dry-run``)."""
+        return PruneReport(self.items, (), self.size_before, dry_run=True)
+
+    def execute(self) -> PruneReport:
+        """Remove the planned entries, and only those: one replaced since the plan (another entry_id) or
+        being rebuilt (its lock is held) is left, and reported in :attr:`PruneReport.failed`."""
+        removed = []
+        for item in self.items:
+            if self._store.evict(item.key, "pruned", item.detail, expect_id=item.entry_id, keep=False):
+                removed.append(item.key)
+                log.info("pruned %s (%s): %s", item.key[:12], item.model_name, item.detail)
+        return PruneReport(self.items, tuple(removed), self.size_before)
+
+
+def plan_prune(store: Store, env: _key.Environment, *, max_size: int | None = None, older_than: float | None = None,
+               other_environments: bool = True, keep: Collection[str] = ()) -> PrunePlan:
+    """What a prune removes, in order: damaged entries; entries built for another environment (another
+    onnxruntime, EP or SDK version, another OS or architecture, or a provider that cannot run here:
+    their keys cannot come up on this machine); entries unused for ``older_than`` seconds; then least
+    recently used until the rest fits in ``max_size``, entries of other environments first.
+    ``other_environments=False`` keeps those unless a limit needs the room (a cache folder shared by
+    apps on different onnxruntime versions)."""
+    if max_size is not None and max_size < 0:
+        raise ValueError("max_size must be >= 0")
+    if older_than is not None and older_than < 0:
+        raise ValueError("older_than must be >= 0 seconds")
+    infos = entries(store, include_broken=True)
     size_before = sum(i.size for i in infos)
     memo: dict[str, dict[str, Any] | str] = {}
     now = time.time()
@@ -256,7 +329,8 @@ def plan_prune(
     taken: set[str] = set()
 
     def take(info: EntryInfo, why: PruneWhy, detail: str) -> None:
-        chosen.append(PruneItem(info.key, info.model_name, info.provider, info.size, info.last_used, why, detail))
+        chosen.append(PruneItem(info.key, info.model_name, info.provider, info.size, info.last_used, why, detail,
+                                info.entry_id or None))
         taken.add(info.key)
 
     stale: dict[str, str] = {}
@@ -267,7 +341,7 @@ def plan_prune(
             if "newer ctxcache" not in info.broken:  # a newer version's entry is not ours to judge
                 take(info, "broken", info.broken)
             continue
-        why = _env_mismatch(cache, info.parts, memo)
+        why = env_mismatch(env, info.parts, memo)
         if why is not None:
             stale[info.key] = why
     if other_environments:
@@ -280,45 +354,15 @@ def plan_prune(
                 take(info, "older_than", f"last used {_age(now - info.last_used)} ago")
     if max_size is not None:
         total = size_before - sum(i.size for i in chosen)
-        # Entries of other environments go first (nothing here can use them), then plain LRU.
-        order = sorted(
-            (i for i in infos if i.key not in taken and i.key not in keep and i.broken is None),
-            key=lambda i: (i.key not in stale, i.last_used),
-        )
+        order = sorted((i for i in infos if i.key not in taken and i.key not in keep and i.broken is None),
+                       key=lambda i: (i.key not in stale, i.last_used))
         for info in order:
             if total <= max_size:
                 break
             detail = "built for another environment: " + stale[info.key] if info.key in stale else "least recently used"
             take(info, "over_size", detail)
             total -= info.size
-    return chosen, size_before
-
-
-def prune(
-    cache: ContextCache,
-    *,
-    max_size: int | None = None,
-    older_than: float | None = None,
-    other_environments: bool = True,
-    dry_run: bool = False,
-    keep: Collection[str] = (),
-) -> PruneReport:
-    """Remove what :func:`plan_prune` picks (nothing with ``dry_run``). An entry being rebuilt is skipped."""
-    if max_size is not None and max_size < 0:
-        raise ValueError("max_size must be >= 0")
-    if older_than is not None and older_than < 0:
-        raise ValueError("older_than must be >= 0 seconds")
-    items, size_before = plan_prune(
-        cache, max_size=max_size, older_than=older_than, other_environments=other_environments, keep=keep
-    )
-    report = PruneReport(items, dry_run, size_before)
-    if dry_run:
-        return report
-    for item in items:
-        item.removed = _remove(cache, item.key)
-        if item.removed:
-            log.info("pruned %s (%s): %s", item.key[:12], item.model_name, item.detail)
-    return report
+    return PrunePlan(tuple(chosen), size_before, store)
 
 
 def _age(seconds: float) -> str:
@@ -328,11 +372,11 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-# -- explain ----------------------------------------------------------------------------------------
+# -- explain -----------------------------------------------------------------------------------------------
 Verdict = Literal["hit", "miss", "fallback", "bypass"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Difference:
     """One key part that differs between an existing entry (``old``) and this load (``new``)."""
 
@@ -341,13 +385,13 @@ class Difference:
     new: Any
 
     def __str__(self) -> str:
-        return _render((self.part, self.old, self.new))
+        return _key.render((self.part, self.old, self.new))
 
     def as_dict(self) -> dict[str, Any]:
         return {"part": self.part, "old": self.old, "new": self.new, "text": str(self)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Nearest:
     """An existing entry of the same model and how its key differs from the one a load would use."""
 
@@ -356,20 +400,29 @@ class Nearest:
     created: float
     last_used: float
     same_content: bool
-    differences: list[Difference]
+    differences: tuple[Difference, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "model": self.model_name,
-            "created": self.created,
-            "last_used": self.last_used,
-            "same_content": self.same_content,
-            "differences": [d.as_dict() for d in self.differences],
-        }
+        return {"key": self.key, "model": self.model_name, "created": self.created, "last_used": self.last_used,
+                "same_content": self.same_content, "differences": [d.as_dict() for d in self.differences]}
 
 
-@dataclass
+@dataclass(frozen=True)
+class TierAnswer:
+    """What one tier holds for the key a load would use (read-only: nothing is fetched)."""
+
+    tier: str
+    kind: str
+    match: str
+    #: ``"exact"``, ``"portable"`` (built on another host), ``None``, or ``"error: <why>"``
+    has: str | None
+    would_serve: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tier": self.tier, "kind": self.kind, "match": self.match, "has": self.has, "would_serve": self.would_serve}
+
+
+@dataclass(frozen=True)
 class Explanation:
     """What :meth:`ContextCache.explain` answers: would a load hit, and if not, why."""
 
@@ -378,12 +431,24 @@ class Explanation:
     key: str | None = None
     model_digest: str | None = None
     reason: Reason | None = None
-    nearest: list[Nearest] = field(default_factory=list)
+    nearest: tuple[Nearest, ...] = ()
     other_entries: int = 0  # entries of other models (not compared)
+    tiers: tuple[TierAnswer, ...] = ()
 
     @property
     def hit(self) -> bool:
+        """The local cache holds an entry that a load would serve."""
         return self.verdict == "hit"
+
+    @property
+    def served_by(self) -> TierAnswer | None:
+        """On a local miss, the tier a load would fill the entry from (``LoadResult.tier``)."""
+        return next((t for t in self.tiers if t.would_serve), None)
+
+    @property
+    def would_hit(self) -> bool:
+        """The application would get a context session without compiling (locally or from a tier)."""
+        return self.hit or self.served_by is not None
 
     def summary(self) -> str:
         """One line: the verdict and its main cause."""
@@ -397,84 +462,132 @@ class Explanation:
         return f"miss: differs from entry {top.key[:12]} in " + ", ".join(str(d) for d in top.differences)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "verdict": self.verdict,
-            "hit": self.hit,
-            "key": self.key,
-            "model_digest": self.model_digest,
-            "reason": {"code": self.reason.code, "message": self.reason.message} if self.reason else None,
-            "summary": self.summary(),
-            "nearest": [n.as_dict() for n in self.nearest],
-            "other_entries": self.other_entries,
-        }
+        served = self.served_by
+        return {"model": self.model, "verdict": self.verdict, "hit": self.hit, "would_hit": self.would_hit,
+                "key": self.key, "model_digest": self.model_digest,
+                "reason": {"code": self.reason.code, "message": self.reason.message} if self.reason else None,
+                "summary": self.summary(), "nearest": [n.as_dict() for n in self.nearest],
+                "other_entries": self.other_entries, "tiers": [t.as_dict() for t in self.tiers],
+                "served_by_tier": served.tier if served else None}
 
 
-def explain(
-    cache: ContextCache,
-    model: ModelArg,
-    *,
-    providers: ProvidersArg,
-    provider_options: Sequence[Mapping[str, Any]] | None = None,
-    sess_options: ort.SessionOptions | None = None,
-    limit: int = 3,
-) -> Explanation:
-    """Would ``cache.load(model, providers=...)`` hit? If not, which key parts differ from the nearest
-    entries of the same model (same content first, then same file name).
+def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers: ProvidersArg,
+            provider_options: Sequence[Mapping[str, Any]] | None = None,
+            sess_options: ort.SessionOptions | None = None, limit: int = 3) -> Explanation:
+    """Would ``load(model, providers=...)`` hit? If not, which key parts differ from the nearest entries
+    of the same model (same content first, then same file name), and which tier would serve it.
 
-    Read-only: nothing is compiled, loaded, invalidated or counted. Raises the same input errors as
-    :meth:`ContextCache.load`.
+    Read-only: nothing is compiled, loaded, invalidated, fetched or counted. Raises the same input
+    errors as a load, and asks the same rules in the same order.
     """
-    m = _model_arg(model)
-    chain = resolve_providers(providers, provider_options)
-    no_context = context_target(chain)  # as the loader decides
+    store = loader.store
+    req = Request(resolve_model(model), resolve_providers(providers, provider_options), sess_options)
+    no_context = context_target(req.chain)
     if no_context is not None:
-        return Explanation(m.name, "bypass", reason=no_context)
-    ep, options = chain[0]
-    digest = cache._loader.digest(m).digest
-    fp = cache._loader.fingerprint(digest, ep, options, sess_options)
-    key = fp.key
-    ex = Explanation(m.name, "miss", key=key, model_digest=digest)
-
-    failed = cache.store.failure(key, cache.negative_ttl)
-    if failed is not None:
-        # Same codes as the loader gives this bypass.
-        code = "crashed_during_load" if failed.get("code") == "crashed_during_load" else "not_compilable"
-        ex.verdict, ex.reason = "bypass", Reason(code, f"remembered: {failed.get('message', '')}")
-        return ex
+        return Explanation(req.model.name, "bypass", reason=no_context)
+    req.digest = req.model.digest(store.memo_dir)
+    req.fingerprint = loader.fingerprint(req)
+    key, digest = req.fingerprint.key, req.digest.digest
+    remembered = _negative.remembered(store.negative_dir, key, loader.settings.negative_ttl)
+    if remembered is not None:
+        return Explanation(req.model.name, "bypass", key, digest, remembered)
     try:
-        entry = cache.store.lookup(key)
+        entry = store.lookup(key)
     except BrokenEntry as b:
-        ex.verdict, ex.reason = "fallback", Reason(b.code, b.message)
-        return ex
+        return Explanation(req.model.name, "fallback", key, digest, Reason(b.code, b.message))
     if entry is not None:
-        problem = cache.store.verify(entry, full=cache.verify == "full")
-        if problem is not None:
-            ex.verdict, ex.reason = "fallback", Reason(*problem)
-        elif _dead_markers(cache, key):
-            ex.verdict, ex.reason = "fallback", Reason("crashed_during_load", "a process died while loading this context")
-        else:
-            ex.verdict = "hit"
-        return ex
-
-    here = fp.as_dict()
+        problem = entry_problem(store, entry, req.ep, full=loader.settings.verify == "full")
+        return Explanation(req.model.name, "fallback" if problem else "hit", key, digest, problem)
+    here = req.fingerprint.as_dict()
     candidates: list[Nearest] = []
-    for info in cache.entries():
+    others = 0
+    for info in entries(store):
         same_content = info.parts.get("model") == digest
-        if not same_content and info.model_name != m.name:
-            ex.other_entries += 1
+        if not same_content and info.model_name != req.model.name:
+            others += 1
             continue
-        diffs = [Difference(*d) for d in _fingerprint.diff(info.parts, here)]
+        diffs = tuple(Difference(*d) for d in _fingerprint.diff(info.parts, here))
         candidates.append(Nearest(info.key, info.model_name, info.created, info.last_used, same_content, diffs))
     # Same content before same name; then the fewest differing parts; then the most recent.
     candidates.sort(key=lambda n: (not n.same_content, len(n.differences), -n.last_used))
-    ex.nearest = candidates[:limit]
-    return ex
+    answers: tuple[TierAnswer, ...] = ()
+    if tiers and not _negative.tiers_rejected(store.negative_dir, key, loader.settings.negative_ttl):
+        answers = tier_report(tiers, req.fingerprint)
+    return Explanation(req.model.name, "miss", key, digest, None, tuple(candidates[:limit]), others, answers)
 
 
-def forget_failure(cache: ContextCache, key: str) -> None:
-    """Drop the remembered compile failure of ``key`` (``ctxcache warm`` retries what it is asked to)."""
-    try:
-        os.unlink(cache.store.negative_dir / f"{key}.json")
-    except OSError:
-        pass
+def tier_report(tiers: Sequence[Tier], fp: _fingerprint.Fingerprint | None = None) -> tuple[TierAnswer, ...]:
+    """Each tier in lookup order and, given the key a load would use, whether it holds it and whether it
+    would be the one to serve it (the loader takes the first that has the entry: exactly, or built
+    elsewhere where the tier accepts portable entries). Never raises."""
+    from .errors import TierError
+
+    out: list[TierAnswer] = []
+    served = False
+    for tier in tiers:
+        has: str | None = None
+        if fp is not None:
+            try:
+                has = tier.lookup(fp.key, fp.parts)
+            except TierError as e:
+                has = f"error: {e}"
+            except Exception as e:  # noqa: BLE001 - a report never raises
+                has = f"error: {type(e).__name__}: {e}"
+        usable = has == "exact" or (has == "portable" and tier.match == "portable")
+        out.append(TierAnswer(tier.describe(), tier.kind, tier.match, has, usable and not served))
+        served = served or usable
+    return tuple(out)
+
+
+# -- warm --------------------------------------------------------------------------------------------------
+WarmStatus = Literal["compiled", "cached", "failed"]
+
+
+@dataclass(frozen=True)
+class WarmResult:
+    """What :meth:`ContextCache.warm` did for one model and provider configuration."""
+
+    model: str
+    status: WarmStatus
+    outcome: str | None
+    key: str | None
+    reason: str | None = None
+    compile_seconds: float = 0.0
+    seconds: float = 0.0
+    #: a damaged entry that was replaced on the way, and why it was damaged
+    replaced: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "status": self.status, "outcome": self.outcome, "key": self.key,
+                "reason": self.reason, "compile_seconds": self.compile_seconds, "seconds": self.seconds,
+                "replaced": self.replaced}
+
+
+def warm(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers: ProvidersArg,
+         provider_options: Sequence[Mapping[str, Any]] | None = None,
+         sess_options: ort.SessionOptions | None = None) -> WarmResult:
+    """Make sure ``model`` has an intact entry for ``providers`` (the one "make sure this is cached").
+
+    Idempotent: an intact entry is left alone. A remembered ``not_compilable`` is retried (warm is an
+    explicit request); a remembered ``context_unloadable`` or ``crashed_during_load`` is not: that
+    context failed to load (or killed its loader) here, and compiling it again would only repeat it.
+    Input errors raise; everything else is reported in the result.
+    """
+    start = time.perf_counter()
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<bytes>"
+    ex = explain(loader, tiers, model, providers=providers, provider_options=provider_options, sess_options=sess_options)
+    if ex.hit:
+        return WarmResult(name, "cached", "hit", ex.key, seconds=time.perf_counter() - start)
+    if ex.verdict == "bypass" and ex.reason is not None:
+        if ex.reason.code == "not_compilable" and ex.key:
+            _negative.forget(loader.store.negative_dir, ex.key)
+        elif ex.reason.code != "not_compilable":
+            return WarmResult(name, "failed", "bypass", ex.key, str(ex.reason), seconds=time.perf_counter() - start)
+    r = loader.load(model, providers, provider_options, sess_options, warm=True)
+    replaced = None
+    if r.outcome == "fallback" and r.reason is not None and r.reason.code not in ("compile_failed", "publish_failed"):
+        replaced = str(r.reason)  # a damaged entry was quarantined; build it afresh
+        r = loader.load(model, providers, provider_options, sess_options, warm=True)
+    status: WarmStatus = "compiled" if r.outcome == "miss" else "cached" if r.outcome == "hit" else "failed"
+    reason = None if status != "failed" else (str(r.reason) if r.reason else r.outcome)
+    return WarmResult(name, status, r.outcome, r.key, reason, r.timings.compile, time.perf_counter() - start, replaced)

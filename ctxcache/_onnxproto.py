@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Wire types
@@ -38,23 +37,29 @@ class WireError(ValueError):
     """The bytes are not a well-formed protobuf message."""
 
 
-@dataclass
 class EPContextNode:
     """What ctxcache needs to know about one EPContext node of a compiled model."""
 
-    source: str = ""
-    embed_mode: int = 1
-    cache_context: bytes = b""  # a file name when embed_mode == 0, else the binary itself (not kept)
-    partition_name: str = ""
+    __slots__ = ("cache_context", "embed_mode", "partition_name", "source")
+
+    def __init__(self) -> None:
+        self.source = ""
+        self.embed_mode = 1
+        self.cache_context = b""  # a file name when embed_mode == 0, else the binary itself (not kept)
+        self.partition_name = ""
 
 
-@dataclass
 class ModelFacts:
-    ir_version: int = 0
-    has_graph: bool = False
-    external_locations: set[str] = field(default_factory=set)
-    metadata: dict[str, str] = field(default_factory=dict)
-    ep_context_nodes: list[EPContextNode] = field(default_factory=list)
+    """The few facts ctxcache reads from a model file (plain classes: they are on every hit's import)."""
+
+    __slots__ = ("ep_context_nodes", "external_locations", "has_graph", "ir_version", "metadata")
+
+    def __init__(self) -> None:
+        self.ir_version = 0
+        self.has_graph = False
+        self.external_locations: set[str] = set()
+        self.metadata: dict[str, str] = {}
+        self.ep_context_nodes: list[EPContextNode] = []
 
 
 def _varint(buf: memoryview | bytes | mmap.mmap, pos: int, end: int) -> tuple[int, int]:
@@ -224,17 +229,40 @@ def read_facts_from_bytes(data: bytes | memoryview, *, ep_context: bool = False)
     return walker.facts
 
 
-def read_facts(path: str | os.PathLike[str], *, ep_context: bool = False) -> ModelFacts:
-    """Parse the model file at ``path`` via mmap (payloads are skipped, never copied)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+def read_facts(
+    path: str | os.PathLike[str], *, ep_context: bool = False, opener: Callable[[Path], int] | None = None
+) -> ModelFacts:
+    """Parse the model file at ``path`` via mmap (payloads are skipped, never copied).
+
+    ``opener`` returns a read descriptor (the cache passes its guarded ``open_regular``: no link, no FIFO);
+    by default the file is opened non-blocking and must be a regular file, so a FIFO given as a model
+    raises instead of hanging.
+    """
+    fd = opener(Path(path)) if opener is not None else open_model_file(Path(path))
+    try:
+        size = os.fstat(fd).st_size
         if size == 0:
             raise WireError("empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
             walker = _Walker(mm, ep_context)
             walker.model(0, size)
+    finally:
+        os.close(fd)
     _require_model(walker.facts)
     return walker.facts
+
+
+def open_model_file(path: Path) -> int:
+    """A read descriptor on a user's model file: links are followed (a model may be one), but the
+    target must be a regular file; ``O_NONBLOCK`` keeps a FIFO from blocking the open."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
 
 
 def _require_model(facts: ModelFacts) -> None:

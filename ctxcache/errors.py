@@ -2,7 +2,8 @@
 
 Every error ctxcache raises derives from :class:`CtxCacheError`; each subclass also derives from the
 builtin that fits, so ``except FileNotFoundError`` or ``except TimeoutError`` in an app keeps working.
-Errors carry their data as attributes and survive pickling (they cross process boundaries in
+Each class takes its data as named keyword arguments (a misspelt one is a ``TypeError``, not a silent
+new attribute), keeps it as attributes, and survives pickling (errors cross process boundaries in
 ``ctxcache warm --jobs``).
 """
 
@@ -11,88 +12,129 @@ from __future__ import annotations
 from typing import Any
 
 
-def _rebuild(cls: type[CtxCacheError], message: str, attrs: dict[str, Any]) -> CtxCacheError:
+def _rebuild(cls: type[CtxCacheError], message: str, state: dict[str, Any]) -> CtxCacheError:
     err = cls.__new__(cls)
-    CtxCacheError.__init__(err, message, **attrs)
+    CtxCacheError.__init__(err, message)
+    err.__dict__.update(state)
     return err
 
 
 class CtxCacheError(Exception):
     """Root of every ctxcache error. ``str(err)`` says what happened, to which file, and what to do."""
 
-    def __init__(self, message: str, **attrs: Any) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self._attrs = attrs
-        for name, value in attrs.items():
-            setattr(self, name, value)
 
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """The error's data (everything but the message), e.g. ``{"path": "/x/model.onnx"}``."""
+        return {k: v for k, v in self.__dict__.items() if k != "message" and not k.startswith("_")}
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.message, self._attrs))
+        # Keyword-only constructors cannot be rebuilt from ``args``: rebuild from the instance's dict.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
 
 
 class ModelNotFoundError(CtxCacheError, FileNotFoundError):
-    """The model file (or an external-data file it references) does not exist. Attribute: ``path``."""
+    """The model file (or an external-data file it references) does not exist."""
 
-    path: str
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class InvalidModelError(CtxCacheError, ValueError):
-    """The input is not a readable ONNX model. Attributes: ``path``, ``detail``."""
+    """The input is not a readable ONNX model (or one of its data files is not a plain file)."""
 
-    path: str
-    detail: str
+    def __init__(self, message: str, *, path: str, detail: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.detail = detail
 
 
 class UnknownProviderError(CtxCacheError, ValueError):
-    """An execution provider name that ONNX Runtime does not know. Attributes: ``provider``, ``known``."""
+    """An execution provider name that ONNX Runtime does not know; ``known`` lists the names it does."""
 
-    provider: str
-    known: list[str]
+    def __init__(self, message: str, *, provider: str, known: list[str]) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.known = known
 
 
 class ProviderOptionError(CtxCacheError, ValueError):
-    """A provider option is misspelt, mistyped or refused. Attributes: ``provider``, ``option``."""
+    """A provider option is misspelt, mistyped or out of range (raised before anything is written)."""
 
-    provider: str
-    option: str
+    def __init__(self, message: str, *, provider: str, option: str) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.option = option
 
 
 class LockTimeoutError(CtxCacheError, TimeoutError):
-    """Another process kept compiling this model past ``lock_timeout`` (policy ``"raise"``).
+    """Another process kept the key's lock past the deadline (``on_lock_timeout="raise"``, or an import)."""
 
-    Attributes: ``lock_path``, ``timeout``.
-    """
-
-    lock_path: str
-    timeout: float
+    def __init__(self, message: str, *, lock_path: str, timeout: float) -> None:
+        super().__init__(message)
+        self.lock_path = lock_path
+        self.timeout = timeout
 
 
 class CacheFaultError(CtxCacheError, RuntimeError):
     """Strict mode only: a cache fault that would otherwise have been a logged fallback.
 
-    Attributes: ``code`` (machine-readable, see :class:`ctxcache.Reason`), ``key``.
+    ``code`` is the machine-readable reason (see :data:`ctxcache.REASONS`); ``key`` the entry's key.
     """
 
-    code: str
-    key: str | None
+    def __init__(self, message: str, *, code: str, key: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.key = key
 
 
 class CacheFormatError(CtxCacheError, ValueError):
-    """A manifest or cache file that this version of ctxcache cannot read. Attribute: ``path``."""
+    """A manifest or cache file that this version of ctxcache cannot read."""
 
-    path: str
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CacheLocationError(CtxCacheError, OSError):
+    """The cache folder cannot be used: it is a file, it cannot be found (Android), or it is unsafe."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class TierError(CtxCacheError, RuntimeError):
+    """A tier's entry was refused or the tier could not be read.
+
+    ``code``: ``tier_digest``, ``tier_signature``, ``tier_record``, ``tier_unsafe``, ``tier_bad_context``
+    (the bytes were wrong), ``tier_unreachable`` (the tier is absent or down), ``tier_untrusted`` (no
+    signature from a trusted key where one is required).
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 class BundleError(CtxCacheError, ValueError):
-    """A bundle cannot be exported or imported: nothing selected, unsafe archive member, bad signature.
+    """A bundle or model package cannot be exported or imported.
 
-    Attributes: ``path`` (the bundle), ``code`` (``nothing_selected``, ``tier_unsafe``, ``tier_signature``,
-    ``tier_record``, ``tier_unreachable``, ``exists``).
+    ``path`` is the bundle; ``code`` is ``nothing_selected``, ``exists``, ``copy_failed`` or a
+    :class:`TierError` code (``tier_unsafe``, ``tier_signature``, ``tier_record``, ``tier_unreachable``).
     """
 
-    path: str
-    code: str
+    def __init__(self, message: str, *, path: str, code: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.code = code

@@ -188,3 +188,18 @@ def qnn_htp_options() -> dict[str, str]:
         "htp_arch": "73",
         "enable_htp_fp16_precision": "1",
     }
+
+
+def plain_qnn_session(model: str | Path | bytes, sess_options: Any = None, options: dict[str, str] | None = None) -> Any:
+    """A session on ``model`` with plain ONNX Runtime and the QNN plugin, no ctxcache in between (the
+    yardstick the demo, tests and benchmarks compare with): register the plugin library, then add the
+    provider for its devices (the classic ``providers=`` form would silently run on CPU)."""
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    if not any(d.ep_name == "QNNExecutionProvider" for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    so = sess_options if sess_options is not None else ort.SessionOptions()
+    so.add_provider_for_devices(devices, options if options is not None else qnn_htp_options())
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so)

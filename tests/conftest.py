@@ -1,6 +1,10 @@
-"""Shared fixtures: generated models, a fresh cache per test, QNN options, and a subprocess runner.
+"""Shared fixtures: generated models, a fresh cache per test, QNN options, a subprocess runner, and
+:class:`Layout`, the documented on-disk layout of a cache (README, "Where the cache lives") that tests
+use to damage, plant and inspect files.
 
 Everything runs against the real onnxruntime and the real onnxruntime-qnn HTP compiler + simulator.
+Fault injection goes through the documented seams only: ``ctxcache._seams.hooks`` (compile, locked,
+published, verified) and ``ctxcache._fs.ops`` (the OS calls Windows refuses for open files).
 """
 
 from __future__ import annotations
@@ -19,6 +23,68 @@ from ctxcache import models
 
 ROOT = Path(__file__).resolve().parent.parent
 QNN = "QNNExecutionProvider"
+
+
+class Layout:
+    """Where a cache keeps what (layout ``v1``), from its root folder: the paths tests damage and inspect."""
+
+    def __init__(self, root: Path | Any) -> None:
+        self.base = Path(getattr(root, "root", root))
+        self.root = self.base / "v1"
+        self.entries_dir = self.root / "entries"
+        self.staging_dir = self.root / "staging"
+        self.quarantine_dir = self.root / "quarantine"
+        self.locks_dir = self.root / "locks"
+        self.memo_dir = self.root / "memo"
+        self.markers_dir = self.root / "markers"
+        self.negative_dir = self.root / "negative"
+        self.events_path = self.root / "events.log"
+
+    def entry_path(self, key: str | None) -> Path:
+        assert key is not None
+        return self.entries_dir / key
+
+    def lock_path(self, key: str) -> Path:
+        return self.locks_dir / f"{key}.lock"
+
+    def keys(self) -> list[str]:
+        return sorted(p.name for p in self.entries_dir.iterdir()) if self.entries_dir.is_dir() else []
+
+    def ensure(self) -> None:
+        """Create the folders as the library does (owner-only), so a test can plant files before a load."""
+        for d in (self.base, self.root, self.entries_dir, self.staging_dir, self.quarantine_dir, self.locks_dir,
+                  self.memo_dir, self.markers_dir, self.negative_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def remember_failure(self, key: str, code: str, message: str) -> None:
+        """What the negative cache records (``negative/<key>.json``)."""
+        import time
+
+        self.ensure()
+        (self.negative_dir / f"{key}.json").write_text(json.dumps({"code": code, "message": message, "time": time.time()}))
+
+    def new_staging(self, key: str, pid: int | None = None) -> Path:
+        """A staging folder as a compile in process ``pid`` (default: this one) names it."""
+        self.ensure()
+        path = self.staging_dir / f"{key}.{pid if pid is not None else os.getpid()}.{os.urandom(4).hex()}"
+        path.mkdir(mode=0o700)
+        return path
+
+
+#: The environment variable holding the HMAC key of bundles and remote records (README, "Tiers").
+SIGNING_KEY_ENV = "CTXCACHE_SIGNING_KEY"
+
+
+def hmac_sign(data: bytes, key: bytes) -> bytes:
+    """A signature file's content as README documents it: ``hmac-sha256:<hex>`` (the tests' own forger)."""
+    import hashlib
+    import hmac
+
+    return b"hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest().encode()
+
+
+def layout(cache: Any) -> Layout:
+    return Layout(cache)
 
 
 @pytest.fixture(autouse=True)
@@ -60,8 +126,27 @@ def conv_model_b(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rel_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three small models of one architecture, other weights (same-size artifacts: swaps go unnoticed by size)."""
+    from ctxcache import models
+
+    d = tmp_path_factory.mktemp("rel-models")
+    return [models.conv_net(d / f"m{i}.onnx", layers=3, channels=16, seed=10 + i) for i in range(3)]
+
+
+@pytest.fixture(scope="session")
 def external_model(model_dir: Path) -> Path:
     return models.conv_net(model_dir / "ext" / "conv_ext.onnx", layers=3, channels=32, seed=3, external_data=True)
+
+
+def output_digest(result: Any) -> str:
+    """A digest of the first output of ``result.session`` on the fixed random input (seed 7): outputs
+    compare bit for bit across processes and sessions."""
+    import numpy as np
+    import xxhash
+
+    out = result.session.run(None, models.random_input(result.session, seed=7))[0]
+    return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())
 
 
 def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:

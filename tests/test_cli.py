@@ -17,7 +17,7 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from conftest import QNN, ROOT, last_json, run_python
+from conftest import QNN, ROOT, last_json, layout, run_python
 
 from ctxcache import ContextCache, models
 from ctxcache.cli import main
@@ -420,8 +420,8 @@ def test_warm_retries_a_remembered_compile_failure(warm_models: Path, cache_dir:
     model = warm_models / "a.onnx"
     cache = ContextCache(cache_dir)
     key = cache.key(model, providers=[(QNN, models.qnn_htp_options())]).key
-    cache.store.ensure()
-    cache.store.remember_failure(key, "not_compilable", "QNN compiled no node (remembered from an older SDK)")
+    layout(cache).ensure()
+    layout(cache).remember_failure(key, "not_compilable", "QNN compiled no node (remembered from an older SDK)")
     assert cache.explain(model, providers=[(QNN, models.qnn_htp_options())]).verdict == "bypass"
     code, summary = run_json(capsys, "warm", str(model), "--cache-dir", str(cache_dir))
     assert code == 0 and summary["results"][0]["status"] == "compiled"

@@ -14,7 +14,7 @@ from typing import Any
 import filelock
 import onnxruntime as ort
 import pytest
-from conftest import QNN
+from conftest import QNN, layout
 
 from ctxcache import ContextCache, models
 from ctxcache.cli._common import parse_duration, parse_size
@@ -64,13 +64,13 @@ def test_prune_removes_other_environments_first_then_lru(three_entries: tuple[Co
     assert "onnxruntime 1.31.1 -> " + ort.__version__ in plan.items[0].detail
     assert other.is_dir() and a.is_dir()  # dry run
     report = cache.prune(max_size=one, other_environments=False)
-    assert all(i.removed for i in report.items) and report.freed == sizes[a] + sizes[other]
+    assert set(report.removed) == {i.key for i in report.items} and report.freed == sizes[a] + sizes[other]
     assert [e.path for e in cache.entries()] == [b]
 
 
 def test_prune_without_limits_takes_only_what_cannot_load_here(three_entries: tuple[ContextCache, Path, Path, Path]) -> None:
     cache, a, b, other = three_entries
-    assert cache.prune(other_environments=False).items == []
+    assert cache.prune(other_environments=False).items == ()
     report = cache.prune()
     assert [(i.key, i.why) for i in report.items] == [(other.name, "other_environment")]
     assert sorted(e.path for e in cache.entries()) == sorted([a, b])
@@ -84,11 +84,32 @@ def test_prune_older_than(three_entries: tuple[ContextCache, Path, Path, Path]) 
 
 def test_prune_skips_an_entry_whose_key_lock_is_held(three_entries: tuple[ContextCache, Path, Path, Path]) -> None:
     cache, a, b, other = three_entries
-    lock = filelock.FileLock(str(cache.store.lock_path(a.name)), is_singleton=False)
+    lock = filelock.FileLock(str(layout(cache).lock_path(a.name)), is_singleton=False)
     with lock:  # another process compiling this key right now
         report = cache.prune(max_size=0)
-    assert {i.key: i.removed for i in report.items} == {other.name: True, a.name: False, b.name: True}
+    assert {i.key: i.key in report.removed for i in report.items} == {other.name: True, a.name: False, b.name: True}
+    assert [i.key for i in report.failed] == [a.name]
     assert a.is_dir()
+
+
+def test_prune_executes_the_plan_that_was_shown(three_entries: tuple[ContextCache, Path, Path, Path],
+                                               external_model: Path, qnn_providers: list[Any]) -> None:
+    """The plan the user confirmed is the one executed: an entry that appears (or is rebuilt) between the
+    plan and its execution is not removed on the strength of a plan it was never part of."""
+    cache, a, b, other = three_entries
+    plan = cache.plan_prune(max_size=0)
+    planned = {i.key for i in plan.items}
+    assert planned == {a.name, b.name, other.name}
+    # Meanwhile: a new entry is compiled, and `a` is rebuilt under the same key (another entry_id).
+    new = cache.load(external_model, providers=qnn_providers)
+    assert new.outcome == "miss" and new.key not in planned
+    manifest = json.loads((a / "manifest.json").read_text())
+    manifest["entry_id"] = "rebuilt0" * 2
+    (a / "manifest.json").write_text(json.dumps(manifest))
+    report = plan.execute()
+    assert set(report.removed) == {b.name, other.name}
+    assert [i.key for i in report.failed] == [a.name]
+    assert a.is_dir() and layout(cache).entry_path(new.key).is_dir()
 
 
 def test_max_size_on_the_cache_prefers_other_environments(
@@ -137,7 +158,7 @@ def test_explain_ranks_same_content_before_same_name(
 def test_verify_reports_a_crash_marker_without_consuming_it(cache_dir: Path, conv_model: Path, qnn_providers: list[Any]) -> None:
     cache = ContextCache(cache_dir)
     entry = _entry_of(cache, conv_model, qnn_providers)
-    marker = cache.store.markers_dir / f"{entry.name}.999999999.abcdef"  # a pid that cannot be alive
+    marker = layout(cache).markers_dir / f"{entry.name}.999999999.abcdef"  # a pid that cannot be alive
     marker.write_bytes(b"")
     res = cache.verify_entries()
     assert [r.problem.code if r.problem else None for r in res] == ["crashed_during_load"]
@@ -190,8 +211,108 @@ def test_verify_sees_a_crashed_loader_whose_pid_was_reused(cache_dir: Path, conv
     # whose lock nobody holds was left by a loader that died; verify must report it as the loader would.
     cache = ContextCache(cache_dir)
     key = cache.load(conv_model, providers=qnn_providers).key
-    marker = cache.store.markers_dir / f"{key}.{os.getpid()}.abc123"
+    marker = layout(cache).markers_dir / f"{key}.{os.getpid()}.abc123"
     marker.write_bytes(b"flock\n")
     [res] = cache.verify_entries()
     assert res.problem is not None and res.problem.code == "crashed_during_load"
     assert marker.exists()  # reported, not consumed
+
+
+# -- rules that once had two copies (and drifted): now one owner each ---------------------------------
+def test_explain_agrees_with_load_on_an_incompatible_context(cache_dir: Path, conv_model: Path, qnn_providers: list[Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """explain once skipped the provider's compatibility check and said "hit" where the load fell back.
+
+    Through the provider seam (``ExecutionProvider.compatibility``): on this x86 host QNN's own check
+    cannot answer (it wants an NPU device), so the device's UNSUPPORTED verdict is played by the seam."""
+    from ctxcache import providers
+
+    cache = ContextCache(cache_dir)
+    assert cache.load(conv_model, providers=qnn_providers).outcome == "miss"
+    assert cache.explain(conv_model, providers=qnn_providers).verdict == "hit"
+    qnn = providers.get(QNN)
+    seen: list[str] = []
+
+    def unsupported(info: str) -> str:
+        seen.append(info)
+        return "ONNX Runtime reports the context as EP_UNSUPPORTED on this device"
+
+    monkeypatch.setattr(qnn, "compatibility", unsupported)
+    ex = cache.explain(conv_model, providers=qnn_providers)
+    assert (ex.verdict, ex.reason.code if ex.reason else None) == ("fallback", "incompatible")
+    assert seen and seen[0].startswith("v2:")  # the entry's recorded compatibility string was asked about
+    r = cache.load(conv_model, providers=qnn_providers)
+    assert (r.outcome, r.reason.code if r.reason else None) == ("fallback", "incompatible")
+
+
+def test_warm_does_not_recompile_a_context_known_not_to_load(cache_dir: Path, conv_model: Path,
+                                                             qnn_providers: list[Any]) -> None:
+    cache = ContextCache(cache_dir)
+    fp = cache.key(conv_model, providers=qnn_providers)
+    assert fp is not None
+    layout(cache).remember_failure(fp.key, "context_unloadable", "its freshly compiled context failed to load")
+    res = cache.warm(conv_model, providers=qnn_providers)
+    assert (res.status, res.outcome) == ("failed", "bypass") and res.reason and "context_unloadable" in res.reason
+    assert not layout(cache).keys() and cache.stats().misses == 0  # nothing compiled
+    assert (layout(cache).negative_dir / f"{fp.key}.json").exists()  # still remembered
+    # A remembered "compiled no node" is retried: warm is an explicit request.
+    layout(cache).remember_failure(fp.key, "not_compilable", "QNN compiled no node (an older SDK)")
+    res = cache.warm(conv_model, providers=qnn_providers)
+    assert (res.status, res.outcome) == ("compiled", "miss")
+    assert cache.warm(conv_model, providers=qnn_providers).status == "cached"
+    assert cache.stats().warm_compiles == 1
+
+
+def test_invalidate_never_takes_a_prefix_that_matches_everything(cache_dir: Path, conv_model: Path, conv_model_b: Path,
+                                                                qnn_providers: list[Any]) -> None:
+    cache = ContextCache(cache_dir)
+    a = cache.load(conv_model, providers=qnn_providers).key
+    b = cache.load(conv_model_b, providers=qnn_providers).key
+    assert a and b
+    for bad in ("", "   ", "a", "xyz!", "0123"[:3]):
+        with pytest.raises(ValueError):
+            cache.invalidate(key=bad)
+    common = os.path.commonprefix([a, b])  # noqa: RUF071 - hex keys: a character prefix is what is meant
+    if len(common) >= 4:
+        with pytest.raises(ValueError, match="matches 2 entries"):
+            cache.invalidate(key=common)
+    assert sorted(layout(cache).keys()) == sorted([a, b])  # nothing was touched
+    assert cache.invalidate(key=a[:8]) == 1 and layout(cache).keys() == [b]
+
+
+def test_write_back_runs_after_the_key_lock_is_released(cache_dir: Path, conv_model: Path,
+                                                        qnn_providers: list[Any]) -> None:
+    """An upload must never hold the key's lock: other launches of the app would wait for the network."""
+    import contextlib
+
+    pushed: list[tuple[str, bool]] = []
+
+    class Recorder:  # a writable tier (the Tier protocol plus push), with nothing to offer
+        kind, match, write_back = "remote", "exact", True
+
+        def describe(self) -> str:
+            return "a recording tier"
+
+        def lookup(self, key: str, parts: Any = ()) -> None:
+            return None
+
+        @contextlib.contextmanager
+        def offer(self, key: str, parts: Any = ()) -> Any:
+            yield None
+
+        def push(self, entry: Any, *, overwrite: bool = False) -> bool:
+            lock = filelock.FileLock(str(layout(cache).lock_path(entry.key)), is_singleton=False)
+            try:
+                lock.acquire(timeout=0)
+                free = True
+                lock.release()
+            except filelock.Timeout:
+                free = False
+            pushed.append((entry.key, free))
+            return True
+
+    cache = ContextCache(cache_dir, tiers=[Recorder()])
+    r = cache.load(conv_model, providers=qnn_providers)
+    assert r.outcome == "miss"
+    assert pushed == [(r.key, True)]
+    assert cache.load(conv_model, providers=qnn_providers).outcome == "hit" and len(pushed) == 1  # never on a hit

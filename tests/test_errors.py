@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QNN
+from conftest import QNN, layout
 
 import ctxcache
 from ctxcache import errors
 
 
 def _cache_is_empty(cache: ctxcache.ContextCache) -> bool:
-    return not cache.store.entries_dir.exists() or not any(cache.store.entries_dir.iterdir())
+    return not layout(cache).entries_dir.exists() or not any(layout(cache).entries_dir.iterdir())
 
 
 def test_missing_model(cache_dir: Path, tmp_path: Path, qnn_providers: list[Any]) -> None:
@@ -123,5 +123,33 @@ def test_bad_constructor_arguments(cache_dir: Path) -> None:
 def test_errors_pickle_with_their_attributes(err: errors.CtxCacheError) -> None:
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is type(err) and str(back) == str(err)
-    assert back._attrs == err._attrs
+    assert back.attributes == err.attributes and back.attributes
     assert isinstance(back, errors.CtxCacheError)
+
+
+def test_error_data_is_named_and_checked() -> None:
+    """Attributes are the keyword arguments of each class: a misspelt one is an error, not a new attribute."""
+    with pytest.raises(TypeError):
+        errors.ModelNotFoundError("missing", pathh="/x")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        errors.LockTimeoutError("slow", lock_path="/l")  # type: ignore[call-arg]
+    err = errors.TierError("refused", code="tier_digest")
+    assert err.attributes == {"code": "tier_digest"} and str(err) == "tier_digest: refused"
+
+
+def test_tier_errors_are_ctxcache_errors_from_public_calls(tmp_path: Path) -> None:
+    """TierError once escaped public calls without being a CtxCacheError."""
+    import socket
+
+    import ctxcache
+
+    assert issubclass(errors.TierError, errors.CtxCacheError) and issubclass(errors.BundleError, errors.CtxCacheError)
+    with socket.socket() as s:  # a port nobody listens on: a refused connection, at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    remote = ctxcache.RemoteTier("s3://bucket/p", endpoint_url=f"http://127.0.0.1:{port}", timeout=2)
+    with pytest.raises(errors.CtxCacheError) as info:
+        ctxcache.pull(ctxcache.ContextCache(tmp_path / "c"), remote)
+    assert isinstance(info.value, errors.TierError) and info.value.code == "tier_unreachable"
+    with pytest.raises(errors.CtxCacheError):
+        ctxcache.import_bundle(ctxcache.ContextCache(tmp_path / "c"), tmp_path / "no-such-bundle")

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 import xxhash
+from conftest import layout
 
 from ctxcache import _hashing, _onnxproto, models
 
@@ -45,8 +46,8 @@ def test_memo_hit_and_invalidation(tmp_path: Path) -> None:
 
 
 def test_walker_finds_external_data_everywhere(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     # An initializer in a subgraph (If branch) with external data must be found too.
     big = numpy_helper.from_array(np.ones((64, 64), np.float32), "w_inner")
@@ -99,7 +100,7 @@ def test_walker_reads_ep_context_nodes(tmp_path: Path, conv_model: Path, qnn_pro
 
     cache = ctxcache.ContextCache(tmp_path / "c")
     r = cache.load(conv_model, providers=qnn_providers)
-    facts = _onnxproto.read_facts(cache.store.entry_path(str(r.key)) / "ctx.onnx", ep_context=True)
+    facts = _onnxproto.read_facts(layout(cache).entry_path(str(r.key)) / "ctx.onnx", ep_context=True)
     [node] = facts.ep_context_nodes
     assert node.embed_mode == 0 and node.cache_context == b"ctx_qnn.bin"
     assert node.source == "QNNExecutionProvider"
@@ -107,7 +108,8 @@ def test_walker_reads_ep_context_nodes(tmp_path: Path, conv_model: Path, qnn_pro
 
 
 def test_entry_file_names_and_keys_are_matched_whole() -> None:
-    from ctxcache._store import _KEY_RE, safe_name
+    from ctxcache._manifest import KEY_RE as _KEY_RE
+    from ctxcache._manifest import safe_name
 
     assert safe_name("ctx.onnx") and safe_name("ctx_qnn.bin")
     for bad in ["ctx.onnx\n", "../ctx.onnx", ".hidden", "a/b", "", "x" * 200, "a..b"]:

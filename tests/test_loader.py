@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import LAUNCH, QNN, ROOT, launch
+from conftest import LAUNCH, QNN, ROOT, launch, layout
 
 import ctxcache
 from ctxcache import errors, models
@@ -25,7 +25,7 @@ def _reference(model: Path) -> np.ndarray:
 
 
 def _artifact(cache: ctxcache.ContextCache, key: str, suffix: str) -> Path:
-    entry = cache.store.entry_path(key)
+    entry = layout(cache).entry_path(key)
     return next(p for p in entry.iterdir() if p.name.endswith(suffix))
 
 
@@ -45,7 +45,7 @@ def test_miss_then_hit_in_process(cache_dir: Path, conv_model: Path, qnn_provide
     np.testing.assert_array_equal(a, b)
     # fp16 on the HTP simulator: close to the fp32 CPU reference, not equal.
     np.testing.assert_allclose(a, _reference(conv_model), rtol=0.05, atol=0.02)
-    entry = cache.store.entry_path(first.key)
+    entry = layout(cache).entry_path(first.key)
     names = sorted(p.name for p in entry.iterdir())
     assert names == ["ctx.onnx", "ctx_qnn.bin", "manifest.json"]
     manifest = json.loads((entry / "manifest.json").read_text())
@@ -116,8 +116,8 @@ def test_damaged_entry_falls_back_then_heals(cache_dir: Path, conv_model: Path, 
     cache = ctxcache.ContextCache(cache_dir)
     key = first["key"]
     binf = _artifact(cache, key, ".bin")
-    ctxf = cache.store.entry_path(key) / "ctx.onnx"
-    manifest = cache.store.entry_path(key) / "manifest.json"
+    ctxf = layout(cache).entry_path(key) / "ctx.onnx"
+    manifest = layout(cache).entry_path(key) / "manifest.json"
     data = binf.read_bytes()
     if damage == "truncate_bin":
         binf.write_bytes(data[: len(data) // 2])
@@ -144,8 +144,8 @@ def test_damaged_entry_falls_back_then_heals(cache_dir: Path, conv_model: Path, 
     assert second["reason"] is not None
     assert second["out"] == pytest.approx(first["out"], rel=0.05, abs=0.02)
     # The broken entry is gone from entries/ and kept, with its reason, in quarantine/.
-    assert not cache.store.entry_path(key).exists()
-    quarantined = [p for p in cache.store.quarantine_dir.iterdir() if p.name.startswith(key)]
+    assert not layout(cache).entry_path(key).exists()
+    quarantined = [p for p in layout(cache).quarantine_dir.iterdir() if p.name.startswith(key)]
     assert len(quarantined) == 1
     assert json.loads((quarantined[0] / "reason.json").read_text())["code"] == second["reason"]
 
@@ -179,9 +179,9 @@ def test_copied_cache_rehashes_once_then_hits(cache_dir: Path, conv_model: Path,
     cache = ctxcache.ContextCache(copy)
     r = cache.load(conv_model, providers=qnn_providers)
     assert r.outcome == "hit"
-    manifest = json.loads((cache.store.entry_path(r.key) / "manifest.json").read_text())  # type: ignore[arg-type]
+    manifest = json.loads((layout(cache).entry_path(r.key) / "manifest.json").read_text())  # type: ignore[arg-type]
     for art in manifest["artifacts"]:
-        st = (cache.store.entry_path(r.key) / art["name"]).stat()  # type: ignore[arg-type]
+        st = (layout(cache).entry_path(r.key) / art["name"]).stat()  # type: ignore[arg-type]
         assert art["sig"] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
@@ -191,18 +191,18 @@ def test_crash_marker_of_dead_process_poisons_entry(cache_dir: Path, conv_model:
     # A process that died while loading this context leaves its marker behind.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    (cache.store.markers_dir / f"{key}.{dead_pid}.abcdef").write_text("")
+    (layout(cache).markers_dir / f"{key}.{dead_pid}.abcdef").write_text("")
     r = cache.load(conv_model, providers=qnn_providers)
     assert r.outcome == "fallback"
     assert r.reason is not None and r.reason.code == "crashed_during_load"
-    assert list(cache.store.markers_dir.iterdir()) == []
+    assert list(layout(cache).markers_dir.iterdir()) == []
     assert cache.load(conv_model, providers=qnn_providers).outcome == "miss"
 
 
 def test_marker_of_live_process_does_not_poison(cache_dir: Path, conv_model: Path, qnn_providers: list[Any]) -> None:
     cache = ctxcache.ContextCache(cache_dir)
     key = cache.load(conv_model, providers=qnn_providers).key
-    (cache.store.markers_dir / f"{key}.{os.getpid()}.abcdef").write_text("")  # a concurrent loader
+    (layout(cache).markers_dir / f"{key}.{os.getpid()}.abcdef").write_text("")  # a concurrent loader
     assert cache.load(conv_model, providers=qnn_providers).outcome == "hit"
 
 
@@ -228,8 +228,8 @@ def test_cpu_only_is_bypass(cache_dir: Path, conv_model: Path) -> None:
     r = cache.load(conv_model, providers=["CPUExecutionProvider"])
     assert r.outcome == "bypass"
     assert r.reason is not None and r.reason.code == "nothing_to_compile"
-    assert r.providers == ["CPUExecutionProvider"]
-    assert not cache.store.entries_dir.exists() or not any(cache.store.entries_dir.iterdir())
+    assert r.providers == ("CPUExecutionProvider",)
+    assert not layout(cache).entries_dir.exists() or not any(layout(cache).entries_dir.iterdir())
 
 
 def test_provider_not_installed_is_bypass_with_working_session(cache_dir: Path, conv_model: Path) -> None:
@@ -297,7 +297,7 @@ def test_strict_mode_raises_on_faults(tmp_path: Path, cache_dir: Path, conv_mode
     with pytest.raises(errors.CacheFaultError) as info2:
         ctxcache.ContextCache(cache_dir).load(conv_model, providers=qnn_providers)
     assert info2.value.code == "artifact_size"
-    assert not cache.store.entry_path(str(key)).exists()  # invalidated all the same
+    assert not layout(cache).entry_path(str(key)).exists()  # invalidated all the same
 
 
 def test_lock_timeout_gives_jit_session_or_raises(cache_dir: Path, conv_model_b: Path, qnn_providers: list[Any]) -> None:
@@ -305,8 +305,8 @@ def test_lock_timeout_gives_jit_session_or_raises(cache_dir: Path, conv_model_b:
 
     cache = ctxcache.ContextCache(cache_dir, lock_timeout=0.3)
     key = cache.key(conv_model_b, providers=qnn_providers).key
-    cache.store.ensure()
-    lock = filelock.FileLock(str(cache.store.lock_path(key)), is_singleton=False)
+    layout(cache).ensure()
+    lock = filelock.FileLock(str(layout(cache).lock_path(key)), is_singleton=False)
     lock.acquire()
     try:
         # flock locks belong to open file descriptions: this second FileLock object (is_singleton=False,

@@ -69,7 +69,7 @@ for _ in range(2):
                  "maxdiff": float(np.abs(out - expected).max())}})
 fp = cache.key(model, providers=providers)
 print(json.dumps({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
-                  "quarantined": len(list(cache.store.quarantine_dir.iterdir())) if cache.store.quarantine_dir.exists() else 0}}))
+                  "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}}))
 """
 
 

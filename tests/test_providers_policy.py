@@ -13,10 +13,9 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
+from conftest import last_json, run_python
 
 import ctxcache
-
-from conftest import last_json, run_python
 
 
 def test_policy_is_a_bypass_that_names_the_pick(conv_model: Path, cache_dir: Path) -> None:

@@ -155,7 +155,7 @@ def test_gpu_less_machine_gets_a_working_session(conv_model: Path, cache_dir: Pa
     r = cache.load(conv_model, providers=[(TRT, {"trt_fp16_enable": "1"}), "CPUExecutionProvider"])
     assert r.outcome == "bypass"
     assert r.reason is not None and r.reason.code == "provider_unavailable"
-    assert r.providers == ["CPUExecutionProvider"]
+    assert r.providers == ("CPUExecutionProvider",)
     assert r.session.run(None, models.random_input(r.session))[0].shape == (1, 16, 32, 32)
 
 

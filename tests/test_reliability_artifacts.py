@@ -14,18 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import xxhash
-from test_reliability_support import QNN, assert_consistent, reference, rel_models  # noqa: F401
+from conftest import output_digest
+from test_reliability_support import assert_consistent, reference
 
 import ctxcache
-from ctxcache import models
-
-
-def _digest(result: Any) -> str:
-    out = result.session.run(None, models.random_input(result.session, seed=7))[0]
-    return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())
 
 
 def _flip(path: Path, offset: int | None = None) -> None:
@@ -118,19 +111,19 @@ def test_damaged_entry_falls_back_then_heals(
     hurt = cache.load(model_a, providers=qnn_providers)
     assert hurt.outcome == "fallback", hurt
     assert hurt.reason is not None and hurt.reason.code in codes, hurt.reason
-    assert _digest(hurt) == reference(model_a)  # never a silently wrong output
+    assert output_digest(hurt) == reference(model_a)  # never a silently wrong output
     # The damaged entry is out of the way (kept in quarantine for a post-mortem), nothing half-visible.
     if damage != "whole_entries_swapped":  # there, B's folder still holds A's entry until B loads
         assert assert_consistent(cache.root) == 1
     healed = cache.load(model_a, providers=qnn_providers)
     assert healed.outcome == "miss", healed
-    assert _digest(healed) == reference(model_a)
+    assert output_digest(healed) == reference(model_a)
     again = cache.load(model_a, providers=qnn_providers)
-    assert again.outcome == "hit" and _digest(again) == reference(model_a)
+    assert again.outcome == "hit" and output_digest(again) == reference(model_a)
     # The other entry is untouched unless it was damaged too.
     other = cache.load(model_b, providers=qnn_providers)
     assert other.outcome == ("fallback" if damage == "whole_entries_swapped" else "hit"), other
-    assert _digest(other) == reference(model_b)
+    assert output_digest(other) == reference(model_b)
     if damage == "whole_entries_swapped":
         assert cache.load(model_b, providers=qnn_providers).outcome == "miss"
     assert assert_consistent(cache.root) == 2
@@ -168,7 +161,7 @@ def test_stray_files_in_cache_are_ignored(tmp_path: Path, rel_models: list[Path]
     assert cache.load(rel_models[1], providers=qnn_providers).outcome == "miss"
     fresh = ctxcache.ContextCache(root)  # a new process's view: nothing memoised
     r = fresh.load(rel_models[0], providers=qnn_providers)
-    assert r.outcome == "hit" and _digest(r) == reference(rel_models[0])
+    assert r.outcome == "hit" and output_digest(r) == reference(rel_models[0])
     listed = fresh.entries(include_broken=True)
     assert {e.key for e in listed if e.broken is None} == {first.key, r.key} | {e.key for e in fresh.entries()}
     assert fresh.stats().hits >= 2

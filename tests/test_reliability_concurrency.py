@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import layout
 from test_reliability_support import (
     QNN,
     SOAK,
@@ -28,13 +29,13 @@ from test_reliability_support import (
     hold_lock,
     launch,
     reference,
-    rel_models,  # noqa: F401
     report,
     tree_size,
 )
 
 import ctxcache
 from ctxcache import models
+from ctxcache._seams import hooks
 
 DISRUPTOR = r'''
 import json, os, random, sys, time
@@ -254,7 +255,7 @@ def test_timestamps_in_the_future_and_past(tmp_path: Path, rel_models: list[Path
     assert r.outcome == "hit", r
 
     # A remembered compile failure stamped far in the future (the clock then went back) is not trusted.
-    neg = cache.store.negative_dir / f"{results[0].key}.json"
+    neg = layout(cache).negative_dir / f"{results[0].key}.json"
     neg.write_text(json.dumps({"code": "compile_failed", "message": "x", "time": FUTURE}))
     assert ctxcache.ContextCache(root).load(rel_models[0], providers=qnn_providers).outcome == "miss"
 
@@ -264,11 +265,11 @@ def test_staging_of_a_live_process_survives_a_clock_jump(tmp_path: Path, rel_mod
     """A device that boots in 1970 and gets the time from NTP mid-compile: another process's cleanup
     must not take the staging folder of a compile that is still running."""
     cache = ctxcache.ContextCache(tmp_path / "cache")
-    cache.store.ensure()
-    live = cache.store.new_staging("a" * 32)  # this process: alive
+    layout(cache).ensure()
+    live = layout(cache).new_staging("a" * 32)  # this process: alive
     (live / "ctx.onnx").write_bytes(b"partial")
     os.utime(live, (PAST, PAST))
-    dead = cache.store.staging_dir / f"{'b' * 32}.{_dead_pid()}.abcd"
+    dead = layout(cache).staging_dir / f"{'b' * 32}.{_dead_pid()}.abcd"
     dead.mkdir()
     cache.load(rel_models[0], providers=qnn_providers)  # a miss: cleans staging
     assert live.is_dir() and (live / "ctx.onnx").exists()
@@ -359,17 +360,14 @@ def test_entry_cleared_between_publish_and_load_is_not_remembered(
     import shutil
 
     cache = ctxcache.ContextCache(tmp_path / "cache")
-    real = ctxcache.ContextCache._after_publish
-
-    def then_race(self: ctxcache.ContextCache, entry: Any) -> None:
-        real(self, entry)
+    def then_race(entry: Any) -> None:
         if race == "cleared":
-            ctxcache.ContextCache(self.root).clear()
+            ctxcache.ContextCache(cache.root).clear()
         else:  # a rebuilt entry under the same key: other files, other entry_id
             shutil.rmtree(entry.path / "ctx_qnn.bin", ignore_errors=True)
             (entry.path / "ctx_qnn.bin").write_bytes(b"x")
 
-    monkeypatch.setattr(ctxcache.ContextCache, "_after_publish", then_race)
+    monkeypatch.setattr(hooks, "published", then_race)
     r = cache.load(rel_models[0], providers=qnn_providers)
     assert r.outcome == "fallback", r
     monkeypatch.undo()

@@ -16,18 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import xxhash
-from test_reliability_support import assert_consistent, reference, rel_models  # noqa: F401
+from conftest import layout, output_digest
+from test_reliability_support import assert_consistent, reference
 
 import ctxcache
-from ctxcache import _loader, models
-
-
-def _digest(result: Any) -> str:
-    out = result.session.run(None, models.random_input(result.session, seed=7))[0]
-    return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())
+from ctxcache._seams import hooks
 
 
 class Tmpfs:
@@ -77,17 +71,17 @@ def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
 
 def _no_debris(cache: ctxcache.ContextCache) -> None:
     assert_consistent(cache.root)
-    staging = cache.store.staging_dir
+    staging = layout(cache).staging_dir
     assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
 
 
 def test_disk_full_before_compile(tmpfs: Tmpfs, rel_models: list[Path], qnn_providers: list[Any]) -> None:
     cache = ctxcache.ContextCache(tmpfs.path / "cache")
-    cache.store.ensure()
+    layout(cache).ensure()
     filler = tmpfs.fill(leave=0)
     r = cache.load(rel_models[0], providers=qnn_providers)
     assert r.outcome in ("fallback", "bypass"), r
-    assert _digest(r) == reference(rel_models[0])
+    assert output_digest(r) == reference(rel_models[0])
     _no_debris(cache)
     filler.unlink()
     # A full disk is transient: it must not be remembered as "this model cannot compile".
@@ -99,16 +93,16 @@ def test_disk_full_before_compile(tmpfs: Tmpfs, rel_models: list[Path], qnn_prov
 def test_disk_full_during_compile(tmpfs: Tmpfs, rel_models: list[Path], qnn_providers: list[Any]) -> None:
     """Room for the layout and a few KB, not for the compiled binary: the compiler's own write fails."""
     cache = ctxcache.ContextCache(tmpfs.path / "cache")
-    cache.store.ensure()
+    layout(cache).ensure()
     filler = tmpfs.fill(leave=16 << 10)
     r = cache.load(rel_models[0], providers=qnn_providers)
     assert r.outcome in ("fallback", "bypass"), r
-    assert _digest(r) == reference(rel_models[0])
+    assert output_digest(r) == reference(rel_models[0])
     _no_debris(cache)
     filler.unlink()
     healed = cache.load(rel_models[0], providers=qnn_providers)
     assert healed.outcome == "miss", healed
-    assert _digest(healed) == reference(rel_models[0])
+    assert output_digest(healed) == reference(rel_models[0])
 
 
 def test_disk_full_during_publish(tmpfs: Tmpfs, rel_models: list[Path], qnn_providers: list[Any],
@@ -116,20 +110,20 @@ def test_disk_full_during_publish(tmpfs: Tmpfs, rel_models: list[Path], qnn_prov
     """The compile succeeds, then the disk fills (another app writing): the manifest write fails."""
     cache = ctxcache.ContextCache(tmpfs.path / "cache")
     fillers: list[Path] = []
-    real = _loader.compile_into
+    real = hooks.compile
 
     def compile_then_fill(*a: Any, **k: Any) -> float:
         seconds = real(*a, **k)
         fillers.append(tmpfs.fill(leave=0))
         return seconds
 
-    monkeypatch.setattr(_loader, "compile_into", compile_then_fill)
+    monkeypatch.setattr(hooks, "compile", compile_then_fill)
     r = cache.load(rel_models[0], providers=qnn_providers)
     assert fillers, "the fault was never injected"
     assert r.outcome == "fallback" and r.reason is not None and r.reason.code == "publish_failed", r
-    assert _digest(r) == reference(rel_models[0])
+    assert output_digest(r) == reference(rel_models[0])
     _no_debris(cache)
-    monkeypatch.setattr(_loader, "compile_into", real)
+    monkeypatch.setattr(hooks, "compile", real)
     for f in fillers:
         f.unlink()
     assert cache.load(rel_models[0], providers=qnn_providers).outcome == "miss"
@@ -150,13 +144,13 @@ def test_read_only_cache(tmpfs: Tmpfs, rel_models: list[Path], qnn_providers: li
     try:
         fresh = ctxcache.ContextCache(tmpfs.path / "cache")  # a new launch on the read-only cache
         hit = fresh.load(rel_models[0], providers=qnn_providers)
-        assert hit.outcome == "hit" and _digest(hit) == reference(rel_models[0])
+        assert hit.outcome == "hit" and output_digest(hit) == reference(rel_models[0])
         miss = fresh.load(rel_models[1], providers=qnn_providers)
         assert miss.outcome == "bypass" and miss.reason is not None and miss.reason.code == "cache_unwritable", miss
-        assert _digest(miss) == reference(rel_models[1])
+        assert output_digest(miss) == reference(rel_models[1])
         bad = fresh.load(rel_models[2], providers=qnn_providers)  # cannot be quarantined: still a fallback
         assert bad.outcome == "fallback" and bad.reason is not None and bad.reason.code == "artifact_digest", bad
-        assert _digest(bad) == reference(rel_models[2])
+        assert output_digest(bad) == reference(rel_models[2])
         assert fresh.clear() == 0  # nothing removable, and no exception
         assert len(fresh.entries()) == 2
     finally:
@@ -173,34 +167,30 @@ def test_cache_dir_deleted_while_app_runs(tmp_path: Path, rel_models: list[Path]
     assert cache.load(rel_models[0], providers=qnn_providers).outcome == "miss"
     shutil.rmtree(root)
     r = cache.load(rel_models[0], providers=qnn_providers)  # same process, same ContextCache object
-    assert r.outcome == "miss" and _digest(r) == reference(rel_models[0])
+    assert r.outcome == "miss" and output_digest(r) == reference(rel_models[0])
     assert cache.load(rel_models[0], providers=qnn_providers).outcome == "hit"
 
     # Deleted between the compile and the publish.
-    real = _loader.compile_into
+    real = hooks.compile
 
     def compile_then_delete(*a: Any, **k: Any) -> float:
         seconds = real(*a, **k)
         shutil.rmtree(root)
         return seconds
 
-    monkeypatch.setattr(_loader, "compile_into", compile_then_delete)
+    monkeypatch.setattr(hooks, "compile", compile_then_delete)
     r = cache.load(rel_models[1], providers=qnn_providers)
-    assert r.outcome == "fallback" and _digest(r) == reference(rel_models[1])
-    monkeypatch.setattr(_loader, "compile_into", real)
+    assert r.outcome == "fallback" and output_digest(r) == reference(rel_models[1])
+    monkeypatch.setattr(hooks, "compile", real)
     assert cache.load(rel_models[1], providers=qnn_providers).outcome == "miss"
 
     # Deleted between the lookup and the context load of a hit.
-    real_verify = cache.store.verify
-
-    def verify_then_delete(*a: Any, **k: Any) -> Any:
-        out = real_verify(*a, **k)
+    def verified_then_delete(entry: Any) -> None:
         shutil.rmtree(root)
-        return out
 
-    monkeypatch.setattr(cache.store, "verify", verify_then_delete)
+    monkeypatch.setattr(hooks, "verified", verified_then_delete)
     r = cache.load(rel_models[1], providers=qnn_providers)
-    assert r.outcome == "fallback" and _digest(r) == reference(rel_models[1])
+    assert r.outcome == "fallback" and output_digest(r) == reference(rel_models[1])
     monkeypatch.undo()
     assert cache.load(rel_models[1], providers=qnn_providers).outcome == "miss"
     assert cache.load(rel_models[1], providers=qnn_providers).outcome == "hit"
@@ -213,9 +203,9 @@ def test_disk_full_in_staging_is_not_remembered_as_uncompilable(
     a "cannot compile this model" record COULD be written: a transient ENOSPC must not become a
     week-long bypass of the cache for this model."""
     cache = ctxcache.ContextCache(tmp_path / "cache")
-    cache.store.ensure()
+    layout(cache).ensure()
     staging = Tmpfs.__new__(Tmpfs)
-    staging.path = cache.store.staging_dir
+    staging.path = layout(cache).staging_dir
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k,mode=0700", "tmpfs", str(staging.path)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -223,13 +213,13 @@ def test_disk_full_in_staging_is_not_remembered_as_uncompilable(
     try:
         r = cache.load(rel_models[0], providers=qnn_providers)
         assert r.outcome == "fallback" and r.reason is not None and r.reason.code == "compile_failed", r
-        assert _digest(r) == reference(rel_models[0])
+        assert output_digest(r) == reference(rel_models[0])
     finally:
         staging.close()
     assert_consistent(cache.root)
     healed = ctxcache.ContextCache(tmp_path / "cache").load(rel_models[0], providers=qnn_providers)
     assert healed.outcome == "miss", healed
-    assert _digest(healed) == reference(rel_models[0])
+    assert output_digest(healed) == reference(rel_models[0])
 
 
 def test_live_session_survives_its_entry_being_deleted(tmp_path: Path, rel_models: list[Path],
@@ -242,7 +232,7 @@ def test_live_session_survives_its_entry_being_deleted(tmp_path: Path, rel_model
     hit = ctxcache.ContextCache(root).load(rel_models[0], providers=qnn_providers)
     assert hit.outcome == "hit"
     ctxcache.ContextCache(root).clear()
-    assert _digest(hit) == reference(rel_models[0])
+    assert output_digest(hit) == reference(rel_models[0])
     shutil.rmtree(root)
-    assert _digest(hit) == reference(rel_models[0])
+    assert output_digest(hit) == reference(rel_models[0])
     assert ctxcache.ContextCache(root).load(rel_models[0], providers=qnn_providers).outcome == "miss"

@@ -24,16 +24,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import xxhash
-from test_reliability_support import assert_consistent, reference, rel_models  # noqa: F401
+from conftest import layout, output_digest
+from test_reliability_support import assert_consistent, reference
 
 import ctxcache
 from ctxcache import errors, models
-from ctxcache._hashing import file_digest, signature
-
-
-def _digest(result: Any) -> str:
-    out = result.session.run(None, models.random_input(result.session, seed=7))[0]
-    return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())
+from ctxcache._hashing import signature
 
 
 @pytest.fixture
@@ -58,7 +54,8 @@ def _reseal(entry: Path, extra: list[str] = ()) -> None:  # type: ignore[assignm
     for name in [a["name"] for a in m["artifacts"]] + list(extra):
         p = entry / name
         st = os.lstat(p)
-        arts.append({"name": name, "size": st.st_size, "xxh3": file_digest(p), "sig": list(signature(st))})
+        xxh3 = xxhash.xxh3_128(p.read_bytes()).hexdigest()  # what an attacker computes (a link is followed)
+        arts.append({"name": name, "size": st.st_size, "xxh3": xxh3, "sig": list(signature(st))})
     m["artifacts"] = arts
     (entry / "manifest.json").write_text(json.dumps(m))
 
@@ -121,7 +118,7 @@ def test_context_pointing_outside_its_entry_is_never_loaded(
     assert r.outcome == "fallback", r
     assert r.reason is not None and r.reason.code in ("unsafe_context", "artifact_not_regular"), r.reason
     _never_loaded_from_cache(ort_calls, cache)
-    assert _digest(r) == reference(model)
+    assert output_digest(r) == reference(model)
     assert foreign.read_bytes() == (outside / "ctx_qnn.bin").read_bytes()  # untouched
     assert ctxcache.ContextCache(tmp_path / "cache").load(model, providers=qnn_providers).outcome == "miss"
 
@@ -179,7 +176,7 @@ def _with_deadline(fn: Callable[[], Any], seconds: float = 60) -> Any:
     def run() -> None:
         try:
             out.append(fn())
-        except BaseException as e:  # noqa: BLE001 - re-raised below
+        except BaseException as e:
             err.append(e)
 
     t = threading.Thread(target=run, daemon=True)
@@ -230,13 +227,13 @@ def test_planted_symlinks_never_lead_outside(
     cache, first = _cached(tmp_path, rel_models[0], qnn_providers)
     cache.load(rel_models[1], providers=qnn_providers)
     cache.invalidate(model=rel_models[1])  # model 1 will miss: the lock, staging and negative paths run
-    victim = PLANTS[plant](cache.store.root, first.key, outside)
+    victim = PLANTS[plant](layout(cache).root, first.key, outside)
     before = {p: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in outside.rglob("*") if p.is_file()}
     fresh = ctxcache.ContextCache(tmp_path / "cache", max_size=1)
     for m in rel_models[:2]:
         r = _with_deadline(lambda m=m: fresh.load(m, providers=qnn_providers))
         assert r.outcome in ("hit", "miss", "fallback", "bypass"), r
-        assert _digest(r) == reference(m)
+        assert output_digest(r) == reference(m)
     _with_deadline(lambda: (fresh.entries(include_broken=True), fresh.stats(), fresh.clear()))
     after = {p: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in outside.rglob("*") if p.is_file()}
     assert after == before, f"a file outside the cache was changed: {victim}"
@@ -249,7 +246,7 @@ def test_fifos_in_the_cache_never_hang_a_load(
     tmp_path: Path, rel_models: list[Path], qnn_providers: list[Any], where: str
 ) -> None:
     cache, first = _cached(tmp_path, rel_models[0], qnn_providers)
-    v1 = cache.store.root
+    v1 = layout(cache).root
     target = {
         "manifest": v1 / "entries" / first.key / "manifest.json",
         "negative": v1 / "negative" / f"{first.key}.json",
@@ -259,7 +256,7 @@ def test_fifos_in_the_cache_never_hang_a_load(
     _fifo(target)
     fresh = ctxcache.ContextCache(tmp_path / "cache")
     r = _with_deadline(lambda: fresh.load(rel_models[0], providers=qnn_providers))
-    assert _digest(r) == reference(rel_models[0])
+    assert output_digest(r) == reference(rel_models[0])
     _with_deadline(lambda: (fresh.entries(include_broken=True), fresh.stats()))
 
 
@@ -270,7 +267,7 @@ def test_hard_links_in_cache_never_change_the_linked_file(
     them would change a file outside the cache (same inode)."""
     cache, first = _cached(tmp_path, rel_models[0], qnn_providers)
     entry: Path = first.entry_path
-    v1 = cache.store.root
+    v1 = layout(cache).root
     keep = outside / "keep.bin"
     shutil.copyfile(entry / "ctx_qnn.bin", keep)
     (entry / "ctx_qnn.bin").unlink()
@@ -290,9 +287,9 @@ def test_hard_links_in_cache_never_change_the_linked_file(
         victims[victim] = victim.read_bytes()
     content = keep.read_bytes()
     r = ctxcache.ContextCache(tmp_path / "cache").load(rel_models[0], providers=qnn_providers)
-    assert r.outcome == "hit" and _digest(r) == reference(rel_models[0])
+    assert r.outcome == "hit" and output_digest(r) == reference(rel_models[0])
     r = ctxcache.ContextCache(tmp_path / "cache").load(rel_models[1], providers=qnn_providers)  # lock + compile
-    assert _digest(r) == reference(rel_models[1])
+    assert output_digest(r) == reference(rel_models[1])
     cache.invalidate(model=rel_models[0])
     cache.load(rel_models[0], providers=qnn_providers)
     cache.clear()
@@ -321,7 +318,7 @@ def test_cache_writable_by_others_is_refused(
 ) -> None:
     """Like ssh with key files: a cache someone else can write into could feed us a context; refuse it."""
     root = tmp_path / "cache"
-    cache, first = _cached(tmp_path, rel_models[0], qnn_providers)
+    cache, _first = _cached(tmp_path, rel_models[0], qnn_providers)
     if fault == "world_writable_root":
         os.chmod(root, 0o777)
     elif fault == "group_writable_layout":
@@ -336,7 +333,7 @@ def test_cache_writable_by_others_is_refused(
     assert r.outcome == "bypass" and r.reason is not None and r.reason.code == "cache_insecure", r
     assert str(root) in r.reason.message
     _never_loaded_from_cache(ort_calls, cache)
-    assert _digest(r) == reference(rel_models[0])
+    assert output_digest(r) == reference(rel_models[0])
     os.chmod(root, 0o700)
     os.chmod(root / "v1", 0o700)
     os.chown(root, os.getuid(), os.getgid())
@@ -405,7 +402,7 @@ BAD_MANIFESTS: dict[str, Callable[[dict[str, Any]], bytes]] = {
 def test_malformed_manifest_is_a_fallback_never_an_exception(
     tmp_path: Path, rel_models: list[Path], qnn_providers: list[Any], bad: str
 ) -> None:
-    cache, first = _cached(tmp_path, rel_models[0], qnn_providers)
+    _cache, first = _cached(tmp_path, rel_models[0], qnn_providers)
     entry: Path = first.entry_path
     (entry / "manifest.json").write_bytes(BAD_MANIFESTS[bad](_good_manifest(entry)))
     fresh = ctxcache.ContextCache(tmp_path / "cache", max_size=10 << 20)
@@ -415,7 +412,7 @@ def test_malformed_manifest_is_a_fallback_never_an_exception(
         assert isinstance(info.model_name, str) and isinstance(info.size, int)
     r = fresh.load(rel_models[0], providers=qnn_providers)
     assert r.outcome in ("fallback", "hit"), r  # "hit" only where the damage is in a field a hit ignores
-    assert _digest(r) == reference(rel_models[0])
+    assert output_digest(r) == reference(rel_models[0])
     assert fresh.load(rel_models[1], providers=qnn_providers).outcome == "miss"  # max_size walks entries()
     again = fresh.load(rel_models[0], providers=qnn_providers)
     assert again.outcome in ("miss", "hit"), again
@@ -449,7 +446,7 @@ def test_bad_model_file_is_a_clear_error_and_changes_nothing(
     assert isinstance(info.value, (errors.InvalidModelError, errors.ModelNotFoundError)), info.value
     assert str(path) in str(info.value)
     assert assert_consistent(cache.root) == 0
-    neg = cache.store.negative_dir
+    neg = layout(cache).negative_dir
     assert not neg.exists() or not any(neg.iterdir())
     # The same bytes as a model= bytes argument: same verdict.
     with pytest.raises(errors.InvalidModelError):
@@ -464,11 +461,11 @@ def test_paths_with_spaces_and_non_ascii(tmp_path: Path, rel_models: list[Path],
     ext = models.conv_net(ext_dir / "ext model é.onnx", layers=2, channels=8, seed=5, external_data=True)
     cache = ctxcache.ContextCache(tmp_path / "cäche with spaces")
     first = cache.load(weird, providers=qnn_providers)
-    assert first.outcome == "miss" and _digest(first) == reference(rel_models[0])
+    assert first.outcome == "miss" and output_digest(first) == reference(rel_models[0])
     assert cache.load(weird, providers=qnn_providers).outcome == "hit"
     assert cache.load(rel_models[0], providers=qnn_providers).outcome == "hit"  # same bytes, same key
     r = cache.load(ext, providers=qnn_providers)
-    assert r.outcome == "miss" and _digest(r) == reference(ext)
+    assert r.outcome == "miss" and output_digest(r) == reference(ext)
     assert [e.model_name for e in cache.entries()].count(weird.name) == 1
 
 
@@ -488,7 +485,7 @@ def test_same_model_by_many_paths_is_one_entry(tmp_path: Path, rel_models: list[
               if False else Path(str(src)), src.read_bytes()]:
         r = cache.load(p, providers=qnn_providers)
         assert r.outcome == "hit" and r.key == first.key, (p if not isinstance(p, bytes) else "<bytes>", r)
-        assert _digest(r) == reference(src)
+        assert output_digest(r) == reference(src)
     assert len(cache.entries()) == 1
 
 
@@ -537,7 +534,7 @@ def test_model_over_2gb_with_external_data(tmp_path: Path, qnn_providers: list[A
     cache = ctxcache.ContextCache(tmp_path / "cache")
     first = cache.load(model, providers=qnn_providers)
     assert first.outcome == "miss", first
-    assert _digest(first) == reference(model)
+    assert output_digest(first) == reference(model)
     second = ctxcache.ContextCache(tmp_path / "cache").load(model, providers=qnn_providers)
     assert second.outcome == "hit" and second.timings.hash < 0.5, second.timings  # the stat memo, not 2 GB read
     # Hashing streams: memory stays flat whatever the data size (measured in a fresh process).
@@ -559,4 +556,4 @@ def test_model_over_2gb_with_external_data(tmp_path: Path, qnn_providers: list[A
     third = ctxcache.ContextCache(tmp_path / "cache").load(model, providers=qnn_providers)
     assert third.outcome == "miss" and third.key != first.key, third
     changed = reference(model, fresh=True)
-    assert changed != _digest(first) and _digest(third) == changed
+    assert changed != output_digest(first) and output_digest(third) == changed

@@ -22,7 +22,6 @@ from test_reliability_support import (
     kill_randomly,
     launch,
     reference,
-    rel_models,  # noqa: F401 - fixture
     report,
 )
 
@@ -151,8 +150,8 @@ def test_crash_marker_survives_pid_reuse(tmp_path: Path, rel_models: list[Path])
 HOLD_MARKER = r"""
 import sys, time
 from pathlib import Path
-from ctxcache._store import Store
-m = Store(Path(sys.argv[1])).mark_loading(sys.argv[2])
+from ctxcache import _markers  # a loader holding its crash marker while it loads
+m = _markers.mark(Path(sys.argv[1]) / "v1" / "markers", sys.argv[2])
 print("MARKED", flush=True)
 time.sleep(60)
 """
@@ -228,22 +227,20 @@ cache_dir, op, point = sys.argv[1], sys.argv[2], sys.argv[3]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if point == "removing":  # the entry is out of entries/ (renamed to trash), its files half deleted
-    real = _fs.remove_tree
-    def remove_tree(path):
-        for i, p in enumerate(sorted(Path(path).rglob("*"))):
-            if i == 1:
-                die()
-            if p.is_file():
-                p.unlink()
-        real(path)
-    _fs.remove_tree = remove_tree
-elif point == "quarantined":  # renamed into quarantine/, reason.json not yet written
-    real_rename = os.rename
+    real_unlink, seen = _fs.ops.unlink, []
+    def unlink(*a, **k):
+        seen.append(a)
+        if len(seen) == 2:
+            die()
+        real_unlink(*a, **k)
+    _fs.ops.unlink = unlink
+elif point == "quarantined":  # renamed into quarantine/, reason.json not yet written (through the seam)
+    real_rename = _fs.ops.rename
     def rename(src, dst, *a, **k):
         real_rename(src, dst, *a, **k)
         if "quarantine" in os.fspath(dst):
             die()
-    os.rename = rename
+    _fs.ops.rename = rename
 cache = ctxcache.ContextCache(cache_dir)
 if op == "clear":
     cache.clear()
@@ -261,8 +258,9 @@ def test_kill_during_cache_management(tmp_path: Path, rel_models: list[Path], op
     import subprocess
     import sys
 
-    import ctxcache
     from test_reliability_support import _env
+
+    import ctxcache
 
     cache_dir = tmp_path / "cache"
     recs = app(cache_dir, rel_models)

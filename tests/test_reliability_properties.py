@@ -16,15 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import layout
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_reliability_support import QNN, rel_models  # noqa: F401
+from test_reliability_support import QNN
 
 import ctxcache
 from ctxcache import models
-from ctxcache._cache import EntryInfo
+
+# Unit properties of the store and the wire reader themselves: the private modules are what is tested.
+from ctxcache._manage import EntryInfo
+from ctxcache._manifest import Entry
 from ctxcache._onnxproto import WireError, read_facts_from_bytes
-from ctxcache._store import BrokenEntry, Entry, Store
+from ctxcache._store import BrokenEntry, Problem, Store
 
 SETTINGS = settings(max_examples=int(os.environ.get("CTXCACHE_HYPOTHESIS", "60")), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -94,8 +98,8 @@ def real_entry(tmp_path_factory: pytest.TempPathFactory, rel_models: list[Path])
     cache = ctxcache.ContextCache(tmp_path_factory.mktemp("manifest") / "cache")
     r = cache.load(rel_models[0], providers=[(QNN, models.qnn_htp_options())])
     assert r.outcome == "miss" and r.key is not None
-    manifest = json.loads((cache.store.entry_path(r.key) / "manifest.json").read_text())
-    return cache.store, r.key, manifest
+    manifest = json.loads((layout(cache).entry_path(r.key) / "manifest.json").read_text())
+    return Store(cache.root), r.key, manifest
 
 
 json_values = st.recursive(
@@ -120,9 +124,9 @@ def _exercise(store: Store, key: str, raw: bytes) -> str:
     assert isinstance(entry.parts, dict) and isinstance(entry.last_used(), float)
     for ep_name, info in entry.manifest.get("compat", {}).items():
         assert isinstance(ep_name, str) and isinstance(info, str)
-    EntryInfo.from_entry(entry)
+    EntryInfo.of(entry)
     problem = store.verify(entry, full=False)
-    assert problem is None or (isinstance(problem, tuple) and len(problem) == 2)
+    assert problem is None or (isinstance(problem, Problem) and isinstance(problem.code, str))
     return "entry"
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
+import ctxcache
 
 ROOT = Path(__file__).resolve().parent.parent
 QNN = "QNNExecutionProvider"
@@ -37,7 +37,8 @@ cfg = json.loads(sys.argv[1])
 import numpy as np, xxhash
 import onnxruntime as ort
 import ctxcache
-from ctxcache import _fs, _loader, _locking, _store, models
+from ctxcache import _fs, models
+from ctxcache._seams import hooks
 
 def die():
     sys.stdout.flush()
@@ -47,8 +48,9 @@ kill_at = cfg.get("kill_at")
 entries_dir = os.path.join(cfg["cache_dir"], "v1", "entries")
 
 # ---- kill points: wrap library functions in THIS process only --------------------------------
+# ---- through the documented seams: ctxcache._seams.hooks and ctxcache._fs.ops ------------------
 if kill_at in ("before_compile", "mid_compile", "after_compile"):
-    real_compile = _loader.compile_into
+    real_compile = hooks.compile
     def compile_into(*a, **k):
         if kill_at == "before_compile":
             die()
@@ -59,20 +61,14 @@ if kill_at in ("before_compile", "mid_compile", "after_compile"):
         if kill_at == "after_compile":
             die()
         return out
-    _loader.compile_into = compile_into
+    hooks.compile = compile_into
 if kill_at in ("locked",):
-    real_lock = _locking.key_lock
-    import contextlib
-    @contextlib.contextmanager
-    def key_lock(*a, **k):
-        with real_lock(*a, **k) as w:
-            print("LOCKED", flush=True)
-            if kill_at == "locked":
-                die()
-            yield w
-    _locking.key_lock = key_lock
+    def locked(key):
+        print("LOCKED", flush=True)
+        die()
+    hooks.locked = locked
 if kill_at in ("manifest_tmp", "before_rename", "after_rename"):
-    real_replace, real_rename = os.replace, os.rename
+    real_replace, real_rename = _fs.ops.replace, _fs.ops.rename
     def replace(src, dst, *a, **k):
         if kill_at == "manifest_tmp" and str(dst).endswith("manifest.json") and "staging" in str(dst):
             die()  # the manifest's temp file is written and fsynced, not yet renamed
@@ -85,13 +81,11 @@ if kill_at in ("manifest_tmp", "before_rename", "after_rename"):
         if commit and kill_at == "after_rename":
             die()
         return out
-    os.replace, os.rename = replace, rename
+    _fs.ops.replace, _fs.ops.rename = replace, rename
 if kill_at == "after_publish":
-    real_after = ctxcache.ContextCache._after_publish
-    def after_publish(self, entry):
-        real_after(self, entry)
+    def published(entry):
         die()
-    ctxcache.ContextCache._after_publish = after_publish
+    hooks.published = published
 if kill_at in ("load_any", "load_hit"):
     # The context load is where a stale context kills the process on real devices (onnxruntime
     # issue 23431): die inside ORT's session creation, with ctxcache's crash marker in place.
@@ -204,9 +198,8 @@ def kill_randomly(cache_dir: Path, model: Path, delay: float, **cfg: Any) -> int
 
 HOLDER = r"""
 import sys, time
-from pathlib import Path
-from ctxcache._locking import key_lock
-with key_lock(Path(sys.argv[1]), None, "test"):
+import filelock
+with filelock.FileLock(sys.argv[1], is_singleton=False):  # as a compiling process holds a key's lock
     print("LOCKED", flush=True)
     time.sleep(float(sys.argv[2]))
 """
@@ -249,20 +242,18 @@ def assert_consistent(cache_dir: Path) -> int:
     Returns the number of entries. Staging leftovers are allowed (a dead process's folder is cleaned by
     the next compile), but never inside entries/.
     """
-    from ctxcache._store import Store
-
-    store = Store(cache_dir)
-    if not store.entries_dir.is_dir():
+    entries_dir = cache_dir / "v1" / "entries"
+    if not entries_dir.is_dir():
         return 0
-    n = 0
-    for name in os.listdir(store.entries_dir):
+    for name in os.listdir(entries_dir):
         assert len(name) == 32 and all(c in "0123456789abcdef" for c in name), f"stray name in entries/: {name}"
-        entry = store.lookup(name)  # raises BrokenEntry for a half-visible entry
-        assert entry is not None
-        problem = store.verify(entry, full=True)
-        assert problem is None, problem
-        n += 1
-    return n
+    results = ctxcache.ContextCache(cache_dir).verify_entries()  # a half-visible entry is a broken one
+    # A loader killed inside its context load leaves a crash marker: that entry is whole (its next load
+    # is a fallback by design), so only damaged files count here.
+    bad = [r for r in results if r.problem is not None and r.problem.code != "crashed_during_load"]
+    assert not bad, bad
+    assert len(results) == len(os.listdir(entries_dir))
+    return len(results)
 
 
 def tree_size(path: Path) -> int:
@@ -285,12 +276,3 @@ def report(title: str, figures: dict[str, Any]) -> None:
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
-
-
-@pytest.fixture(scope="session")
-def rel_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three small models of one architecture, other weights (same-size artifacts: swaps go unnoticed by size)."""
-    from ctxcache import models
-
-    d = tmp_path_factory.mktemp("rel-models")
-    return [models.conv_net(d / f"m{i}.onnx", layers=3, channels=16, seed=10 + i) for i in range(3)]

@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import QNN, SIGNING_KEY_ENV, hmac_sign, last_json, launch, layout, run_python
 
 import ctxcache
-from ctxcache import errors
-from ctxcache._bundle import Bundle, export_bundle, import_bundle
-from ctxcache._tiers import SIGNING_KEY_ENV, sign
-
-from conftest import QNN, last_json, launch, run_python
+from ctxcache import Bundle, errors, export_bundle, import_bundle
 
 SECRET = "vendor-build-secret"
 
@@ -26,7 +23,7 @@ SECRET = "vendor-build-secret"
 TIER_LAUNCH = """
 import json, numpy as np, ctxcache
 from ctxcache import models
-from ctxcache._bundle import Bundle
+from ctxcache import Bundle
 cache = ctxcache.ContextCache({cache_dir!r}, tiers=[Bundle({bundle!r}, signing_key={key!r})])
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
@@ -57,7 +54,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, conv_model: Path) -> dict[st
     assert reference["outcome"] == "hit"
     tar = export_bundle(cache, root / "bundle.tar", models=[conv_model], signing_key=SECRET)
     folder = export_bundle(cache, root / "bundle", provider=QNN, options={"soc_model": "60"})
-    assert tar.keys == folder.keys == [first.key] and tar.signed and not folder.signed
+    assert list(tar.keys) == list(folder.keys) == [first.key] and tar.signed and not folder.signed
     return {"cache": cache, "key": first.key, "reference": reference, "tar": root / "bundle.tar", "folder": root / "bundle"}
 
 
@@ -83,7 +80,8 @@ def test_export_selection_and_layout(built: dict[str, Any], tmp_path: Path, conv
     rec = index["entries"][built["key"]]
     assert set(rec["files"]) == {"manifest.json", "ctx.onnx", "ctx_qnn.bin"}
     assert not (built["folder"] / "index.json.sig").exists()
-    names = tarfile.open(built["tar"]).getnames()
+    with tarfile.open(built["tar"]) as tf:
+        names = tf.getnames()
     assert "index.json.sig" in names and f"entries/{built['key']}/ctx_qnn.bin" in names
     # Filters that match nothing are an error, not an empty bundle.
     with pytest.raises(errors.BundleError) as e:
@@ -118,8 +116,8 @@ def test_bundle_hit_in_fresh_process(built: dict[str, Any], tmp_path: Path, conv
 def test_import_then_hit(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
     dest = ctxcache.ContextCache(tmp_path / "c")
     res = import_bundle(dest, built["tar"], signing_key=SECRET)
-    assert res.installed == [built["key"]] and not res.refused
-    assert import_bundle(dest, built["tar"], signing_key=SECRET).skipped == [built["key"]]
+    assert list(res.installed) == [built["key"]] and not res.refused
+    assert import_bundle(dest, built["tar"], signing_key=SECRET).present == (built["key"],)
     r = launch(tmp_path / "c", conv_model)  # fresh process, no tiers configured
     assert r["outcome"] == "hit" and r["out"] == built["reference"]["out"]
     with pytest.raises(errors.BundleError) as e:
@@ -141,7 +139,7 @@ def _rewrite_index(bundle: Path, edit: Any, key: str | None) -> None:
     raw = json.dumps(index, sort_keys=True, indent=1).encode()
     (bundle / "index.json").write_bytes(raw)
     if key is not None:
-        (bundle / "index.json.sig").write_bytes(sign(raw, key.encode()))
+        (bundle / "index.json.sig").write_bytes(hmac_sign(raw, key.encode()))
 
 
 def _sha(path: Path) -> str:
@@ -275,7 +273,7 @@ def test_hostile_archive_is_refused(built: dict[str, Any], tmp_path: Path, kind:
     with pytest.raises(errors.BundleError) as e:
         import_bundle(cache, evil, signing_key=SECRET)
     assert e.value.code == "tier_unsafe", e.value
-    assert not cache.store.keys()
+    assert not layout(cache).keys()
     assert sorted(p.name for p in tmp_path.rglob("*evil*")) == []
     assert not (tmp_path / "c" / "v1" / "entries" / "link").exists()
 
@@ -297,10 +295,10 @@ def _as_if_built_elsewhere(src: Path, dst: Path, key: str, edit_options: dict[st
     shutil.copytree(src, dst)
     index = json.loads((dst / "index.json").read_text())
     rec = index["entries"].pop(key)
-    parts = dict((p[0], p[1]) for p in rec["parts"])
+    parts = {p[0]: p[1] for p in rec["parts"]}
     parts["host"] = "linux-x86_64-buildfarm"
     parts["devices"] = [{"type": "CPU", "vendor": "build-host"}]
-    parts["ep_libraries"] = {name: "0" * 32 for name in parts["ep_libraries"]}
+    parts["ep_libraries"] = dict.fromkeys(parts["ep_libraries"], "0" * 32)
     if edit_options:
         parts["ep_options"] = dict(parts["ep_options"], **edit_options)
     new_parts = [[label, parts[label]] for label, _ in rec["parts"]]
@@ -330,7 +328,7 @@ def test_portable_match_uses_an_entry_built_on_another_host(built: dict[str, Any
     assert out.ravel()[:64].tolist() == built["reference"]["out"]
     manifest = json.loads((tmp_path / "portable" / "v1" / "entries" / built["key"] / "manifest.json").read_text())
     assert manifest["origin"]["key"] == foreign
-    assert dict((p[0], p[1]) for p in manifest["parts"])["host"] != "linux-x86_64-buildfarm"  # answers to this machine
+    assert {p[0]: p[1] for p in manifest["parts"]}["host"] != "linux-x86_64-buildfarm"  # answers to this machine
     assert cache.load(conv_model, providers=providers).outcome == "hit"  # later launches: plain local hits
     assert cache.stats().tier_hits == {"bundle": 1} and cache.stats().hits == 2  # one fetched, one local
 
@@ -363,17 +361,16 @@ def test_concurrent_first_launches_fetch_once(built: dict[str, Any], tmp_path: P
 
 
 def test_tier_report_says_which_tier_holds_the_key(built: dict[str, Any], tmp_path: Path, conv_model: Path, conv_model_b: Path) -> None:
-    from ctxcache._tiers import tier_report
-
     _as_if_built_elsewhere(built["folder"], tmp_path / "foreign", built["key"])
     cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(tmp_path / "nowhere.tar"), Bundle(built["tar"]),
                                                          Bundle(tmp_path / "foreign", match="portable")])
     providers = [(QNN, ctxcache_models().qnn_htp_options())]
-    report = tier_report(cache, cache.key(conv_model, providers=providers))
-    assert [r["has"] for r in report][1:] == ["exact", "portable"]
-    assert report[0]["has"].startswith("error: tier_unreachable")
-    assert [r["has"] for r in tier_report(cache, cache.key(conv_model_b, providers=providers))][1:] == [None, None]
-    assert not cache.store.keys()  # read-only: nothing was installed
+    report = cache.explain(conv_model, providers=providers).tiers
+    assert [r.has for r in report][1:] == ["exact", "portable"]
+    assert str(report[0].has).startswith("error: tier_unreachable")
+    assert [r.would_serve for r in report] == [False, True, False]
+    assert [r.has for r in cache.explain(conv_model_b, providers=providers).tiers][1:] == [None, None]
+    assert not layout(cache).keys()  # read-only: nothing was installed
 
 
 def test_a_local_hit_imports_no_tier_code(built: dict[str, Any], conv_model: Path) -> None:
@@ -383,8 +380,8 @@ import json, sys, ctxcache
 from ctxcache import models
 cache = ctxcache.ContextCache({str(built['cache'].root)!r}, tiers=[{str(built['tar'])!r}, "s3://bucket/prefix"])
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-print(json.dumps({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules if m.startswith("ctxcache._")
-                                                           and m in ("ctxcache._tiers", "ctxcache._bundle", "ctxcache._remote"))}}))
+print(json.dumps({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules if m.startswith("ctxcache.tiers")
+                                                           or m == "ctxcache._transfer")}}))
 """
     r = last_json(run_python(code).stdout)
     assert r == {"outcome": "hit", "loaded": []}

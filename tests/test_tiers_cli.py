@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import QNN, SIGNING_KEY_ENV, launch
 
 import ctxcache
 from ctxcache import models
-from ctxcache._tiers import SIGNING_KEY_ENV
 from ctxcache.cli import main
-
-from conftest import QNN, launch
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +64,7 @@ def test_export_selection_union_and_errors(src: dict[str, Any], tmp_path: Path, 
     assert rc == 0 and sorted(_json(capsys)["exported"]) == sorted([src["a"], src["b"]])
     assert main(["export", str(tmp_path / "c"), "--cache-dir", str(src["dir"]), "-p", "qnn", "-o", "soc_model=69"]) == 1
     assert "no entry" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "b"), "--cache-dir", str(src["dir"])]) == 1  # exists
+    assert main(["export", str(tmp_path / "b"), "--cache-dir", str(src["dir"])]) == 2  # exists: bad input, as everywhere
     assert "already exists" in capsys.readouterr().err
 
 

@@ -11,12 +11,13 @@ import pytest
 
 pytest.importorskip("fsspec", reason="fsspec URLs for the remote tier need fsspec (in the 'remote' and 'test' extras)")
 
-import ctxcache  # noqa: E402
-from ctxcache import models  # noqa: E402
-from ctxcache._remote import RemoteTier  # noqa: E402
-from ctxcache._tiers import SIGNING_KEY_ENV  # noqa: E402
+from conftest import QNN, SIGNING_KEY_ENV, last_json, launch, layout, run_python
 
-from conftest import QNN, last_json, launch, run_python  # noqa: E402
+import ctxcache
+from ctxcache import (
+    RemoteTier,
+    models,
+)
 
 SECRET = "share-secret"
 
@@ -90,31 +91,28 @@ def test_portable_match_from_a_build_farm_push(tmp_path: Path, conv_model: Path)
     match="portable" uses it (published under its own key), match="exact" does not."""
     import shutil
 
-    from ctxcache import _fingerprint
 
     providers = [(QNN, models.qnn_htp_options())]
     local = ctxcache.ContextCache(tmp_path / "local")
     real = local.load(conv_model, providers=providers)
     reference = real.session.run(None, models.random_input(real.session, seed=7))[0].ravel()[:64].tolist()
     # The same context as the build farm would have it: relabelled for another host.
-    entry = local.store.lookup(real.key)
-    assert entry is not None
-    parts = dict((p[0], p[1]) for p in entry.manifest["parts"])
+    entry_dir = layout(local).entry_path(real.key)
+    entry_manifest = json.loads((entry_dir / "manifest.json").read_text())
+    parts = {p[0]: p[1] for p in entry_manifest["parts"]}
     parts.update(host="linux-x86_64-farm", devices=[{"type": "CPU", "vendor": "farm"}],
-                 ep_libraries={k: "f" * 32 for k in parts["ep_libraries"]})
-    new_parts = [[label, parts[label]] for label, _ in entry.manifest["parts"]]
-    farm_key = _fingerprint.build([(p[0], p[1]) for p in new_parts]).key
+                 ep_libraries=dict.fromkeys(parts["ep_libraries"], "f" * 32))
+    new_parts = [[label, parts[label]] for label, _ in entry_manifest["parts"]]
+    farm_key = ctxcache.Fingerprint(tuple((p[0], p[1]) for p in new_parts)).key
     farm = ctxcache.ContextCache(tmp_path / "farm")
-    farm.store.ensure()
-    shutil.copytree(entry.path, farm.store.entry_path(farm_key))
-    mpath = farm.store.entry_path(farm_key) / "manifest.json"
+    layout(farm).ensure()
+    shutil.copytree(entry_dir, layout(farm).entry_path(farm_key))
+    mpath = layout(farm).entry_path(farm_key) / "manifest.json"
     manifest = json.loads(mpath.read_text())
     manifest.update(key=farm_key, parts=new_parts)
     mpath.write_text(json.dumps(manifest))
-    farm_entry = farm.store.lookup(farm_key)
-    assert farm_entry is not None
     url = (tmp_path / "share").as_uri()
-    assert RemoteTier(url, signing_key=SECRET).push_entry(farm_entry, store=farm.store)
+    assert ctxcache.push(farm, RemoteTier(url, signing_key=SECRET), keys=[farm_key]).results == {farm_key: "pushed"}
 
     exact = ctxcache.ContextCache(tmp_path / "exact", tiers=[RemoteTier(url, signing_key=SECRET)])
     assert exact.load(conv_model, providers=providers).outcome == "miss"

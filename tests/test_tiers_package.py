@@ -10,13 +10,10 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
+from conftest import QNN, SIGNING_KEY_ENV, last_json, launch, layout, run_python
 
 import ctxcache
-from ctxcache import models
-from ctxcache._package import ModelPackageTier, export_model_package
-from ctxcache._tiers import SIGNING_KEY_ENV
-
-from conftest import QNN, last_json, launch, run_python
+from ctxcache import ModelPackageTier, export_model_package, models
 
 pytestmark = pytest.mark.skipif(not hasattr(ort, "ModelPackage"), reason="onnxruntime < 1.32 has no ModelPackage")
 
@@ -125,4 +122,4 @@ def test_two_targets_in_one_package(tmp_path: Path, conv_model: Path) -> None:
     device = ctxcache.ContextCache(tmp_path / "device", tiers=[tmp_path / "pkg"])
     r = device.load(conv_model, providers=[(QNN, opts69)])
     assert (r.outcome, r.tier, r.key) == ("hit", "package", k69)
-    assert device.store.keys() == [k69]
+    assert layout(device).keys() == [k69]

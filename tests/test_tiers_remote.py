@@ -20,12 +20,10 @@ import pytest
 pytest.importorskip("boto3", reason="remote tier tests need the 'remote' extra: pip install -e '.[remote,test]'")
 pytest.importorskip("moto.server", reason="remote tier tests need moto[server] (in the 'test' extra) for a local S3 server")
 
-import ctxcache  # noqa: E402
-from ctxcache import errors, models  # noqa: E402
-from ctxcache._remote import RemoteTier, pull, push  # noqa: E402
-from ctxcache._tiers import SIGNING_KEY_ENV, sign  # noqa: E402
+from conftest import QNN, SIGNING_KEY_ENV, hmac_sign, last_json, launch, run_python
 
-from conftest import QNN, last_json, launch, run_python  # noqa: E402
+import ctxcache
+from ctxcache import RemoteTier, errors, models, pull, push
 
 SECRET = "fleet-secret"
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -53,7 +51,7 @@ class S3Server:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start")
+                    raise RuntimeError("moto server did not start") from None
                 time.sleep(0.1)
 
     def client(self) -> Any:
@@ -95,7 +93,7 @@ def providers() -> list[Any]:
 REMOTE_LAUNCH = """
 import json, ctxcache
 from ctxcache import models
-from ctxcache._remote import RemoteTier
+from ctxcache import RemoteTier
 cache = ctxcache.ContextCache({cache_dir!r}, tiers=[RemoteTier({url!r}, endpoint_url={endpoint!r}, signing_key={key!r})])
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
@@ -147,7 +145,7 @@ def _tamper(s3: S3Server, bucket: str, key: str, what: str) -> None:
             c.put_object(Bucket=bucket, Key=base + "record.json", Body=json.dumps(rec).encode())
     elif what == "bad_signature":
         raw = c.get_object(Bucket=bucket, Key=base + "record.json")["Body"].read()
-        c.put_object(Bucket=bucket, Key=base + "record.json.sig", Body=sign(raw, b"wrong key"))
+        c.put_object(Bucket=bucket, Key=base + "record.json.sig", Body=hmac_sign(raw, b"wrong key"))
     elif what == "signature_deleted":
         c.delete_object(Bucket=bucket, Key=base + "record.json.sig")
 
@@ -229,12 +227,13 @@ def test_push_and_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Pa
     a = src.load(conv_model, providers=providers())
     b = src.load(conv_model_b, providers=providers())
     tier = RemoteTier(f"s3://{bucket}/p", endpoint_url=s3.url, signing_key=SECRET)
-    entries = [e for e in (src.store.lookup(a.key), src.store.lookup(b.key)) if e is not None]
-    assert push(src, tier, entries) == {a.key: "pushed", b.key: "pushed"}
-    assert push(src, tier, entries) == {a.key: "present", b.key: "present"}
+    keys = [str(a.key), str(b.key)]
+    assert push(src, tier, keys=keys).results == {a.key: "pushed", b.key: "pushed"}
+    assert push(src, tier, keys=keys).results == {a.key: "present", b.key: "present"}
     dst = ctxcache.ContextCache(tmp_path / "dst")
-    assert pull(dst, tier, [a.key[:10]]) == {a.key: "installed"}
-    assert pull(dst, tier) == {a.key: "present", b.key: "installed"}
+    assert pull(dst, tier, [str(a.key)[:10]]).installed == (a.key,)
+    res = pull(dst, tier)
+    assert (res.present, res.installed, res.refused) == ((a.key,), (b.key,), {})
     r = launch(tmp_path / "dst", conv_model_b)
     assert r["outcome"] == "hit"
 

@@ -7,10 +7,9 @@ work and returns objects, these functions only render them.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import sys
 from typing import Any
+
+import ctxcache
 
 from ._common import (
     EXIT_FAILED,
@@ -41,18 +40,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     cache = open_cache(args)
     infos = cache.entries(include_broken=args.all)
     if args.format == "json":
-        emit_json({
-            "cache_dir": str(cache.root),
-            "entries": [
-                {
-                    "key": e.key, "model": e.model_name, "provider": e.provider, "size": e.size,
-                    "created": e.created, "last_used": e.last_used, "hits": e.hits,
-                    "compile_seconds": e.compile_seconds, "broken": e.broken,
-                    "ep_options": e.parts.get("ep_options"), "path": str(e.path),
-                }
-                for e in infos
-            ],
-        })
+        emit_json({"cache_dir": str(cache.root), "entries": [e.as_dict() for e in infos]})
         return EXIT_OK
     if not infos:
         out(f"no entries in {cache.root}")
@@ -76,13 +64,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     configs = providers_or_default(args.providers)
     provider_list = [c.as_tuple() for c in configs]
     ex = cache.explain(args.model, providers=provider_list)
-    tiers = _tier_lines(cache, args.model, provider_list) if args.tier and not ex.hit else []
     # A local miss that a tier would serve is still a hit for the application (outcome "hit", tier set).
-    served_by = next((t for t in tiers if t["would_serve"]), None)
-    hit = ex.hit or served_by is not None
+    served_by = ex.served_by
+    hit = ex.would_hit
     if args.format == "json":
-        emit_json({"cache_dir": str(cache.root), "providers": [c.as_dict() for c in configs], **ex.as_dict(),
-                   "tiers": tiers, "served_by_tier": served_by["tier"] if served_by else None})
+        emit_json({"cache_dir": str(cache.root), "providers": [c.as_dict() for c in configs], **ex.as_dict()})
         return EXIT_OK if hit else EXIT_FAILED
     out(f"model     {ex.model}" + (f"  (content {ex.model_digest[:12]})" if ex.model_digest else ""))
     out(f"provider  {' / '.join(c.label() for c in configs)}")
@@ -91,7 +77,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out(f"verdict   {ex.summary()}")
     if ex.verdict == "miss":
         if not ex.nearest:
-            others = f" ({ex.other_entries} entr{'y' if ex.other_entries == 1 else 'ies'} of other models)" if ex.other_entries else ""
+            k = ex.other_entries
+            others = f" ({k} entr{'y' if k == 1 else 'ies'} of other models)" if k else ""
             out(f"nearest   none: no entry of this model in {cache.root}{others}; a load would compile")
         for n in ex.nearest:
             what = "same content" if n.same_content else "same file name, other content"
@@ -99,28 +86,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 f"differs in {len(n.differences)} part{'s' if len(n.differences) != 1 else ''}:")
             for d in n.differences:
                 out(f"            {d}")
-    for t in tiers:
-        out(f"tier      {t['tier']}: {t['has'] or 'no entry for this key'}"
+    for t in ex.tiers:
+        out(f"tier      {t.tier}: {t.has or 'no entry for this key'}"
             + ("  -> a load would fetch it from here instead of compiling" if t is served_by else ""))
     return EXIT_OK if hit else EXIT_FAILED
-
-
-def _tier_lines(cache: Any, model: str, provider_list: list[Any]) -> list[dict[str, Any]]:
-    """What each tier holds for the key this load would use, in lookup order (read-only: nothing is fetched)."""
-    from .._tiers import tier_report
-
-    fp = cache.key(model, providers=provider_list)
-    if fp is None:
-        return []
-    report = tier_report(cache, fp)
-    served = False
-    for t in report:
-        # The loader takes the first tier that has the entry: exactly, or built elsewhere where the tier
-        # accepts portable entries.
-        usable = t.get("has") == "exact" or (t.get("has") == "portable" and t.get("match") == "portable")
-        t["would_serve"] = usable and not served
-        served = served or usable
-    return report
 
 
 # -- verify -----------------------------------------------------------------------------------------
@@ -135,7 +104,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if results:
         rows = []
         for r in results:
-            status = "ok" if r.ok else f"{r.problem.code}: {r.problem.message}"
+            status = "ok" if r.problem is None else f"{r.problem.code}: {r.problem.message}"
             action = "quarantined" if r.quarantined else ("-" if r.ok or not args.fix else "left (being rebuilt)")
             rows.append([r.model_name, r.key[:12], human_size(r.size), status, action])
         out(table(["MODEL", "KEY", "SIZE", "STATUS", "ACTION"], rows, right=(2,)))
@@ -150,27 +119,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # -- prune ------------------------------------------------------------------------------------------
 def cmd_prune(args: argparse.Namespace) -> int:
     cache = open_cache(args)
-    kw = {"max_size": args.max_size, "older_than": args.older_than, "other_environments": not args.keep_other_env}
-    plan = cache.prune(dry_run=True, **kw)
+    # One plan: the one shown (and confirmed) is the one executed.
+    plan = cache.plan_prune(max_size=args.max_size, older_than=args.older_than, other_environments=not args.keep_other_env)
     if plan.items and not args.dry_run:
         if not confirm(f"remove {len(plan.items)} entries ({human_size(plan.freed)}) from {cache.root}?", yes=args.yes):
             err("nothing removed")
             return EXIT_OK
-        report = cache.prune(**kw)
+        report = plan.execute()
     else:
-        report = plan
+        report = plan.report()
     if args.format == "json":
         emit_json({"cache_dir": str(cache.root), **report.as_dict()})
-        return EXIT_OK
+        return EXIT_FAILED if report.failed else EXIT_OK
     if report.items:
         rows = [[i.model_name, i.key[:12], human_size(i.size), human_time(i.last_used), i.why.replace("_", " "), i.detail]
                 for i in report.items]
         out(table(["MODEL", "KEY", "SIZE", "LAST USED", "WHY", "DETAIL"], rows, right=(2,)))
     verb = "would free" if report.dry_run else "freed"
-    n = len(report.items) if report.dry_run else sum(1 for i in report.items if i.removed)
+    n = len(report.items) if report.dry_run else len(report.removed)
     out(f"{'would remove' if report.dry_run else 'removed'} {n} entr{'y' if n == 1 else 'ies'}, {verb} "
         f"{human_size(report.freed)}; {human_size(report.size_after)} left in {cache.root}")
-    return EXIT_OK
+    for item in report.failed:
+        err(f"not removed: {item.key[:12]} ({item.model_name}): being rebuilt, replaced since the plan, or refused by the OS")
+    return EXIT_FAILED if report.failed else EXIT_OK
 
 
 # -- clear ------------------------------------------------------------------------------------------
@@ -205,7 +176,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         emit_json({"cache_dir": str(cache.root), **data, "reset": args.reset})
     else:
         reasons = ", ".join(f"{k} {v}" for k, v in data["reasons"].items()) or "-"
-        rows = [
+        rows: list[list[Any]] = [
             ["loads", st.loads],
             ["hits", st.hits],
             ["  fetched from a tier", ", ".join(f"{k} {v}" for k, v in data["tier_hits"].items()) or "-"],
@@ -227,111 +198,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 # -- doctor -----------------------------------------------------------------------------------------
-_FLAVOURS = (
-    "onnxruntime", "onnxruntime-gpu", "onnxruntime-qnn", "onnxruntime-openvino", "onnxruntime-directml",
-    "onnxruntime-training", "ort-nightly", "onnx", "ctxcache",
-)
-
-
-def _packages() -> dict[str, str]:
-    from importlib import metadata
-
-    found = {}
-    for name in _FLAVOURS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
 def _doctor_data(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    import onnxruntime as ort
-
-    from .. import _manage, providers
-    from .._config import ENV_DIR
-
-    problems: list[str] = []
-    pkgs = _packages()
-    flavours = [p for p in pkgs if p.startswith("onnxruntime") and p != "onnxruntime-qnn" or p == "ort-nightly"]
-    if len(flavours) > 1:
-        problems.append(f"several ONNX Runtime flavours installed ({', '.join(flavours)}); they overwrite each "
-                        "other's files: keep one (README, 'Installing with another ONNX Runtime flavour')")
-    data: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "packages": pkgs,
-        "onnxruntime": {"version": ort.__version__, "path": os.path.dirname(ort.__file__),
-                        "available_providers": ort.get_available_providers()},
-    }
-    try:
-        import onnxruntime_qnn
-
-        info = getattr(onnxruntime_qnn, "build_and_package_info", None)
-        data["onnxruntime_qnn"] = {"version": getattr(onnxruntime_qnn, "__version__", "?"),
-                                   "qnn_sdk": getattr(info, "qnn_version", "?"),
-                                   "library": onnxruntime_qnn.get_library_path()}
-    except ImportError:
-        data["onnxruntime_qnn"] = None
-    # Registering QNN's plugin first makes its devices visible to get_ep_devices().
-    qnn_why = providers.get("QNNExecutionProvider").unavailable_reason()
-    try:
-        data["ep_devices"] = [
-            {"ep": d.ep_name, "vendor": d.ep_vendor, "type": str(d.device.type).rsplit(".", 1)[-1],
-             "device_vendor": d.device.vendor, "metadata": dict(d.ep_metadata)}
-            for d in ort.get_ep_devices()
-        ]
-    except Exception as e:  # noqa: BLE001 - an older ORT without the plugin-EP API; doctor reports, never fails
-        data["ep_devices"] = f"unavailable: {e}"
-    data["qnn"] = "available" if qnn_why is None else qnn_why
-
     cache = open_cache(args)
-    root = cache.root
-    source = "--cache-dir" if args.cache_dir else (f"${ENV_DIR}" if os.environ.get(ENV_DIR) else "app-data default")
-    existing = root
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    writable = _can_write(existing)
-    try:
-        free = shutil.disk_usage(existing).free
-    except OSError:
-        free = None
-    infos = cache.entries(include_broken=True)
-    data["cache"] = {"dir": str(root), "source": source, "exists": root.exists(), "writable": writable,
-                     "free_bytes": free, "entries": len(infos), "size": sum(i.size for i in infos)}
-    if not writable:
-        problems.append(f"the cache folder {root} is not writable: every load would bypass the cache; "
-                        "pass --cache-dir or set CTXCACHE_DIR to a writable folder")
-    if free is not None and free < 512 << 20:
-        problems.append(f"only {human_size(free)} free at {existing}: compiled contexts of big models may not fit")
-
-    # What a key would contain here, for the providers asked about (default: the qnn-htp preset).
-    keys = []
-    for cfg in _doctor_providers(args):
-        env = _manage.environment(cache, cfg.name, cfg.options)
-        keys.append({"provider": cfg.label(), "parts": env if isinstance(env, dict) else None,
-                     "unavailable": env if isinstance(env, str) else None})
-    data["key_parts"] = keys
-    # The tiers a load would consult on a local miss, in order (given with --tier, as the app passes them).
-    try:
-        from .._tiers import tier_report
-
-        data["tiers"] = tier_report(cache) if args.tier else []
-    except Exception as e:  # noqa: BLE001 - a tier that cannot even be opened is a problem to report
-        data["tiers"] = []
-        problems.append(f"tiers: {e}")
-    data["problems"] = problems
-    return data, problems
-
-
-def _can_write(folder: Any) -> bool:
-    """Really create a file: permission bits say nothing for root, read-only mounts or /proc."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+    source = "--cache-dir" if args.cache_dir else None
+    d = ctxcache.diagnose(cache, [c.as_tuple() for c in _doctor_providers(args)], source=source)
+    for k, cfg in zip(d.data["key_parts"], _doctor_providers(args), strict=False):
+        k["provider"] = cfg.label()
+    return d.data, list(d.problems)
 
 
 def _doctor_providers(args: argparse.Namespace) -> list[Any]:
@@ -384,7 +257,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _compact(value: Any) -> str:
-    from .._fingerprint import canonical_json
+    import json
+
+    def canonical_json(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
 
     if isinstance(value, dict):
         return ", ".join(f"{k} {_compact(v) if not isinstance(v, str) else (v[:12] if len(v) == 32 else v)}"

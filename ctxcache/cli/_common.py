@@ -10,16 +10,22 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+import ctxcache
 
 # Exit codes (documented in README "Command line" and in `ctxcache --help`).
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem: a model failed to warm, damage found, a miss...
 EXIT_USAGE = 2  # bad arguments or input: unknown provider, misspelt option, missing model (argparse uses 2 too)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+#: Set to 1 to see a traceback with an error.
+ENV_DEBUG = "CTXCACHE_DEBUG"
 
 
 class UsageError(Exception):
@@ -28,6 +34,40 @@ class UsageError(Exception):
 
 class CommandFailed(Exception):
     """An expected failure (not a bug); ``main`` prints it as one line and exits with :data:`EXIT_FAILED`."""
+
+
+EXIT_CODES = """\
+exit codes:
+  0    success (warm: every model cached; verify: all intact; explain: the load would hit)
+  1    the command ran and found a problem (warm: a model failed to compile, the others are cached;
+       verify: damaged entries; explain: the load would not hit; demo: not the expected sequence)
+  2    bad usage: unknown command or flag, missing model, unknown provider, misspelt option
+  130  interrupted (Ctrl-C); no partial entry is left behind
+
+Set CTXCACHE_DEBUG=1 to see a traceback with an error."""
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def add_command(
+    subs: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, example: str, func: Command
+) -> argparse.ArgumentParser:
+    p = subs.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        # The exit codes are listed once, in `ctxcache --help`, not under every command.
+        epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  ") + "\n\nexit codes: see `ctxcache --help`",
+        formatter_class=Formatter,
+    )
+    p.set_defaults(func=func)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log what the cache does (-vv: debug)")
+    return p
 
 
 # -- providers --------------------------------------------------------------------------------------
@@ -59,7 +99,7 @@ def preset(name: str) -> tuple[str, dict[str, str]]:
         raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     if name == "qnn-htp":
         try:
-            from .. import models
+            from ctxcache import models
 
             return "QNNExecutionProvider", models.qnn_htp_options()
         except ImportError:
@@ -93,7 +133,8 @@ class ProviderConfig:
 
 
 class _ProviderAction(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         items: list[ProviderConfig] = list(getattr(ns, "providers", None) or [])
         if option_string == "--preset":
             items.append(ProviderConfig(*_preset_or_exit(parser, str(values)), preset=str(values)))
@@ -103,7 +144,8 @@ class _ProviderAction(argparse.Action):
 
 
 class _OptionAction(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         items: list[ProviderConfig] = list(getattr(ns, "providers", None) or [])
         if not items:
             parser.error(f"{option_string} {values} must follow --provider or --preset (it sets that provider's option)")
@@ -164,12 +206,10 @@ def cache_dir_arg(args: argparse.Namespace) -> str | None:
     return os.path.abspath(os.path.expanduser(args.cache_dir)) if args.cache_dir else None
 
 
-def open_cache(args: argparse.Namespace, **kw: Any) -> Any:
-    from .._cache import ContextCache
-
+def open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
     if getattr(args, "tier", None):
         kw["tiers"] = list(args.tier)
-    return ContextCache(cache_dir_arg(args), app_name=args.app_name, app_author=args.app_author, **kw)
+    return ctxcache.ContextCache(cache_dir_arg(args), app_name=args.app_name, app_author=args.app_author, **kw)
 
 
 def add_format_flag(p: argparse.ArgumentParser) -> None:
@@ -239,7 +279,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Itera
     align_right = set(right)
     lines = []
     for n, row in enumerate(cells):
-        parts = [c.rjust(w) if i in align_right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        parts = [c.rjust(w) if i in align_right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))]
         lines.append("  ".join(parts).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

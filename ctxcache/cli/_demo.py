@@ -45,7 +45,7 @@ def _child() -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from ctxcache import ContextCache, models, providers
+    from ctxcache import ContextCache, models
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -57,9 +57,8 @@ def _child() -> None:
                       reason_message=r.reason.message if r.reason else None, key=r.key, providers=r.providers,
                       session_s=r.timings.total, compile_s=r.timings.compile)
     else:  # "jit" on the original model, or "raw" on a context file: plain ORT + QNN, no ctxcache checks
-        ep = providers.get(QNN)
         t = time.perf_counter()
-        session = ep.session(model, so, ep.normalize_options(models.qnn_htp_options()), [])
+        session = models.plain_qnn_session(model, so)
         report.update(outcome="loaded", providers=session.get_providers(), session_s=time.perf_counter() - t)
     y = session.run(None, models.random_input(session, seed=7))[0]
     np.save(out_npy, y)
@@ -115,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from .. import ContextCache, models
+    from ctxcache import ContextCache, models
 
     tmp = None
     if args.dir:
@@ -157,7 +156,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 entries = ContextCache(cache_dir).entries()
                 bins = sorted(entries[0].path.glob("*.bin")) if entries else []
                 if not bins:
-                    raise CommandFailed(f"no cached .bin to damage in {cache_dir} (launches so far: {[r['outcome'] for r in rows]})")
+                    so_far = [r["outcome"] for r in rows]
+                    raise CommandFailed(f"no cached .bin to damage in {cache_dir} (launches so far: {so_far})")
                 offset = _flip_one_byte(bins[0])
                 say(f"damage: flipped the byte at offset {offset} of {bins[0].name} (size unchanged)")
                 # What plain ONNX Runtime does with that context: it loads and runs.

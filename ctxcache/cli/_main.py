@@ -6,17 +6,22 @@ import argparse
 import logging
 import os
 import sys
-import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from .._config import ENV_DEBUG, truthy
+import ctxcache
+
 from ._common import (
+    ENV_DEBUG,
+    EXIT_CODES,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    Command,
     CommandFailed,
+    Formatter,
     UsageError,
     add_cache_flags,
+    add_command,
     add_format_flag,
     add_key_flags,
     add_provider_flags,
@@ -24,38 +29,6 @@ from ._common import (
     parse_duration,
     parse_size,
 )
-
-EXIT_CODES = """\
-exit codes:
-  0    success (warm: every model cached; verify: all intact; explain: the load would hit)
-  1    the command ran and found a problem (warm: a model failed to compile, the others are cached;
-       verify: damaged entries; explain: the load would not hit; demo: not the expected sequence)
-  2    bad usage: unknown command or flag, missing model, unknown provider, misspelt option
-  130  interrupted (Ctrl-C); no partial entry is left behind
-
-Set CTXCACHE_DEBUG=1 to see a traceback with an error."""
-
-Command = Callable[[argparse.Namespace], int]
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32)
-
-
-def _sub(
-    subs: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, example: str, func: Command
-) -> argparse.ArgumentParser:
-    p = subs.add_parser(
-        name,
-        help=summary,
-        description=summary,
-        epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  ") + "\n\n" + EXIT_CODES,
-        formatter_class=_Formatter,
-    )
-    p.set_defaults(func=func)
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log what the cache does (-vv: debug)")
-    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,20 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile ONNX Runtime models for their NPU/GPU once per device (EP-context models), "
         "load them instantly after, and never break the app.",
         epilog="examples:\n  ctxcache demo\n  ctxcache warm models/ --jobs 2\n  ctxcache ls\n\n" + EXIT_CODES,
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
-    from .. import __version__
-
-    parser.add_argument("--version", action="version", version=f"ctxcache {__version__}")
+    parser.add_argument("--version", action="version", version=f"ctxcache {ctxcache.__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    p = _sub(subs, "demo", "run 5 real launches on the QNN compiler: miss, hit, damage -> fallback, miss, hit",
+    p = add_command(subs, "demo", "run 5 real launches on the QNN compiler: miss, hit, damage -> fallback, miss, hit",
              "ctxcache demo\nctxcache demo --dir /tmp/ctxcache-demo --format json", _demo.cmd_demo)
     p.add_argument("--dir", help="work in this folder and keep its files (default: a temporary folder, removed after)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     add_format_flag(p)
 
-    p = _sub(subs, "warm", "precompile models before the first launch (idempotent; parallel with --jobs)",
+    p = add_command(subs, "warm", "precompile models before the first launch (idempotent; parallel with --jobs)",
              """
              ctxcache warm app/models/ --preset qnn-htp --jobs 2
              ctxcache warm 'models/**/*.onnx' --provider qnn -o backend_type=htp -o soc_model=69 -o htp_arch=79
@@ -94,18 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
              """, _warm.cmd_warm)
     p.add_argument("models", nargs="*", metavar="MODEL", help="model files, globs (quote them; ** recurses) or folders")
     p.add_argument("--plan", metavar="FILE", help="a JSON or TOML plan: models x providers x options")
-    p.add_argument("-j", "--jobs", type=int, metavar="N", help="compile N models at once, in N processes (0: one per CPU; default 1)")
+    p.add_argument("-j", "--jobs", type=int, metavar="N",
+                   help="compile N models at once, in N processes (0: one per CPU; default 1)")
     add_provider_flags(p, what="each one is a configuration to warm (default: --preset qnn-htp)")
     add_key_flags(p)
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subs, "ls", "list cached entries", "ctxcache ls\nctxcache ls --all --format json", _commands.cmd_ls)
+    p = add_command(subs, "ls", "list cached entries", "ctxcache ls\nctxcache ls --all --format json", _commands.cmd_ls)
     p.add_argument("--all", action="store_true", help="include damaged entries")
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subs, "explain", "would loading MODEL hit? if not, which key parts differ from the entries of that model",
+    p = add_command(subs, "explain", "would loading MODEL hit? if not, which key parts differ from the entries of that model",
              "ctxcache explain model.onnx --preset qnn-htp -o soc_model=69 -o htp_arch=79 --tier /opt/app/ctx.tar\n"
              "  -> miss: differs from entry 3f2a9c1e0b7d in ep_options.htp_arch 73 -> 79, ep_options.soc_model 60 -> 69",
              _commands.cmd_explain)
@@ -116,15 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_tier_flag(p)
     add_format_flag(p)
 
-    p = _sub(subs, "verify", "re-hash every entry (all digests); --fix quarantines what fails",
+    p = add_command(subs, "verify", "re-hash every entry (all digests); --fix quarantines what fails",
              "ctxcache verify\nctxcache verify --fix", _commands.cmd_verify)
     p.add_argument("--fix", action="store_true", help="quarantine damaged entries (the next load recompiles them)")
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subs, "prune", "remove damaged entries and entries built for another environment, then by age / size (LRU)",
+    p = add_command(subs, "prune", "remove damaged entries and entries built for another environment, then by age / size (LRU)",
              "ctxcache prune --dry-run\nctxcache prune --max-size 2G --older-than 30d --yes", _commands.cmd_prune)
-    p.add_argument("--max-size", type=parse_size, metavar="SIZE", help="keep the cache under SIZE (500M, 2G): least recently used go first")
+    p.add_argument("--max-size", type=parse_size, metavar="SIZE",
+                   help="keep the cache under SIZE (500M, 2G): least recently used go first")
     p.add_argument("--older-than", type=parse_duration, metavar="AGE", help="remove entries unused for AGE (30d, 12h, 45m)")
     p.add_argument("--keep-other-env", action="store_true",
                    help="keep entries of other onnxruntime / EP versions unless a limit needs the room (a cache shared by apps)")
@@ -133,20 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subs, "clear", "remove every entry (and remembered compile failures)",
+    p = add_command(subs, "clear", "remove every entry (and remembered compile failures)",
              "ctxcache clear --dry-run\nctxcache clear --yes", _commands.cmd_clear)
     p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subs, "stats", "hits, misses, fallbacks (with reasons), bypasses, compile seconds spent and saved",
+    p = add_command(subs, "stats", "hits, misses, fallbacks (with reasons), bypasses, compile seconds spent and saved",
              "ctxcache stats\nctxcache stats --format json --reset", _commands.cmd_stats)
     p.add_argument("--reset", action="store_true", help="zero the counters (after showing them)")
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subs, "doctor", "packages, versions, EP devices, the cache folder, and what a key contains here",
+    p = add_command(subs, "doctor", "packages, versions, EP devices, the cache folder, and what a key contains here",
              "ctxcache doctor\nctxcache doctor --provider qnn -o backend_type=htp --format json", _commands.cmd_doctor)
     add_provider_flags(p, what="show the key parts for these providers (default: --preset qnn-htp)")
     add_cache_flags(p)
@@ -171,7 +144,7 @@ def _attach_logging(verbose: int) -> logging.Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
-    debug = truthy(os.environ.get(ENV_DEBUG))
+    debug = (os.environ.get(ENV_DEBUG) or "").strip().lower() in ("1", "true", "yes", "on")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -211,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit_code(e: BaseException) -> int:
-    from ..errors import (
+    from ctxcache.errors import (
         InvalidModelError,
         ModelNotFoundError,
         ProviderOptionError,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ctxcache
+
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -141,7 +143,7 @@ def read_plan(path: Path) -> tuple[list[tuple[Path, ProviderConfig]], dict[str, 
     if not isinstance(groups, list):
         raise UsageError(f"{path}: 'targets' must be a list")
     if "models" in data or "providers" in data:
-        groups = [{"models": data.get("models", []), "providers": data.get("providers")}] + groups
+        groups = [{"models": data.get("models", []), "providers": data.get("providers")}, *groups]
     if not groups:
         raise UsageError(f"{path}: the plan lists no models")
     tasks: list[tuple[Path, ProviderConfig]] = []
@@ -170,17 +172,13 @@ def read_plan(path: Path) -> tuple[list[tuple[Path, ProviderConfig]], dict[str, 
 
 def _validate(configs: list[ProviderConfig]) -> dict[int, str]:
     """Check names and options before anything runs (bad input is exit 2); returns unavailable ones."""
-    from .. import providers
-
     unavailable: dict[int, str] = {}
     for cfg in configs:
-        ep = providers.get(cfg.name)  # UnknownProviderError -> usage
-        if not ep.compiles:
-            raise UsageError(f"{cfg.name} compiles no context, so there is nothing to warm; pass e.g. --preset qnn-htp")
-        ep.normalize_options(cfg.options)  # ProviderOptionError -> usage
-        why = ep.unavailable_reason()
-        if why is not None:
-            unavailable[id(cfg)] = why
+        (check,) = ctxcache.check_providers([cfg.as_tuple()])  # UnknownProviderError / ProviderOptionError -> usage
+        if not check.compiles:
+            raise UsageError(f"{check.name} compiles no context, so there is nothing to warm; pass e.g. --preset qnn-htp")
+        if check.unavailable is not None:
+            unavailable[id(cfg)] = check.unavailable
     return unavailable
 
 
@@ -215,9 +213,7 @@ def _worker(cache_kw: dict[str, Any], verbose: int, tasks: Any, results: Any) ->
         logger.addHandler(logging.NullHandler())  # reasons travel back in the results, not as stray lines
         logger.propagate = False
     try:
-        from .._cache import ContextCache
-
-        cache = ContextCache(**cache_kw)
+        cache = ctxcache.ContextCache(**cache_kw)
         while True:
             item = tasks.get()
             if item is None:
@@ -229,46 +225,18 @@ def _worker(cache_kw: dict[str, Any], verbose: int, tasks: Any, results: Any) ->
         sys.exit(EXIT_INTERRUPTED)
 
 
-def warm_one(cache: Any, model: str, name: str, options: dict[str, Any], verbose: int = 0) -> dict[str, Any]:
-    """Make sure ``model`` has an intact entry for ``(name, options)``; a plain dict for the parent."""
+def warm_one(cache: ctxcache.ContextCache, model: str, name: str, options: dict[str, Any], verbose: int = 0) -> dict[str, Any]:
+    """``cache.warm`` for one model and configuration, as a plain dict for the parent process."""
     import onnxruntime as ort
 
-    from .. import _manage
-    from ..errors import CtxCacheError
-
     start = time.perf_counter()
-    res: dict[str, Any] = {"status": "failed", "outcome": None, "key": None, "reason": None, "compile_seconds": 0.0}
+    so = ort.SessionOptions()
+    so.log_severity_level = 0 if verbose > 1 else 3  # ORT's and QNN's own warnings are noise here
     try:
-        ex = _manage.explain(cache, model, providers=[(name, options)])
-        res["key"] = ex.key
-        if ex.verdict == "hit":
-            res.update(status="cached", outcome="hit")
-        else:
-            if ex.verdict == "bypass" and ex.reason is not None and ex.reason.code == "not_compilable" and ex.key:
-                # warm is an explicit request: try the compile again. Not for crashed_during_load: that
-                # context killed its loader twice, and retrying it here would only kill a worker.
-                _manage.forget_failure(cache, ex.key)
-            so = ort.SessionOptions()
-            so.log_severity_level = 0 if verbose > 1 else 3  # ORT's and QNN's own warnings are noise here
-            r = cache.load(model, providers=[(name, options)], sess_options=so)
-            if r.outcome == "fallback":
-                # A damaged entry was quarantined; the next load builds it afresh.
-                res["replaced"] = str(r.reason)
-                r = cache.load(model, providers=[(name, options)], sess_options=so)
-            res.update(outcome=r.outcome, key=r.key, compile_seconds=r.timings.compile)
-            if r.outcome == "miss":
-                res["status"] = "compiled"
-            elif r.outcome == "hit":
-                res["status"] = "cached"
-            else:
-                res["reason"] = str(r.reason) if r.reason else r.outcome
-            del r
-    except CtxCacheError as e:
-        res["reason"] = f"{type(e).__name__}: {e}"
+        return cache.warm(model, providers=[(name, options)], sess_options=so).as_dict()
     except Exception as e:  # noqa: BLE001 - a worker reports, it never dies on one model
-        res["reason"] = f"{type(e).__name__}: {e}"[:2000]
-    res["seconds"] = time.perf_counter() - start
-    return res
+        return {"model": model, "status": "failed", "outcome": None, "key": None, "compile_seconds": 0.0,
+                "reason": f"{type(e).__name__}: {e}"[:2000], "seconds": time.perf_counter() - start, "replaced": None}
 
 
 # -- progress ---------------------------------------------------------------------------------------
@@ -447,9 +415,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         "cache_dir": cache_dir, "app_name": args.app_name, "app_author": args.app_author,
         "extra_key": args.extra_key, "embed": args.embed,
     }
-    from .._cache import ContextCache
-
-    root = ContextCache(**cache_kw).root
+    root = ctxcache.ContextCache(**cache_kw).root
     jobs = args.jobs if args.jobs is not None else settings.get("jobs", 1)
     if jobs < 0:
         raise UsageError(f"--jobs takes a whole number >= 0 (0: one per CPU), not {jobs}")
@@ -483,7 +449,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
             "seconds": round(elapsed, 3),
             "exit_code": code,
             "results": [
-                {"model": t.model, "provider": t.provider.as_dict(), **{k: v for k, v in t.result.items()}}
+                {"model": t.model, "provider": t.provider.as_dict(), **dict(t.result.items())}
                 for t in tasks
             ],
         })

@@ -11,6 +11,8 @@ import argparse
 import os
 from typing import Any
 
+import ctxcache
+
 from ._common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -18,6 +20,7 @@ from ._common import (
     ProviderConfig,
     UsageError,
     add_cache_flags,
+    add_command,
     add_format_flag,
     add_key_flags,
     add_provider_flags,
@@ -30,23 +33,22 @@ from ._common import (
 
 # -- shared helpers ---------------------------------------------------------------------------------
 def _signing_key(args: argparse.Namespace) -> bytes | None:
-    """``--signing-key-file`` (its bytes, trailing newline stripped) else ``$CTXCACHE_SIGNING_KEY`` else none."""
-    from .._tiers import resolve_signing_key
-
+    """``--signing-key-file`` (its bytes, trailing newline stripped); ``None`` lets the library read
+    ``$CTXCACHE_SIGNING_KEY``."""
     path = getattr(args, "signing_key_file", None)
-    if path:
-        try:
-            with open(os.path.expanduser(path), "rb") as f:
-                raw = f.read().rstrip(b"\r\n")
-        except OSError as e:
-            raise UsageError(f"cannot read signing key file {path}: {e.strerror or e}") from None
-        if not raw:
-            raise UsageError(f"signing key file {path} is empty")
-        return raw
-    return resolve_signing_key(None)
+    if not path:
+        return None
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            raw = f.read().rstrip(b"\r\n")
+    except OSError as e:
+        raise UsageError(f"cannot read signing key file {path}: {e.strerror or e}") from None
+    if not raw:
+        raise UsageError(f"signing key file {path} is empty")
+    return raw
 
 
-def _cache(args: argparse.Namespace) -> Any:
+def _cache(args: argparse.Namespace) -> ctxcache.ContextCache:
     return open_cache(args, extra_key=getattr(args, "extra_key", None), embed=getattr(args, "embed", False))
 
 
@@ -59,31 +61,23 @@ def _filters(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs: list[ProviderConfig] = getattr(args, "providers", None) or []
     if not configs:
         return [{"provider": None, "options": None}]
-    from .. import providers
-
     out_: list[dict[str, Any]] = []
     for cfg in configs:
-        opts: dict[str, Any] = dict(cfg.options)
         try:
-            ep = providers.get(cfg.name)
-            try:
-                opts = ep.binary_options(ep.normalize_options(opts))
-            except Exception:  # a partial filter (just soc_model) need not be a valid provider config
-                opts = {k: str(v) for k, v in opts.items() if not k.endswith("_path")}
-            name = ep.name
-        except Exception:
-            name = cfg.name
+            (check,) = ctxcache.check_providers([cfg.as_tuple()])
+            name, opts = check.name, dict(check.binary_options)
+        except ctxcache.errors.ProviderOptionError:  # a partial filter (just soc_model) need not be a valid config
+            (check,) = ctxcache.check_providers([cfg.name])
+            name, opts = check.name, {k: str(v) for k, v in cfg.options.items() if not k.endswith("_path")}
         out_.append({"provider": name, "options": opts or None})
     return out_
 
 
-def _select(cache: Any, args: argparse.Namespace) -> list[Any]:
-    from .._tiers import entries_matching
-
-    seen: dict[str, Any] = {}
+def _select(cache: ctxcache.ContextCache, args: argparse.Namespace) -> list[ctxcache.EntryInfo]:
+    seen: dict[str, ctxcache.EntryInfo] = {}
     for f in _filters(args):
-        for e in entries_matching(cache, models=args.model or None, provider=f["provider"], options=f["options"],
-                                  keys=args.key or None):
+        for e in cache.select(models=args.model or None, provider=f["provider"], options=f["options"],
+                              keys=args.key or None):
             seen[e.key] = e
     return [seen[k] for k in sorted(seen)]
 
@@ -101,20 +95,12 @@ def _add_signing_flag(p: argparse.ArgumentParser, verb: str) -> None:
                    help=f"HMAC-SHA256 key to {verb} with (default: $CTXCACHE_SIGNING_KEY; never pass a key on the command line)")
 
 
-def _remote(args: argparse.Namespace) -> Any:
-    from .._remote import RemoteTier, RemoteUnavailable, _boto3
-
+def _remote(args: argparse.Namespace) -> ctxcache.RemoteTier:
     if "://" not in args.url:
         raise UsageError(f"a remote is a URL (s3://bucket/prefix, file:///share/ctxcache, ...), not {args.url!r}")
     try:
-        if args.url.startswith("s3://"):
-            _boto3()
-        else:
-            import fsspec  # noqa: F401
-    except (RemoteUnavailable, ImportError) as e:
-        raise CommandFailed(str(e) if isinstance(e, RemoteUnavailable) else "this URL needs fsspec: pip install fsspec") from None
-    try:
-        return RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args), timeout=args.timeout)
+        return ctxcache.RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args),
+                                   timeout=args.timeout)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -127,10 +113,6 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
 
 # -- commands ---------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from .._bundle import export_bundle
-    from .._package import export_model_package
-    from ..errors import BundleError
-
     cache = _cache(args)
     entries = _select(cache, args)
     if not entries:
@@ -138,20 +120,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     keys = [e.key for e in entries]
     try:
         if args.package:
-            res = export_model_package(cache, args.dest, keys=keys, signing_key=_signing_key(args),
-                                       compatibility=not args.no_compatibility)
-            exported, skipped, signed = list(res.variants), res.skipped, _signing_key(args) is not None
+            res = ctxcache.export_model_package(cache, args.dest, keys=keys, signing_key=_signing_key(args),
+                                                compatibility=not args.no_compatibility)
+            exported, skipped, signed = list(res.variants), res.skipped, res.signed
         else:
-            b = export_bundle(cache, args.dest, keys=keys, signing_key=_signing_key(args), overwrite=args.overwrite)
-            exported, skipped, signed = b.keys, b.skipped, b.signed
-    except BundleError as e:
+            b = ctxcache.export_bundle(cache, args.dest, keys=keys, signing_key=_signing_key(args), overwrite=args.overwrite)
+            exported, skipped, signed = list(b.keys), b.skipped, b.signed
+    except ctxcache.errors.BundleError as e:
+        if e.code == "exists":
+            raise UsageError(str(e)) from None
         raise CommandFailed(str(e)) from None
     by_key = {e.key: e for e in entries}
     if args.format == "json":
         emit_json({"path": os.path.abspath(args.dest), "format": "model-package" if args.package else "bundle",
                    "signed": signed, "exported": exported, "skipped": skipped})
     else:
-        rows = [(k[:12], _model_name(by_key[k]), _opts(by_key[k])) for k in exported]
+        rows = [(k[:12], by_key[k].model_name, _opts(by_key[k])) for k in exported]
         out(table(["key", "model", "options"], rows))
         out(f"\nexported {len(exported)} entr{'y' if len(exported) == 1 else 'ies'} to {os.path.abspath(args.dest)}"
             f"{' (signed)' if signed else ''}")
@@ -161,90 +145,44 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .._bundle import import_bundle
-    from .._package import is_model_package
-    from ..errors import BundleError
-
     cache = _cache(args)
-    key = _signing_key(args)
     try:
-        if is_model_package(args.bundle):
-            installed, skipped, refused = _import_package(cache, args.bundle, key, args.force)
-        else:
-            res = import_bundle(cache, args.bundle, signing_key=key, force=args.force)
-            installed, skipped, refused = res.installed, res.skipped, res.refused
-    except BundleError as e:
+        res = ctxcache.import_bundle(cache, args.bundle, signing_key=_signing_key(args), force=args.force)
+    except ctxcache.errors.BundleError as e:
         raise CommandFailed(str(e)) from None
     if args.format == "json":
-        emit_json({"installed": installed, "present": skipped, "refused": refused})
+        emit_json(res.as_dict())
     else:
-        rows = [(k[:12], "installed") for k in installed] + [(k[:12], "already present") for k in skipped]
-        rows += [(k[:12], f"REFUSED {why}") for k, why in refused.items()]
+        rows = [(k[:12], "installed") for k in res.installed] + [(k[:12], "already present") for k in res.present]
+        rows += [(k[:12], f"REFUSED {why}") for k, why in res.refused.items()]
         out(table(["key", "result"], rows))
-        out(f"\n{len(installed)} installed, {len(skipped)} already present, {len(refused)} refused")
-    return EXIT_FAILED if refused else EXIT_OK
-
-
-def _import_package(cache: Any, path: str, key: bytes | None, force: bool) -> tuple[list[str], list[str], dict[str, str]]:
-    from .._locking import key_lock
-    from .._package import ModelPackageTier
-    from .._store import BrokenEntry
-    from .._tiers import TierError
-    from ..errors import BundleError
-
-    tier = ModelPackageTier(path, signing_key=key)
-    installed: list[str] = []
-    skipped: list[str] = []
-    refused: dict[str, str] = {}
-    try:
-        wanted = sorted({str(m.get("record", {}).get("key")) for _n, _d, m in tier.variants()})
-    except TierError as e:
-        raise BundleError(f"cannot import {path}: {e.message}", path=path, code=e.code) from None
-    cache.store.ensure()
-    for k in wanted:
-        with key_lock(cache.store.lock_path(k), cache.lock_timeout, k[:12]):
-            try:
-                present = cache.store.lookup(k)
-            except BrokenEntry:
-                present = None
-            if present is not None and not force and cache.store.verify(present) is None:
-                skipped.append(k)
-                continue
-            try:
-                entry = tier.fetch(cache.store, k)
-            except TierError as e:
-                refused[k] = str(e)
-                continue
-            (installed.append(k) if entry is not None else refused.__setitem__(k, "not found"))
-    return installed, skipped, refused
+        out(f"\n{len(res.installed)} installed, {len(res.present)} already present, {len(res.refused)} refused")
+    return EXIT_FAILED if res.refused else EXIT_OK
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .._remote import push
-    from .._tiers import TierError
-
     cache = _cache(args)
     remote = _remote(args)
     entries = _select(cache, args)
     if not entries:
         raise CommandFailed(f"no entry of {cache.root} matches the selection (see `ctxcache ls`)")
     try:
-        results = push(cache, remote, entries, overwrite=args.overwrite)
-    except TierError as e:
+        res = ctxcache.push(cache, remote, keys=[e.key for e in entries], overwrite=args.overwrite)
+    except ctxcache.errors.TierError as e:
         raise CommandFailed(str(e)) from None
-    return _report(args, results, "pushed")
+    return _report(args, res.results, "pushed")
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .._remote import pull
-    from .._tiers import TierError
-
     cache = _cache(args)
     remote = _remote(args)
     try:
-        results = pull(cache, remote, args.key or None, force=args.force)
-    except TierError as e:
+        res = ctxcache.pull(cache, remote, args.key or None, force=args.force)
+    except ctxcache.errors.TierError as e:
         raise CommandFailed(f"cannot list {args.url}: {e}") from None
+    results = dict.fromkeys(res.installed, "installed")
+    results.update(dict.fromkeys(res.present, "present"))
+    results.update({k: f"refused: {why}" for k, why in res.refused.items()})
     return _report(args, results, "installed")
 
 
@@ -259,11 +197,6 @@ def _report(args: argparse.Namespace, results: dict[str, str], ok: str) -> int:
     return EXIT_FAILED if any(v not in (ok, "present") for v in results.values()) else EXIT_OK
 
 
-def _model_name(entry: Any) -> str:
-    model = entry.manifest.get("model")
-    return str(model.get("name", "?")) if isinstance(model, dict) else "?"
-
-
 def _opts(entry: Any) -> str:
     opts = entry.parts.get("ep_options")
     ep = str(entry.parts.get("ep", "?")).removesuffix("ExecutionProvider")
@@ -273,16 +206,16 @@ def _opts(entry: Any) -> str:
 # -- registration ------------------------------------------------------------------------------------
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register export / import / push / pull on the ``ctxcache`` parser."""
-    from ._main import _sub
-
-    p = _sub(subparsers, "export", "write cached entries to a bundle folder, a .tar / .tar.gz archive, or an ORT model package",
+    p = add_command(subparsers, "export",
+                    "write cached entries to a bundle folder, a .tar / .tar.gz archive, or an ORT model package",
              """
              ctxcache export app/ctx-bundle.tar --model app/models/net.onnx --preset qnn-htp
              ctxcache export bundle/ -p qnn -o soc_model=60 -p qnn -o soc_model=69 --signing-key-file key.txt
              ctxcache export pkg/ --package --model net.onnx
              """, cmd_export)
     p.add_argument("dest", metavar="DEST", help="a new folder, or DEST.tar / DEST.tar.gz for an archive")
-    p.add_argument("--package", action="store_true", help="write an onnxruntime.ModelPackage folder (ORT >= 1.32) instead of a bundle")
+    p.add_argument("--package", action="store_true",
+                   help="write an onnxruntime.ModelPackage folder (ORT >= 1.32) instead of a bundle")
     p.add_argument("--no-compatibility", action="store_true",
                    help="with --package: leave out compatibility strings (ORT 1.32 + QNN on x86 crashes validating them)")
     p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
@@ -292,7 +225,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subparsers, "import", "install a bundle (folder or archive) or an ORT model package into the cache, verified",
+    p = add_command(subparsers, "import", "install a bundle (folder or archive) or an ORT model package into the cache, verified",
              "ctxcache import /opt/myapp/ctx-bundle.tar --cache-dir ~/.local/share/myapp/ctxcache", cmd_import)
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder, .tar / .tar.gz archive, or model package folder")
     p.add_argument("--force", action="store_true", help="replace entries already in the cache")
@@ -301,7 +234,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subparsers, "push", "upload cached entries to an S3-compatible store (needs ctxcache[remote])",
+    p = add_command(subparsers, "push", "upload cached entries to an S3-compatible store (needs ctxcache[remote])",
              "ctxcache push s3://builds/ctxcache --model net.onnx --endpoint-url http://minio:9000", cmd_push)
     _add_remote_flags(p)
     p.add_argument("--overwrite", action="store_true", help="upload even if the remote already has the entry")
@@ -311,7 +244,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = _sub(subparsers, "pull", "install entries from an S3-compatible store into the cache, verified (needs ctxcache[remote])",
+    p = add_command(subparsers, "pull",
+                    "install entries from an S3-compatible store into the cache, verified (needs ctxcache[remote])",
              "ctxcache pull s3://builds/ctxcache --key 3f2a9c", cmd_pull)
     _add_remote_flags(p)
     p.add_argument("-k", "--key", action="append", metavar="PREFIX", help="only keys starting with PREFIX (repeatable)")

@@ -42,7 +42,7 @@ def known_names() -> list[str]:
     names = set(ort.get_all_providers()) | set(_MODULES)
     try:
         names |= {d.ep_name for d in ort.get_ep_devices()}
-    except Exception:  # older ORT without the plugin-EP API
+    except Exception:  # noqa: BLE001 - older ORT without the plugin-EP API
         pass
     return sorted(names)
 

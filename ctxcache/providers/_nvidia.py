@@ -71,7 +71,7 @@ def _cuda_names() -> list[str]:
 
 def _nvml_names() -> list[str]:
     if os.name == "nt":
-        system = os.environ.get("SystemRoot", r"C:\Windows")
+        system = os.environ.get("SYSTEMROOT", r"C:\Windows")  # Windows environment names ignore case
         return ["nvml.dll", os.path.join(system, "System32", "nvml.dll")]
     return ["libnvidia-ml.so.1", "libnvidia-ml.so"]
 

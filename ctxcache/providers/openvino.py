@@ -154,7 +154,7 @@ class OpenVINOProvider(ExecutionProvider):
             try:
                 if self.devices():
                     return None
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - ORT raises its own Fail: report it, never raise
                 return f"onnxruntime-ep-openvino is installed but its library failed to register: {e}"
             # Measured with 1.8.1: the plugin offers Intel CPUs, GPUs and NPUs only.
             return "onnxruntime-ep-openvino is installed but offers no device here (it lists Intel hardware only)"
@@ -172,7 +172,8 @@ class OpenVINOProvider(ExecutionProvider):
         for key, value in options.items():
             if key in _BOOL_OPTIONS:
                 text = str(value).strip().lower() if isinstance(value, (bool, int, str)) else value
-                value = {"1": "true", "0": "false", "true": "true", "false": "false"}.get(text, value) if isinstance(text, str) else value
+                if isinstance(text, str):
+                    value = {"1": "true", "0": "false", "true": "true", "false": "false"}.get(text, value)
             fixed[key] = value
         return super().normalize_options(fixed)
 
@@ -227,8 +228,10 @@ class OpenVINOProvider(ExecutionProvider):
     def library_files(self, options: dict[str, str]) -> list[Path]:
         folder = self._library_folder()
         so = os.name != "nt"
-        names = ["libonnxruntime_providers_openvino.so", "libonnxruntime_providers_openvino_plugin.so", "libopenvino.so"] if so else [
-            "onnxruntime_providers_openvino.dll", "onnxruntime_providers_openvino_plugin.dll", "openvino.dll"]
+        if so:
+            names = ["libonnxruntime_providers_openvino.so", "libonnxruntime_providers_openvino_plugin.so", "libopenvino.so"]
+        else:
+            names = ["onnxruntime_providers_openvino.dll", "onnxruntime_providers_openvino_plugin.dll", "openvino.dll"]
         device = options.get("device_type", "CPU")
         for dev, plugin in (("CPU", "intel_cpu"), ("GPU", "intel_gpu"), ("NPU", "intel_npu")):
             if dev in device:

@@ -109,7 +109,7 @@ class QNNProvider(ExecutionProvider):
             try:
                 if self.devices():
                     return None
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - ORT raises its own Fail: report it, never raise
                 return f"onnxruntime-qnn is installed but its library failed to register: {e}"
             return "onnxruntime-qnn is installed but ONNX Runtime lists no QNN device"
         if self.name in ort.get_available_providers():
@@ -253,7 +253,7 @@ class QNNProvider(ExecutionProvider):
             from onnxruntime.capi import onnxruntime_pybind11_state as C
 
             verdict = C.get_model_compatibility_for_ep_devices(devices, info)
-        except Exception:
+        except Exception:  # noqa: BLE001
             # On x86 QNN raises (it wants an NPU device); on a device this check is authoritative.
             return None
         name = str(verdict).rsplit(".", 1)[-1]

@@ -253,7 +253,8 @@ class TensorRTProvider(ExecutionProvider):
             return f"TensorRT needs an NVIDIA GPU: {info.problem}"
         version, _ = _nvidia.tensorrt_library()
         if version is None:
-            return "the TensorRT library (libnvinfer) cannot be loaded: pip install tensorrt-cu12 (or -cu13), or add TensorRT's lib folder to the loader path"
+            return ("the TensorRT library (libnvinfer) cannot be loaded: pip install tensorrt-cu12 (or -cu13), "
+                    "or add TensorRT's lib folder to the loader path")
         problem = provider_library_problem()
         if problem is not None:
             return (f"ONNX Runtime's TensorRT EP library cannot load ({problem}); install the CUDA libraries "
@@ -309,8 +310,8 @@ class TensorRTProvider(ExecutionProvider):
                     option="trt_profile_opt_shapes",
                 )
             for name in lo:
-                for a, b, c in zip(lo[name], opt[name], hi[name]):
-                    if not (len(a) == len(b) == len(c) and all(x <= y <= z for x, y, z in zip(a, b, c))):
+                for a, b, c in zip(lo[name], opt[name], hi[name], strict=False):
+                    if not (len(a) == len(b) == len(c) and all(x <= y <= z for x, y, z in zip(a, b, c, strict=False))):
                         raise ProviderOptionError(
                             f"TensorRT profile for input {name!r} must have min <= opt <= max in every dimension "
                             f"(got {a}, {b}, {c}).",

@@ -25,39 +25,30 @@ recorded key matches, verified, into the local cache.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from . import _fingerprint
-from ._bundle import _open_regular
-from ._hashing import file_digest
-from ._store import MANIFEST, Entry, Store
-from ._tiers import (
-    TierError,
+from .. import _fingerprint, _fs
+from .._manifest import MANIFEST, Entry
+from ..errors import TierError
+from ._base import (
+    LocalTier,
+    Match,
+    Offer,
+    Parts,
     check_signature,
-    entries_matching,
+    export_files,
     find_record,
-    install,
     make_record,
-    portable_manifest,
+    open_plain,
     resolve_signing_key,
-    sha256_file,
     sign,
 )
-from .errors import BundleError
-
-if TYPE_CHECKING:
-    from ._cache import ContextCache
-
-log = logging.getLogger("ctxcache")
 
 PACKAGE_MANIFEST = "manifest.json"
 # The entry's own manifest, renamed inside a package: ORT's package probe looks for manifest.json.
@@ -71,9 +62,7 @@ def _record_bytes(record: Any) -> bytes:
 
 
 def _component_name(entry: Entry) -> str:
-    raw = entry.manifest.get("model")
-    model: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    stem = Path(str(model.get("name") or "model")).stem
+    stem = Path(entry.model_name if entry.model_name != "?" else "model").stem
     return _NAME_RE.sub("_", stem).strip("_") or "model"
 
 
@@ -84,66 +73,44 @@ def _device_type(entry: Entry) -> str | None:
     return types.pop() if len(types) == 1 else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackageExport:
+    """What :func:`ctxcache.export_model_package` wrote: key -> ``component/variant``, and what was left out."""
+
     path: Path
-    variants: dict[str, str] = field(default_factory=dict)  # key -> "component/variant"
+    variants: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    signed: bool = False
 
 
-def export_model_package(
-    cache: ContextCache,
-    dest: str | os.PathLike[str],
-    *,
-    models: Sequence[str | os.PathLike[str]] | None = None,
-    provider: str | None = None,
-    options: dict[str, Any] | None = None,
-    keys: Sequence[str] | None = None,
-    signing_key: str | bytes | None = None,
-    package_name: str | None = None,
-    compatibility: bool = True,
-) -> PackageExport:
-    """Write the selected entries as an ORT model package folder (appears by one rename).
+def write_package(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | None, version: str,
+                  skipped: dict[str, str], package_name: str | None, compatibility: bool) -> PackageExport:
+    """Write verified ``entries`` as an ORT model package folder at ``dest`` (appears by one rename).
 
     ``compatibility=False`` leaves out the variants' ``compatibility_string`` (ORT 1.32's selection
     crashes in the QNN plugin's validation of it on x86; on a device, keep it so ORT can rank variants).
     """
-    out = Path(os.path.abspath(os.fspath(dest)))
-    if out.exists():
-        raise BundleError(f"{out} already exists; choose another path.", path=str(out), code="exists")
-    selected = entries_matching(cache, models=models, provider=provider, options=options, keys=keys)
-    if not selected:
-        raise BundleError(f"no entry of {cache.root} matches the selection.", path=str(out), code="nothing_selected")
-    key = resolve_signing_key(signing_key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     tmp.mkdir(mode=0o755)
-    result = PackageExport(out)
+    variants: dict[str, str] = {}
+    skipped = dict(skipped)
     components: dict[str, dict[str, Any]] = {}
     try:
-        for entry in selected:
-            problem = cache.store.verify(entry, full=True)
-            if problem is not None:
-                result.skipped[entry.key] = f"{problem[0]}: {problem[1]}"
-                continue
+        for entry in entries:
             comp = _component_name(entry)
             ep = str(entry.parts.get("ep", ""))
             vname = f"{ep.replace('ExecutionProvider', '').lower() or 'ep'}_{entry.key[:12]}"
-            vdir = tmp / comp / vname
-            vdir.mkdir(parents=True)
-            files: dict[str, dict[str, Any]] = {}
-            for art in entry.artifacts:
-                dst = vdir / art["name"]
-                shutil.copyfile(entry.path / art["name"], dst)
-                if file_digest(dst) != art["xxh3"]:
-                    raise BundleError(f"{entry.path / art['name']} changed while exporting; retry.", path=str(out), code="copy_failed")
-                files[art["name"]] = {"size": dst.stat().st_size, "sha256": sha256_file(dst)}
-            (vdir / ENTRY_MANIFEST).write_bytes(portable_manifest(entry))
-            files[MANIFEST] = {"size": (vdir / ENTRY_MANIFEST).stat().st_size, "sha256": sha256_file(vdir / ENTRY_MANIFEST)}
-            record = make_record(entry, dict(sorted(files.items())))
+            try:
+                files = export_files(entry, tmp / comp / vname, manifest_name=ENTRY_MANIFEST)
+            except OSError as e:
+                _fs.remove_tree(tmp / comp / vname)
+                skipped[entry.key] = f"copy_failed: {e}"
+                continue
+            record = make_record(entry, files)
             meta: dict[str, Any] = {"record": record}
-            if key is not None:
-                meta["signature"] = sign(_record_bytes(record), key).decode()
+            if signing_key is not None:
+                meta["signature"] = sign(_record_bytes(record), signing_key).decode()
             raw_opts = entry.parts.get("ep_options")
             ep_opts: dict[str, Any] = raw_opts if isinstance(raw_opts, dict) else {}
             variant: dict[str, Any] = {
@@ -158,29 +125,26 @@ def export_model_package(
             device = _device_type(entry)
             if device is not None:
                 variant["device"] = device
-            compat = entry.manifest.get("compat")
-            if compatibility and isinstance(compat, dict) and isinstance(compat.get(ep), str):
-                variant["compatibility_string"] = compat[ep]
+            compat = entry.compat.get(ep)
+            if compatibility and compat is not None:
+                variant["compatibility_string"] = compat
             components.setdefault(comp, {"component_name": comp, "variants": {}})["variants"][vname] = variant
-            result.variants[entry.key] = f"{comp}/{vname}"
+            variants[entry.key] = f"{comp}/{vname}"
         if not components:
-            raise BundleError(f"every selected entry failed verification: {result.skipped}", path=str(out), code="nothing_selected")
+            return PackageExport(dest, {}, skipped, False)
         for comp, body in components.items():
             (tmp / comp / "component.json").write_text(json.dumps(body, indent=1, sort_keys=True))
-        from . import __version__
-
         manifest = {
             "schema_version": "1.0",
             "package_name": package_name or next(iter(components)),
             "components": {c: c for c in sorted(components)},
-            "additional_metadata": {"producer": f"ctxcache {__version__}"},
+            "additional_metadata": {"producer": f"ctxcache {version}"},
         }
         (tmp / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.rename(tmp, out)
+        os.rename(tmp, dest)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return result
+        _fs.remove_tree(tmp)
+    return PackageExport(dest, variants, skipped, signing_key is not None)
 
 
 def is_model_package(path: str | os.PathLike[str]) -> bool:
@@ -188,13 +152,14 @@ def is_model_package(path: str | os.PathLike[str]) -> bool:
     if not (p / PACKAGE_MANIFEST).is_file() or (p / "index.json").exists():
         return False
     try:
-        return "schema_version" in json.loads((p / PACKAGE_MANIFEST).read_bytes())
-    except (OSError, ValueError):
+        with open_plain(p / PACKAGE_MANIFEST) as f:
+            return "schema_version" in json.loads(f.read(1 << 20))
+    except (OSError, ValueError, RecursionError, TierError, TypeError):
         return False
 
 
-class ModelPackageTier:
-    """A read-only tier over an ORT model package written by :func:`export_model_package`.
+class ModelPackageTier(LocalTier):
+    """A read-only tier over an ORT model package written by :func:`ctxcache.export_model_package`.
 
     The package is parsed by ORT's own parser (portable layout: no absolute paths, no '..', no links
     followed); a variant is used only when its ``additional_metadata.ctxcache`` record names the key,
@@ -202,17 +167,6 @@ class ModelPackageTier:
     """
 
     kind = "package"
-
-    def __init__(self, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None,
-                 match: str = "exact") -> None:
-        if match not in ("exact", "portable"):
-            raise ValueError(f"match must be 'exact' or 'portable', not {match!r}")
-        self.location = Path(os.path.abspath(os.fspath(location)))
-        self._signing_key = signing_key
-        self.match = match  # as for Bundle
-
-    def __repr__(self) -> str:
-        return f"ModelPackageTier({str(self.location)!r})"
 
     def describe(self) -> str:
         return f"model package {self.location}"
@@ -222,31 +176,34 @@ class ModelPackageTier:
         import onnxruntime as ort
 
         if not hasattr(ort, "ModelPackage"):
-            raise TierError("tier_unreachable", f"onnxruntime {ort.__version__} has no ModelPackage (needs >= 1.32)")
+            raise TierError(f"onnxruntime {ort.__version__} has no ModelPackage (needs >= 1.32)", code="tier_unreachable")
         if not (self.location / PACKAGE_MANIFEST).is_file():
-            raise TierError("tier_unreachable", f"{self.location} is not a model package")
+            raise TierError(f"{self.location} is not a model package", code="tier_unreachable")
         try:
             pkg = ort.ModelPackage.open(str(self.location), allow_external_paths=False, follow_symlinks=False)
             info = pkg.get_info()
-        except Exception as e:  # ORT raises its own types for a bad manifest
-            raise TierError("tier_record", f"{self.location}: ORT refused the package ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types for a bad manifest
+            raise TierError(f"{self.location}: ORT refused the package ({type(e).__name__}: {e})", code="tier_record") from None
         root = os.path.realpath(self.location)
         for comp in info.get("components", []):
             for var in comp.get("variants", []):
                 try:
                     meta = json.loads(var.get("additional_metadata_json") or "null")
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if not isinstance(meta, dict) or not isinstance(meta.get("ctxcache"), dict):
                     continue
                 vdir = Path(var["variant_directory"])
                 if os.path.commonpath([root, os.path.realpath(vdir)]) != root:
-                    raise TierError("tier_unsafe", f"{self.location}: variant {var['name']} lies outside the package")
+                    raise TierError(f"{self.location}: variant {var['name']} lies outside the package", code="tier_unsafe")
                 yield var["name"], vdir, meta["ctxcache"]
 
-    def lookup(self, key: str, parts: Sequence[tuple[str, Any]] = ()) -> str | None:
-        """``"exact"`` / ``"portable"`` when a variant holds an entry for this key, else ``None``."""
-        best = None
+    def keys(self) -> list[str]:
+        return sorted({str(m.get("record", {}).get("key")) for _n, _d, m in self.variants()
+                       if isinstance(m.get("record"), dict)})
+
+    def lookup(self, key: str, parts: Parts = ()) -> Match | None:
+        best: Match | None = None
         for _name, _vdir, meta in self.variants():
             record = meta.get("record")
             if isinstance(record, dict) and find_record({str(record.get("key")): record}, key, parts, "portable"):
@@ -255,19 +212,21 @@ class ModelPackageTier:
                 best = "portable"
         return best
 
-    def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
-        for _name, vdir, meta in self.variants():
+    @contextmanager
+    def offer(self, key: str, parts: Parts = ()) -> Iterator[Offer | None]:
+        for name, vdir, meta in self.variants():
             record = meta.get("record")
             if not isinstance(record, dict) or find_record({str(record.get("key")): record}, key, parts, self.match) is None:
                 continue
             sig = meta.get("signature")
             check_signature(_record_bytes(record), sig.encode() if isinstance(sig, str) else None,
-                            resolve_signing_key(self._signing_key), f"{self.describe()} variant {_name}")
+                            resolve_signing_key(self._signing_key), f"{self.describe()} variant {name}")
 
             @contextmanager
-            def opener(name: str, vdir: Path = vdir) -> Iterator[IO[bytes]]:
-                with _open_regular(vdir / (ENTRY_MANIFEST if name == MANIFEST else name)) as f:
+            def opener(fname: str, vdir: Path = vdir) -> Iterator[IO[bytes]]:
+                with open_plain(vdir / (ENTRY_MANIFEST if fname == MANIFEST else fname)) as f:
                     yield f
 
-            return install(store, key, record, opener, {"tier": self.kind, "location": str(self.location)}, parts)
-        return None
+            yield Offer(record, opener, {"tier": self.kind, "location": str(self.location)})
+            return
+        yield None

@@ -2,7 +2,7 @@
 any fsspec URL (a shared folder ``file:///mnt/share/ctxcache``, ``gcs://``, ``az://``...).
 
 Read-through: on a local miss the entry is fetched, verified and published into the local cache like a
-bundle's (``_tiers.install``). Optional write-back: an entry compiled here is uploaded for the fleet.
+bundle's (``tiers._base.install``). Optional write-back: an entry compiled here is uploaded for the fleet.
 
 Object layout under ``s3://bucket/prefix`` (or the fsspec URL)::
 
@@ -21,28 +21,29 @@ boto3 (``pip install 'ctxcache[remote]'``) and fsspec are optional, imported onl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import IO, Any
 
-from ._store import MANIFEST, Entry, Store
-from ._tiers import (
-    TierError,
+from .._key import portable_key
+from .._manifest import MANIFEST, Entry, is_key, portable
+from ..errors import TierError
+from ._base import (
+    Match,
+    Offer,
+    Parts,
+    check_match,
     check_signature,
-    install,
     make_record,
-    portable_key,
-    portable_manifest,
+    parse_json,
     resolve_signing_key,
+    sha256_file,
     sign,
 )
-
-if TYPE_CHECKING:
-    from ._cache import ContextCache
 
 log = logging.getLogger("ctxcache")
 
@@ -188,7 +189,8 @@ class _Fsspec:
             try:
                 import fsspec
             except ImportError:
-                raise RemoteUnavailable(f"the remote tier needs fsspec for {self.tier.url}: pip install fsspec") from None
+                raise RemoteUnavailable(
+                    f"the remote tier needs fsspec for {self.tier.url}: pip install 'ctxcache[remote]'") from None
             self._fs, root = fsspec.core.url_to_fs(self.tier.url, **self.tier.storage_options)
             self._root = str(root).rstrip("/")
         return self._fs
@@ -270,11 +272,9 @@ class RemoteTier:
         region: str | None = None,
         client: Any = None,
         storage_options: dict[str, Any] | None = None,
-        match: str = "exact",
+        match: Match = "exact",
     ) -> None:
-        if match not in ("exact", "portable"):
-            raise ValueError(f"match must be 'exact' or 'portable', not {match!r}")
-        self.match = match
+        self.match: Match = check_match(match)
         self.url = url
         self.endpoint_url = endpoint_url
         self.write_back = write_back
@@ -302,27 +302,28 @@ class RemoteTier:
     def _guard(self, what: str) -> Iterator[None]:
         """Map transport and server errors to ``tier_unreachable``, and remember the outage."""
         if time.monotonic() < self._down_until:
-            raise TierError("tier_unreachable", f"{self.describe()} was unreachable recently; not retrying yet")
+            raise TierError(f"{self.describe()} was unreachable recently; not retrying yet", code="tier_unreachable")
         try:
             yield
         except TierError:
             raise
         except RemoteUnavailable as e:
-            raise TierError("tier_unreachable", str(e)) from None
+            raise TierError(str(e), code="tier_unreachable") from None
         except Exception as e:
             if self._backend.transport_error(e):
                 self._down_until = time.monotonic() + self.retry_after
-                raise TierError("tier_unreachable", f"{what}: {type(e).__name__}: {e}") from None
+                raise TierError(f"{what}: {type(e).__name__}: {e}", code="tier_unreachable") from None
             raise
 
     # -- the tier protocol --------------------------------------------------------------------------
-    def _portable_candidates(self, parts: Sequence[tuple[str, Any]]) -> list[str]:
+    def _portable_candidates(self, parts: Parts) -> list[str]:
         # Pointers written by push: v1/portable/<portable key>/<key>. Untrusted like everything else:
         # install() re-checks that the record's parts really match this machine's portable key.
         names = self._backend.names(self._obj("portable", portable_key(parts)) + "/")
-        return sorted(n for n in names if len(n) == 32 and all(c in "0123456789abcdef" for c in n))
+        return sorted(n for n in names if is_key(n))
 
-    def fetch(self, store: Store, key: str, parts: Sequence[tuple[str, Any]] = ()) -> Entry | None:
+    @contextlib.contextmanager
+    def offer(self, key: str, parts: Parts = ()) -> Iterator[Offer | None]:
         b = self._backend
         with self._guard(f"fetching {key[:12]}"):
             rkey = key
@@ -333,29 +334,22 @@ class RemoteTier:
                     if raw is not None:
                         break
             if raw is None:
-                return None
-            key_for_files = rkey
+                yield None
+                return
             if len(raw) > _MAX_RECORD:
-                raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is too large")
+                raise TierError(f"{self.describe()}: record for {key[:12]} is too large", code="tier_record")
             signing_key = resolve_signing_key(self._signing_key)
             sig = b.get(self._obj(rkey, RECORD_SIG), 4096) if signing_key is not None else None
             check_signature(raw, sig, signing_key, f"{self.describe()} record {key[:12]}")
-            try:
-                record = json.loads(raw)
-            except ValueError as e:
-                raise TierError("tier_record", f"{self.describe()}: record for {key[:12]} is not JSON ({e})") from None
+            record = parse_json(raw, f"{self.describe()} record for {key[:12]}")
+            files_of = rkey
 
             def opener(name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-                return b.stream(self._obj(key_for_files, "files", name))
+                return b.stream(self._obj(files_of, "files", name))
 
-            return install(store, key, record, opener, {"tier": self.kind, "location": self.url}, parts)
+            yield Offer(record if isinstance(record, dict) else {}, opener, {"tier": self.kind, "location": self.url})
 
-    def write_back_entry(self, entry: Entry) -> None:
-        if self.write_back:
-            self.push_entry(entry, overwrite=False)
-
-    # -- push / pull --------------------------------------------------------------------------------
-    def lookup(self, key: str, parts: Sequence[tuple[str, Any]] = ()) -> str | None:
+    def lookup(self, key: str, parts: Parts = ()) -> Match | None:
         if self.has(key):
             return "exact"
         with self._guard("listing"):
@@ -363,29 +357,23 @@ class RemoteTier:
 
     def has(self, key: str) -> bool:
         with self._guard(f"looking up {key[:12]}"):
-            return self._backend.exists(self._obj(key, RECORD))
+            return bool(self._backend.exists(self._obj(key, RECORD)))
 
-    def push_entry(self, entry: Entry, *, overwrite: bool = False, store: Store | None = None) -> bool:
-        """Upload one local entry (after a full re-hash); ``False`` if the remote already has it."""
-        import hashlib
-
-        from ._tiers import sha256_file
-
+    def push(self, entry: Entry, *, overwrite: bool = False) -> bool:
+        """Upload one local entry (the caller verified it); ``False`` if the remote already has it."""
         if not overwrite and self.has(entry.key):
             return False
-        if store is not None:
-            problem = store.verify(entry, full=True)
-            if problem is not None:
-                raise TierError(problem[0], f"not pushing {entry.key[:12]}: {problem[1]}")
         files: dict[str, dict[str, Any]] = {}
         b = self._backend
         with self._guard(f"pushing {entry.key[:12]}"):
             for art in entry.artifacts:
-                path: Path = entry.path / art["name"]
-                files[art["name"]] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-                with open(path, "rb") as f:
+                path = entry.path / art["name"]
+                files[art["name"]] = {"size": art["size"], "sha256": sha256_file(path)}
+                from .. import _fs
+
+                with open(_fs.open_regular(path), "rb", closefd=True) as f:
                     b.put(self._obj(entry.key, "files", art["name"]), f)
-            manifest = portable_manifest(entry)
+            manifest = portable(entry)
             files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
             b.put(self._obj(entry.key, "files", MANIFEST), manifest)
             raw = json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
@@ -403,47 +391,4 @@ class RemoteTier:
     def keys(self) -> list[str]:
         """Every key with an entry folder in the remote store."""
         with self._guard("listing"):
-            return sorted(k for k in self._backend.children(LAYOUT + "/") if len(k) == 32)
-
-
-def push(cache: ContextCache, remote: RemoteTier, entries: list[Entry], *, overwrite: bool = False) -> dict[str, str]:
-    """Upload entries; returns key -> ``pushed`` / ``present`` / ``failed: <why>``."""
-    out: dict[str, str] = {}
-    for entry in entries:
-        try:
-            out[entry.key] = "pushed" if remote.push_entry(entry, overwrite=overwrite, store=cache.store) else "present"
-        except TierError as e:
-            out[entry.key] = f"failed: {e}"
-    return out
-
-
-def pull(cache: ContextCache, remote: RemoteTier, keys: list[str] | None = None, *, force: bool = False) -> dict[str, str]:
-    """Install remote entries into ``cache`` (all, or the given keys / key prefixes).
-
-    Returns key -> ``installed`` / ``present`` / ``refused: <why>``. Raises :class:`TierError` when the
-    remote cannot be listed.
-    """
-    from ._locking import key_lock
-    from ._store import BrokenEntry
-
-    wanted = remote.keys()
-    if keys is not None:
-        wanted = [k for k in wanted if any(k.startswith(p) for p in keys)]
-    cache.store.ensure()
-    out: dict[str, str] = {}
-    for key in wanted:
-        with key_lock(cache.store.lock_path(key), cache.lock_timeout, key[:12]):
-            try:
-                present = cache.store.lookup(key)
-            except BrokenEntry:
-                present = None
-            if present is not None and not force and cache.store.verify(present) is None:
-                out[key] = "present"
-                continue
-            try:
-                entry = remote.fetch(cache.store, key)
-            except TierError as e:
-                out[key] = f"refused: {e}"
-                continue
-            out[key] = "installed" if entry is not None else "refused: vanished"
-    return out
+            return sorted(k for k in self._backend.children(LAYOUT + "/") if is_key(k))

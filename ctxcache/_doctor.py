@@ -1,0 +1,128 @@
+"""``doctor``: what this machine is and what the cache can do here, as data (the CLI renders it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from . import _manage, providers
+from ._cache import ContextCache
+from ._config import ENV_DIR
+
+_FLAVOURS = (
+    "onnxruntime", "onnxruntime-gpu", "onnxruntime-qnn", "onnxruntime-openvino", "onnxruntime-directml",
+    "onnxruntime-training", "ort-nightly", "onnx", "ctxcache",
+)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`ctxcache.diagnose` found: plain data (JSON-ready) and the problems, one line each."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _packages() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in _FLAVOURS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _can_write(folder: Path) -> bool:
+    """Really create a file: permission bits say nothing for root, read-only mounts or /proc."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[str, Mapping[str, Any]]] = (),
+             *, source: str | None = None) -> Diagnosis:
+    """Python, ONNX Runtime flavours, onnxruntime-qnn and its SDK, EP devices, the cache folder (where
+    from, writable, free space), the key parts a load with each of ``providers_list`` would use here,
+    and the cache's tiers in lookup order. ``source`` says where the cache folder came from."""
+    cache = cache if cache is not None else ContextCache()
+    problems: list[str] = []
+    pkgs = _packages()
+    flavours = [p for p in pkgs if (p.startswith("onnxruntime") and p != "onnxruntime-qnn") or p == "ort-nightly"]
+    if len(flavours) > 1:
+        problems.append(f"several ONNX Runtime flavours installed ({', '.join(flavours)}); they overwrite each "
+                        "other's files: keep one (README, 'Installing with another ONNX Runtime flavour')")
+    data: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "packages": pkgs,
+        "onnxruntime": {"version": ort.__version__, "path": os.path.dirname(ort.__file__),
+                        "available_providers": ort.get_available_providers()},
+    }
+    try:
+        import onnxruntime_qnn
+
+        info = getattr(onnxruntime_qnn, "build_and_package_info", None)
+        data["onnxruntime_qnn"] = {"version": getattr(onnxruntime_qnn, "__version__", "?"),
+                                   "qnn_sdk": getattr(info, "qnn_version", "?"),
+                                   "library": onnxruntime_qnn.get_library_path()}
+    except ImportError:
+        data["onnxruntime_qnn"] = None
+    # Registering QNN's plugin first makes its devices visible to get_ep_devices().
+    qnn_why = providers.get("QNNExecutionProvider").unavailable_reason()
+    try:
+        data["ep_devices"] = [
+            {"ep": d.ep_name, "vendor": d.ep_vendor, "type": str(d.device.type).rsplit(".", 1)[-1],
+             "device_vendor": d.device.vendor, "metadata": dict(d.ep_metadata)}
+            for d in ort.get_ep_devices()
+        ]
+    except Exception as e:  # noqa: BLE001 - an older ORT without the plugin-EP API; doctor reports, never fails
+        data["ep_devices"] = f"unavailable: {e}"
+    data["qnn"] = "available" if qnn_why is None else qnn_why
+
+    root = cache.root
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    writable = _can_write(existing)
+    try:
+        free: int | None = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    infos = cache.entries(include_broken=True)
+    data["cache"] = {"dir": str(root), "source": source or (f"${ENV_DIR}" if os.environ.get(ENV_DIR) else "app-data default"),
+                     "exists": root.exists(), "writable": writable, "free_bytes": free, "entries": len(infos),
+                     "size": sum(i.size for i in infos)}
+    if not writable:
+        problems.append(f"the cache folder {root} is not writable: every load would bypass the cache; "
+                        "pass --cache-dir or set CTXCACHE_DIR to a writable folder")
+    if free is not None and free < 512 << 20:
+        problems.append(f"only {free >> 20} MiB free at {existing}: compiled contexts of big models may not fit")
+    keys = []
+    for name, options in providers_list:
+        env = cache.environment(name, options)
+        keys.append({"provider": name, "parts": env if isinstance(env, dict) else None,
+                     "unavailable": env if isinstance(env, str) else None})
+    data["key_parts"] = keys
+    try:
+        data["tiers"] = [t.as_dict() for t in _manage.tier_report(cache.tiers)]
+    except Exception as e:  # noqa: BLE001 - a tier that cannot even be opened is a problem to report
+        data["tiers"] = []
+        problems.append(f"tiers: {e}")
+    data["problems"] = problems
+    return Diagnosis(data, tuple(problems))

@@ -1,0 +1,134 @@
+"""The small public value types every layer shares: outcomes, reason codes, timings, the load result.
+
+Reason codes are defined here once, with what each means; README's table is checked against
+:data:`REASONS` by a test, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+Outcome = Literal["hit", "miss", "fallback", "bypass"]
+
+ReasonCode = Literal[
+    # bypass: nothing to cache, or the cache cannot be used now
+    "nothing_to_compile",
+    "provider_unavailable",
+    "provider_policy",
+    "not_compilable",
+    "context_unloadable",
+    "cache_unwritable",
+    "cache_insecure",
+    "lock_timeout",
+    # fallback: the entry was judged unusable and invalidated
+    "manifest_missing",
+    "manifest_corrupt",
+    "manifest_unreadable",
+    "entry_not_folder",
+    "artifact_missing",
+    "artifact_size",
+    "artifact_digest",
+    "artifact_not_regular",
+    "artifact_unreadable",
+    "unsafe_context",
+    "incompatible",
+    "load_failed",
+    "wrong_provider",
+    "crashed_during_load",
+    # fallback: compiling or publishing did not produce an entry
+    "compile_failed",
+    "publish_failed",
+]
+
+#: Every reason code, with the outcome it comes with and what it means. One table for the code, the
+#: README and the CLI.
+REASONS: dict[str, tuple[str, str]] = {
+    "nothing_to_compile": ("bypass", "no provider that compiles an EP context comes first in the list (CPU, Azure, none)"),
+    "provider_unavailable": ("bypass", "the provider is not installed or lists no device here"),
+    "provider_policy": ("bypass", "the session options let ONNX Runtime pick the provider (a selection policy)"),
+    "not_compilable": ("bypass", "the provider compiled no node of this model (remembered for negative_ttl)"),
+    "context_unloadable": ("bypass", "a freshly compiled context of this key failed to load (remembered for negative_ttl)"),
+    "cache_unwritable": ("bypass", "the cache folder cannot be created or written"),
+    "cache_insecure": ("bypass", "a cache folder is owned or writable by another user; the cache is not used"),
+    "lock_timeout": ("bypass", "another process held the key's lock past lock_timeout"),
+    "manifest_missing": ("fallback", "the entry folder has no manifest"),
+    "manifest_corrupt": ("fallback", "the manifest is not valid JSON or not a manifest of this key"),
+    "manifest_unreadable": ("fallback", "the manifest cannot be read (permissions, a link, a FIFO)"),
+    "entry_not_folder": ("fallback", "the entry is not a folder (a link or a file)"),
+    "artifact_missing": ("fallback", "a file of the entry is missing"),
+    "artifact_size": ("fallback", "a file of the entry has another size than recorded"),
+    "artifact_digest": ("fallback", "a file of the entry has other content than recorded (bit rot, tampering)"),
+    "artifact_not_regular": ("fallback", "a file of the entry is not a regular file (a link?)"),
+    "artifact_unreadable": ("fallback", "a file of the entry cannot be read"),
+    "unsafe_context": ("fallback", "the context model refers to a file that is not a verified file of its entry"),
+    "incompatible": ("fallback", "the provider reports the context UNSUPPORTED on this device"),
+    "load_failed": ("fallback", "ONNX Runtime refused the context"),
+    "wrong_provider": ("fallback", "the context session does not run on the requested provider"),
+    "crashed_during_load": ("fallback", "a process died while loading this context"),
+    "compile_failed": ("fallback", "the provider failed to compile the model"),
+    "publish_failed": ("fallback", "the compiled entry could not be written"),
+}
+
+
+def _check_table() -> None:
+    codes = set(get_args(ReasonCode))
+    if codes != set(REASONS):  # pragma: no cover - caught by the test suite at once
+        raise AssertionError(f"ReasonCode and REASONS differ: {sorted(codes ^ set(REASONS))}")
+
+
+_check_table()
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a load was not a plain hit or miss. ``code`` is stable and machine-readable (:data:`REASONS`)."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each step of a load."""
+
+    hash: float = 0.0
+    lock_wait: float = 0.0
+    fetch: float = 0.0  # copying + verifying an entry from a bundle, package or remote tier
+    compile: float = 0.0
+    load: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What :meth:`ContextCache.load` returns."""
+
+    session: ort.InferenceSession
+    outcome: Outcome
+    key: str | None = None
+    reason: Reason | None = None
+    timings: Timings = Timings()
+    #: the providers the session actually runs (``session.get_providers()``)
+    providers: tuple[str, ...] = ()
+    entry_path: Path | None = None
+    model_digest: str | None = None
+    #: where a hit's entry came from during this load: "bundle" / "package" / "remote" (None: local or compiled)
+    tier: str | None = None
+    #: compile seconds this hit avoided (the entry's recorded compile time), for stats
+    saved_seconds: float = 0.0
+    def __repr__(self) -> str:
+        why = f", reason={self.reason}" if self.reason else ""
+        key = self.key[:12] if self.key else None
+        return f"LoadResult(outcome={self.outcome!r}, key={key!r}, total={self.timings.total:.3f}s{why})"
+
+
+ModelArg = str | bytes | os.PathLike[str]

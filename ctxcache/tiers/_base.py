@@ -1,0 +1,425 @@
+"""What every tier is, and the one way a tier's bytes enter the cache.
+
+Lookup order on a load: the local cache, then each tier in the order given (bundles, model packages, a
+remote store), and only then a compile. A tier never hands a session its own files: it *offers* an
+entry (:class:`Offer`: a record and a way to open its files), and :func:`install` copies it into a
+private staging folder, checks everything (sizes, SHA-256 of each file, the signature over the record
+when one is required, key parts that hash to the key, EPContext paths that stay inside the entry) and
+commits it through :meth:`Store.publish`, so a tier-filled entry has the same atomicity and integrity
+as a compiled one and every later launch is a plain local hit. :func:`fill` (the loader, holding the
+key's lock) and :func:`bring_in` (import / pull: lock, look again, install) are the only callers.
+
+A *record* describes one entry, identically in a bundle's index, a model package and a remote store::
+
+    {"format": 1, "key": "<32 hex>", "provider": "QNNExecutionProvider", "model": {"name": ..., "size": ...},
+     "parts": [[label, value], ...],
+     "files": {"manifest.json": {"size": n, "sha256": hex}, "ctx.onnx": {...}, "ctx_qnn.bin": {...}}}
+
+xxh3 (the local digests) is fast but not collision-resistant; bytes that cross a trust boundary are
+checked with SHA-256 so that a signature over the record also covers every file's content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol, runtime_checkable
+
+from .. import _fs, _manifest
+from .._compile import CompileFailed, check_output
+from .._key import key_of, portable_key
+from .._manifest import CONTEXT, MANIFEST, Entry
+from .._store import BrokenEntry, Store
+from ..errors import CacheFaultError, LockTimeoutError, TierError
+
+log = logging.getLogger("ctxcache")
+
+#: Environment variable holding the HMAC key for bundle and remote signatures (an argument wins).
+SIGNING_KEY_ENV = "CTXCACHE_SIGNING_KEY"
+RECORD_FORMAT = 1
+_SHA_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
+_MAX_FILES = 64
+_CHUNK = 1 << 20
+
+#: Codes that mean the bytes were wrong (a fault), as opposed to a tier being absent or down.
+INTEGRITY_CODES = frozenset({"tier_digest", "tier_signature", "tier_record", "tier_unsafe", "tier_bad_context"})
+
+Match = Literal["exact", "portable"]
+Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
+Parts = Sequence[tuple[str, Any]]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """An entry a tier has for a key: its record, a way to open each file it lists, and where it is from."""
+
+    record: dict[str, Any]
+    opener: Opener
+    origin: dict[str, Any]
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """What ctxcache needs from a tier. ``kind`` names it in ``LoadResult.tier``; ``match`` is
+    ``"exact"`` or ``"portable"`` (also an entry built on another host, see :func:`portable_key`)."""
+
+    kind: str
+    match: Match
+
+    def describe(self) -> str: ...
+
+    def lookup(self, key: str, parts: Parts = ()) -> Match | None:
+        """Read-only: whether the tier holds an entry for ``key`` exactly, built elsewhere (portable), or not.
+        Raises :class:`TierError` when the tier cannot be read."""
+        ...
+
+    def offer(self, key: str, parts: Parts = ()) -> AbstractContextManager[Offer | None]:
+        """The entry for ``key`` (by this tier's ``match`` rule) while the context is open, else ``None``.
+        Raises :class:`TierError` when the tier has it but it is refused or unreadable."""
+        ...
+
+
+@runtime_checkable
+class WritableTier(Tier, Protocol):
+    """A tier that takes entries compiled here (a remote with ``write_back=True``)."""
+
+    write_back: bool
+
+    def push(self, entry: Entry, *, overwrite: bool = False) -> bool:
+        """Upload one verified entry; ``False`` when the tier already has it."""
+        ...
+
+
+class LocalTier:
+    """Shared by the read-only tiers that live in a folder or a file (a bundle, a model package)."""
+
+    kind = "local"
+
+    def __init__(self, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None,
+                 match: Match = "exact") -> None:
+        self.match: Match = check_match(match)
+        self.location = Path(os.path.abspath(os.fspath(location)))
+        self._signing_key = signing_key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.location)!r})"
+
+
+def find_record(records: dict[str, Any], key: str, parts: Parts, match: Match) -> tuple[str, Any] | None:
+    """The record for ``key`` (exact), or with ``match="portable"`` one whose portable key matches."""
+    if key in records:
+        return key, records[key]
+    if match != "portable" or not parts:
+        return None
+    want = portable_key(parts)
+    for rkey, rec in sorted(records.items()):
+        rparts = rec.get("parts") if isinstance(rec, dict) else None
+        if isinstance(rparts, list) and all(isinstance(p, list) and len(p) == 2 for p in rparts):
+            try:
+                if portable_key(rparts) == want:
+                    return rkey, rec
+            except (TypeError, ValueError):  # unhashable junk in an untrusted index: not a match
+                continue
+    return None
+
+
+def check_match(match: str) -> Match:
+    if match not in ("exact", "portable"):
+        raise ValueError(f"match must be 'exact' or 'portable', not {match!r}")
+    return match  # type: ignore[return-value]
+
+
+# -- signing --------------------------------------------------------------------------------------------
+def resolve_signing_key(key: str | bytes | None) -> bytes | None:
+    """Argument, else ``$CTXCACHE_SIGNING_KEY`` (read now, never at import), else ``None``."""
+    if key is None:
+        key = os.environ.get(SIGNING_KEY_ENV) or None
+    if key is None:
+        return None
+    raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    if not raw:
+        raise ValueError("an empty signing key would sign nothing; pass a secret or leave it unset")
+    return raw
+
+
+def sign(data: bytes, key: bytes) -> bytes:
+    """The signature file's content: ``hmac-sha256:<hex>``."""
+    return b"hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest().encode()
+
+
+def check_signature(data: bytes, signature: bytes | None, key: bytes | None, what: str) -> None:
+    """Refuse ``data`` when a key is configured and the signature is missing or wrong.
+
+    Without a key the signature is not checked (the digests still are): a bundle signed by a vendor
+    stays usable by an app that does not configure the key.
+    """
+    if key is None:
+        return
+    if signature is None:
+        raise TierError(f"{what} is not signed, but a signing key is configured", code="tier_signature")
+    if not hmac.compare_digest(signature.strip(), sign(data, key)):
+        raise TierError(f"{what}: signature does not match (tampered, or signed with another key)", code="tier_signature")
+
+
+# -- records --------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    fd = _fs.open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_record(entry: Entry, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    raw = entry.manifest.get("model")
+    model: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    return {
+        "format": RECORD_FORMAT,
+        "key": entry.key,
+        "provider": entry.manifest.get("provider"),
+        "model": {"name": model.get("name"), "size": model.get("size")},
+        "parts": entry.manifest.get("parts"),
+        "files": files,
+    }
+
+
+def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
+    """Validate an untrusted record for ``key``; returns its file table. Raises ``TierError``."""
+    if not isinstance(record, dict):
+        raise TierError("record is not a JSON object", code="tier_record")
+    fmt = record.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > RECORD_FORMAT:
+        raise TierError(f"record format {fmt!r} is not readable by this ctxcache", code="tier_record")
+    if record.get("key") != key or not _manifest.is_key(key):
+        raise TierError("record key does not match", code="tier_record")
+    parts = record.get("parts")
+    if not isinstance(parts, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in parts):
+        raise TierError("record has no key parts", code="tier_record")
+    # The parts must hash to the key: an entry cannot claim a key it was not built for.
+    try:
+        if key_of(parts) != key:
+            raise TierError("key parts do not hash to the key", code="tier_record")
+    except (TypeError, ValueError, RecursionError):
+        raise TierError("key parts are not plain JSON", code="tier_record") from None
+    for name in ("provider",):
+        if record.get(name) is not None and not _manifest.printable(record[name], 256):
+            raise TierError(f"record field {name!r} is not a printable string", code="tier_record")
+    model = record.get("model")
+    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.printable(model["name"]))):
+        raise TierError("record's model name is not printable", code="tier_record")
+    files = record.get("files")
+    if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
+        raise TierError("record has no file table", code="tier_record")
+    for name, spec in files.items():
+        if not _manifest.safe_name(name):
+            raise TierError(f"record names an unsafe file {name!r}", code="tier_unsafe")
+        if not (isinstance(spec, dict) and isinstance(spec.get("size"), int) and not isinstance(spec["size"], bool)
+                and 0 <= spec["size"] < (1 << 50)
+                and isinstance(spec.get("sha256"), str) and _SHA_RE.fullmatch(spec["sha256"])):
+            raise TierError(f"record entry for {name!r} lacks size or sha256", code="tier_record")
+    if MANIFEST not in files or CONTEXT not in files:
+        raise TierError(f"record lacks {MANIFEST} or {CONTEXT}", code="tier_record")
+    return files
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """Untrusted JSON: a syntax error, a nesting bomb or a huge number is a ``tier_record`` refusal."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise TierError(f"{what} is not valid JSON ({type(e).__name__})", code="tier_record") from None
+
+
+def _copy_checked(src: IO[bytes], dst: Path, size: int, sha: str, what: str) -> None:
+    h = hashlib.sha256()
+    n = 0
+    fd = _fs.create_exclusive(dst)
+    with os.fdopen(fd, "wb") as out:
+        while True:
+            # Never read more than the record promises (+1 to detect a longer file).
+            chunk = src.read(min(_CHUNK, size + 1 - n))
+            if not chunk:
+                break
+            n += len(chunk)
+            if n > size:
+                raise TierError(f"{what} is larger than its recorded {size} bytes", code="tier_digest")
+            h.update(chunk)
+            out.write(chunk)
+    if n != size:
+        raise TierError(f"{what} is {n} bytes, recorded {size}", code="tier_digest")
+    if not hmac.compare_digest(h.hexdigest(), sha):
+        raise TierError(f"{what} content does not match its recorded sha256", code="tier_digest")
+
+
+# -- the one install path ---------------------------------------------------------------------------------
+def install(store: Store, key: str, offer: Offer, local_parts: Parts = ()) -> Entry:
+    """Copy an offered entry into staging, verify everything, publish by one rename. Caller holds the lock.
+
+    The record may be for another key that matched portably (built on another host): it is verified
+    against its own key, then published under ``key`` with ``local_parts``; its own key and parts are
+    kept in the manifest's ``origin``.
+    """
+    record = offer.record
+    rkey = record.get("key") if isinstance(record, dict) else None
+    portable = isinstance(rkey, str) and rkey != key
+    if portable:
+        try:
+            same = bool(local_parts) and portable_key(record.get("parts") or []) == portable_key(local_parts)
+        except (TypeError, IndexError, KeyError, ValueError):
+            same = False  # malformed parts: check_record would refuse them anyway
+        if not same:
+            raise TierError("record is for another key", code="tier_record")
+    files = check_record(record, str(rkey) if portable else key)
+    store.ensure()
+    free = shutil.disk_usage(store.staging_dir).free if _fs.is_folder(store.staging_dir) else None
+    need = sum(int(s["size"]) for s in files.values())
+    if free is not None and need + (16 << 20) > free:
+        raise TierError(f"{offer.origin.get('location', '?')}: the entry needs {need} bytes, {free} are free in "
+                        f"{store.staging_dir}; free some space", code="tier_unreachable")
+    staging = store.new_staging(key)
+    try:
+        for name, spec in sorted(files.items()):
+            where = f"{offer.origin.get('location', '?')}:{key[:12]}/{name}"
+            try:
+                with offer.opener(name) as src:
+                    _copy_checked(src, staging / name, spec["size"], spec["sha256"], where)
+            except FileNotFoundError:
+                raise TierError(f"{where} is listed but missing", code="tier_record") from None
+        manifest = parse_json(_fs.read_small(staging / MANIFEST, _manifest.MAX_BYTES), "entry manifest")
+        if not isinstance(manifest, dict) or manifest.get("key") != record["key"] or manifest.get("parts") != record["parts"]:
+            raise TierError("entry manifest does not match its record", code="tier_record")
+        try:
+            check_output(staging)  # EPContext paths must stay inside the entry, as for a compile
+        except CompileFailed as e:
+            raise TierError(str(e), code="tier_bad_context") from None
+        _fs.remove_file(staging / MANIFEST)
+        clean = _manifest.from_portable(manifest)
+        clean["origin"] = dict(offer.origin, time=time.time())
+        if portable:
+            # The entry now answers to this machine's key; where it was built stays on record.
+            clean["origin"].update(key=record["key"], parts=record["parts"])
+            clean["parts"] = [list(p) for p in local_parts]
+        try:
+            return store.publish(staging, key, clean)
+        except BrokenEntry as e:
+            raise TierError(e.message, code="tier_record") from None
+    finally:
+        store.discard_staging(staging)
+
+
+def fill(store: Store, key: str, parts: Parts, tiers: Iterable[Tier], *, strict: bool) -> tuple[Entry, Tier] | None:
+    """Ask each tier for ``key`` and install the first verified offer (caller holds the key's lock).
+
+    Never raises, except in strict mode for bytes that failed verification.
+    """
+    for tier in tiers:
+        start = time.perf_counter()
+        try:
+            with tier.offer(key, parts) as offer:
+                if offer is None:
+                    continue
+                entry = install(store, key, offer, parts)
+        except TierError as e:
+            log.warning("tier %s refused for %s (%s); trying the next tier or compiling", tier.describe(), key[:12], e)
+            if strict and e.code in INTEGRITY_CODES:
+                raise CacheFaultError(f"tier fault ({e}); strict mode is on", code=e.code, key=key) from None
+            continue
+        except Exception as e:  # noqa: BLE001 - a tier must never break the app
+            log.warning("tier %s failed for %s (%s: %s); compiling locally", tier.describe(), key[:12], type(e).__name__, e)
+            continue
+        log.info("filled %s from %s in %.3f s", key[:12], tier.describe(), time.perf_counter() - start)
+        return entry, tier
+    return None
+
+
+def bring_in(store: Store, key: str, tier: Tier, *, force: bool, lock_timeout: float | None,
+             parts: Parts = ()) -> Literal["installed", "present", "absent"]:
+    """Install ``tier``'s entry for ``key`` by hand (import, pull): lock, look again, install.
+
+    ``present`` when an intact entry is already there (and not ``force``). Raises :class:`TierError`
+    for a refused entry and :class:`~ctxcache.errors.LockTimeoutError` when another process keeps the
+    key's lock past ``lock_timeout``.
+    """
+    import filelock
+
+    from .._locking import key_lock
+
+    lock = store.lock_path(key)
+    try:
+        with key_lock(lock, lock_timeout, key[:12]):
+            try:
+                present = store.lookup(key)
+            except BrokenEntry:
+                present = None
+            if present is not None and not force and store.verify(present) is None:
+                return "present"
+            with tier.offer(key, parts) as offer:
+                if offer is None:
+                    return "absent"
+                install(store, key, offer, parts)
+                return "installed"
+    except filelock.Timeout:
+        raise LockTimeoutError(
+            f"another process kept the lock of entry {key[:12]} ({lock}) for over {lock_timeout} s; "
+            "retry when it has finished compiling, or pass a longer lock timeout",
+            lock_path=str(lock), timeout=float(lock_timeout or 0)) from None
+
+
+def write_back(tiers: Iterable[Tier], entry: Entry) -> None:
+    """Offer an entry compiled here to every tier that takes writes. Runs after the key's lock is
+    released (an injected post-publish job): an upload never holds up the launch that compiled."""
+    if entry.origin is not None:
+        return
+    for tier in tiers:
+        if not isinstance(tier, WritableTier) or not tier.write_back:
+            continue
+        try:
+            tier.push(entry)
+        except Exception as e:  # noqa: BLE001 - an upload failure costs the fleet a compile, never this app its session
+            log.warning("write-back of %s to %s failed: %s: %s", entry.key[:12], tier.describe(), type(e).__name__, e)
+
+
+# -- the one export loop ------------------------------------------------------------------------------------
+def export_files(entry: Entry, dest: Path, *, manifest_name: str = MANIFEST) -> dict[str, dict[str, Any]]:
+    """Copy an entry's artifacts into ``dest`` (a new folder), each checked against its xxh3 after the
+    copy (the copy is what ships), plus its portable manifest; returns the record's file table."""
+    os.makedirs(dest)
+    files: dict[str, dict[str, Any]] = {}
+    for art in entry.artifacts:
+        dst = dest / art["name"]
+        fd = _fs.open_regular(entry.path / art["name"])
+        with os.fdopen(fd, "rb") as src, open(dst, "xb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+        from .._hashing import file_digest
+
+        if file_digest(dst) != art["xxh3"]:
+            raise OSError(f"{art['name']} changed while being copied")
+        files[art["name"]] = {"size": dst.stat().st_size, "sha256": sha256_file(dst)}
+    raw = _manifest.portable(entry)
+    (dest / manifest_name).write_bytes(raw)
+    files[MANIFEST] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    return dict(sorted(files.items()))
+
+
+@contextmanager
+def open_plain(path: Path) -> Iterator[IO[bytes]]:
+    """Open a tier's file for reading: a regular file, not a link (at its last component), FIFO or device."""
+    try:
+        fd = _fs.open_regular(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise TierError(f"cannot open {path} as a plain file: {e}", code="tier_unsafe") from None
+    with os.fdopen(fd, "rb") as f:
+        yield f
