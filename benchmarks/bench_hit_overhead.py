@@ -29,8 +29,9 @@ print(json.dumps({"ort": t1 - t0, "ctxcache": t2 - t1, "ctxcache_cpu": c2 - c1, 
 
 
 def hit_overhead(models: list[str], rounds: int) -> list[dict[str, Any]]:
-    import ctxcache
     import onnxruntime as ort
+
+    import ctxcache
 
     opts = c.qnn_options()
     providers = [(c.QNN, opts)]
@@ -71,7 +72,7 @@ def hit_overhead(models: list[str], rounds: int) -> list[dict[str, Any]]:
         h, f = c.median(times[hit]), c.median(times[raw])
         # median of the paired (same round) differences: steadier than a difference of medians when
         # the machine is shared
-        over = c.median([a - b for a, b in zip(times[hit], times[raw])])
+        over = c.median([a - b for a, b in zip(times[hit], times[raw], strict=False)])
         rows.append({"model": name, "hit": h, "floor": f, "overhead": over, "own": c.median(own[1:]),
                      "budget": 0.05 * f + 0.002, "ok": c.median(own[1:]) <= 0.05 * f + 0.002})
     return rows

@@ -21,8 +21,9 @@ import _common as c
 
 
 def run(models: list[str], rounds: int) -> list[dict[str, Any]]:
-    import ctxcache
     import onnxruntime as ort
+
+    import ctxcache
 
     opts = c.qnn_options()
     rows = []

@@ -40,7 +40,7 @@ def synthesize(root: Path, count: int) -> None:
         made.append(key)
     # Linking changed the shared inodes' ctime: take the signatures now, for every entry (the real one too).
     sigs = {name: list(signature(os.lstat(real / name))) for name in names}
-    for key in made + [real.name]:
+    for key in [*made, real.name]:
         m = json.loads(json.dumps(manifest))
         if key != real.name:
             m["key"], m["entry_id"] = key, secrets.token_hex(8)

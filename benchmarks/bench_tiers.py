@@ -87,13 +87,13 @@ class _S3:
 
 def run(models: list[str], rounds: int) -> dict[str, Any]:
     import ctxcache
-    from ctxcache._remote import RemoteTier, push
+    from ctxcache import RemoteTier, push
 
     os.environ.update(CREDS)
     kinds = list(KINDS)
     s3: _S3 | None = None
     try:
-        import boto3  # noqa: F401
+        import boto3
         import moto.server  # noqa: F401
 
         s3 = _S3()
@@ -109,8 +109,7 @@ def run(models: list[str], rounds: int) -> dict[str, Any]:
             cache = ctxcache.ContextCache(warm)
             first = cache.load(path, providers=[(c.QNN, c.qnn_options())])
             assert first.outcome == "miss", first
-            entry = cache.store.lookup(first.key)
-            assert entry is not None
+            (entry,) = cache.entries()
             tiers: dict[str, str] = {
                 "bundle_dir": str(ctxcache.export_bundle(cache, base / "bundle").path),
                 "bundle_tar": str(ctxcache.export_bundle(cache, base / "bundle.tar").path),
@@ -118,9 +117,9 @@ def run(models: list[str], rounds: int) -> dict[str, Any]:
             }
             if s3 is not None:
                 remote = RemoteTier(f"s3://bench/{name}", endpoint_url=s3.url)
-                push(cache, remote, [entry])
+                push(cache, remote, keys=[entry.key])
                 tiers["remote"] = f"s3://bench/{name}"
-            size = sum(a["size"] for a in entry.artifacts)
+            size = entry.size
             times: dict[str, list[float]] = {k: [] for k in kinds}
             ready: dict[str, list[float]] = {k: [] for k in kinds}
             fetch: dict[str, list[float]] = {k: [] for k in kinds}
