@@ -44,10 +44,15 @@ class ContextCache:
             or ``"raise"`` (:class:`~ctxcache.errors.LockTimeoutError`).
         embed: embed the compiled binary in the context model instead of a file beside it.
         extra_key: any string of the app's own that must be part of the key.
-        verify: ``"stat"`` (re-hash an artifact only when its stat signature changed) or ``"full"``
-            (re-hash everything at every hit).
+        verify: ``"content"`` (the default): every hit re-hashes every byte it serves, while ONNX Runtime
+            creates the session (``"full"`` is the 0.1 name of it). ``"stat"``: re-hash an artifact only
+            when its stat signature changed; faster for huge contexts on trusted storage, blind to
+            block-level damage (bit rot) that changes bytes but no stat field.
         max_size: bytes; after each compile, least-recently-used entries are pruned to stay under it.
         negative_ttl: seconds to remember that a model cannot compile for a key (no retry each launch).
+        stall_timeout: seconds a load waits on a key's lock whose holder makes no progress (its CPU time
+            stands still: stopped, frozen, blocked on a pipe) before it serves the original model
+            meanwhile (outcome ``bypass``, reason ``lock_stalled``). ``None``: only ``lock_timeout`` counts.
         tiers: bundles (folder or ``.tar`` path, or :class:`~ctxcache.Bundle`), ORT model packages and
             remote stores (``s3://bucket/prefix`` or :class:`~ctxcache.RemoteTier`) consulted in order on
             a local miss, before compiling. A tier entry is verified and copied into this cache.
@@ -64,19 +69,22 @@ class ContextCache:
         on_lock_timeout: Literal["jit", "raise"] = "jit",
         embed: bool = False,
         extra_key: str | None = None,
-        verify: Literal["stat", "full"] = "stat",
+        verify: Literal["content", "stat", "full"] = "content",
         max_size: int | None = None,
         negative_ttl: float = 7 * 24 * 3600.0,
         tiers: Sequence[Any] | None = None,
+        stall_timeout: float | None = 5.0,
     ) -> None:
         if on_lock_timeout not in ("jit", "raise"):
             raise ValueError(f"on_lock_timeout must be 'jit' or 'raise', not {on_lock_timeout!r}")
-        if verify not in ("stat", "full"):
-            raise ValueError(f"verify must be 'stat' or 'full', not {verify!r}")
+        if verify not in ("content", "stat", "full"):
+            raise ValueError(f"verify must be 'content' (the default) or 'stat', not {verify!r}")
         if lock_timeout is not None and lock_timeout < 0:
             raise ValueError("lock_timeout must be >= 0 or None")
         if max_size is not None and max_size < 0:
             raise ValueError("max_size must be >= 0 or None")
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ValueError("stall_timeout must be > 0 seconds or None")
         if negative_ttl < 0:
             raise ValueError("negative_ttl must be >= 0 seconds")
         for item in tiers or ():
@@ -86,8 +94,9 @@ class ContextCache:
         self.root = resolve_cache_dir(cache_dir, app_name, app_author)
         self.max_size = max_size
         self.settings = Settings(strict=resolve_strict(strict), lock_timeout=lock_timeout,
-                                 on_lock_timeout=on_lock_timeout, embed=embed, extra_key=extra_key, verify=verify,
-                                 negative_ttl=negative_ttl)
+                                 on_lock_timeout=on_lock_timeout, embed=embed, extra_key=extra_key,
+                                 verify="stat" if verify == "stat" else "content",
+                                 negative_ttl=negative_ttl, stall_timeout=stall_timeout)
         self._store = Store(self.root)
         self._env = _key.Environment(self._store.memo_dir)
         # Paths and URLs become tier objects at the first miss, so a launch that hits imports no tier code.

@@ -1,9 +1,10 @@
 """Streaming xxh3-128 digests of models (with their external data) and files, behind a stat memo.
 
-A warm launch must not re-read a multi-GB model, so a digest is remembered against the files' stat
-signatures (size, mtime, ctime, inode): one ``stat`` per file and one small JSON read decide whether the
-remembered digest still holds. ctime is in the signature because a tool can reset mtime after editing a
-file (``touch -r``) but nothing in user space can reset ctime.
+A warm launch must not re-read a multi-GB model, so a model's digest is remembered against its files'
+:func:`identity` (size, mtime, ctime, inode, device; on a read-only filesystem also the mount): one
+``stat`` per file and one small JSON read decide whether the remembered digest still holds. ctime is
+in it because a tool can reset mtime after editing a file (``touch -r``) but nothing in user space can
+reset ctime. The cache's own artifacts are not trusted this way: every hit re-hashes what it serves.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import stat
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -87,6 +89,70 @@ class ModelDigest(NamedTuple):
     memo_hit: bool
 
 
+# -- what the stat memo trusts ------------------------------------------------------------------------
+#: Bumped when the identity below changes: an older memo is simply a miss (one re-hash).
+_MEMO_FORMAT = 2
+_ST_RDONLY = getattr(os, "ST_RDONLY", 1)
+_boot_id: str | None = None
+
+
+def _statx_mount_id(path: str) -> int | None:
+    """Linux >= 6.8: the mount's unique 64-bit id (``STATX_MNT_ID_UNIQUE``, never reused); else ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        statx = libc.statx
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(256)
+    # AT_FDCWD, AT_STATX_SYNC_AS_STAT; mask STATX_MNT_ID_UNIQUE (0x4000).
+    if statx(-100, os.fsencode(path), 0, 0x4000, buf) != 0:
+        return None
+    mask = int.from_bytes(buf.raw[0:4], "little")
+    if not mask & 0x4000:
+        return None
+    return int.from_bytes(buf.raw[144:152], "little")
+
+
+def _mount_instance(path: str) -> str:
+    """What tells one mount of a read-only image from the next: the unique mount id where the kernel
+    has one, else the boot (an image is replaced by an OTA, OSTree or snap update with a reboot or a
+    new mount; see README, "What the stat memo trusts")."""
+    global _boot_id
+    unique = _statx_mount_id(path)
+    if unique is not None:
+        return f"mnt:{unique}"
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                _boot_id = f.read(64).decode("ascii", "replace").strip()
+        except OSError:
+            _boot_id = ""
+    return f"boot:{_boot_id}"
+
+
+def identity(path: str) -> list[object]:
+    """The stat facts the memo compares to decide a file is the one it hashed (raises ``OSError``).
+
+    Size, mtime, ctime (which no user-space tool can set back on POSIX; on Windows it is the creation
+    time), the file's identity (inode / file index) and the device (volume) it is on. A read-only
+    filesystem gives every file of a reproducible image one fixed timestamp and may give a new version
+    the same inode, so there the mount instance is part of it too: such a model is re-hashed once per
+    mount of its image.
+    """
+    st = os.stat(path)
+    out: list[object] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    try:
+        if os.statvfs(path).f_flag & _ST_RDONLY:
+            out.append(_mount_instance(path))
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        pass
+    return out
+
+
 def _memo_path(memo_dir: Path, key: str) -> Path:
     return memo_dir / f"{xxhash.xxh3_64_hexdigest(key.encode('utf-8', 'surrogatepass'))}.json"
 
@@ -96,7 +162,7 @@ def _read_memo(memo_file: Path, key: str) -> dict[str, object] | None:
         data = json.loads(_fs.read_small(memo_file, 1 << 20))
     except (OSError, ValueError, RecursionError):  # a link, FIFO or junk in the memo is a memo miss
         return None
-    if not isinstance(data, dict) or data.get("key") != key:
+    if not isinstance(data, dict) or data.get("key") != key or data.get("format") != _MEMO_FORMAT:
         return None
     return data
 
@@ -110,9 +176,9 @@ def _memo_valid(data: dict[str, object]) -> bool:
             return False
         path, sig = item
         try:
-            if list(signature(os.stat(path))) != sig:
+            if identity(path) != sig:
                 return False
-        except (OSError, TypeError):
+        except (OSError, TypeError, ValueError):
             return False
     return isinstance(data.get("digest"), str)
 
@@ -182,21 +248,25 @@ def model_digest(model: Path, memo_dir: Path | None) -> ModelDigest:
             )
         externals.append((location, path))
 
-    sigs_before = [signature(st)] + [signature(os.stat(p)) for _, p in externals]
-    digest = _digest_files(model, externals)
     paths = [str(model)] + [str(p) for _, p in externals]
-    size = sum(s[0] for s in sigs_before)
-    if memo_file is not None:
-        sigs_after = [signature(os.stat(p)) for p in paths]
-        # A file that changed while we read it must not be memoised under its new signature.
-        if sigs_after == sigs_before:
-            files = [[p, list(s)] for p, s in zip(paths, sigs_after, strict=True)]
-            payload = {"key": key, "digest": digest, "size": size, "files": files}
-            try:
-                _fs.atomic_write(memo_file, json.dumps(payload).encode(), durable=False)
-            except OSError as e:
-                log.debug("could not write hash memo %s: %s", memo_file, e)
+    before = [identity(p) for p in paths]
+    digest = _digest_files(model, externals)
+    size = sum(int(str(s[0])) for s in before)
+    after = [identity(p) for p in paths]
+    # A file that changed while we read it must not be memoised under its new identity.
+    if memo_file is not None and after == before:
+        payload = {"format": _MEMO_FORMAT, "key": key, "digest": digest, "size": size,
+                   "files": [[p, s] for p, s in zip(paths, after, strict=True)]}
+        try:
+            _fs.atomic_write(memo_file, json.dumps(payload).encode(), durable=False)
+        except OSError as e:
+            log.debug("could not write hash memo %s: %s", memo_file, e)
     return ModelDigest(digest, tuple(paths), size, False)
+
+
+def forget_model(model: Path, memo_dir: Path) -> None:
+    """Drop the memo of ``model`` (its bytes were found to differ from what the memo said)."""
+    _fs.remove_file(_memo_path(memo_dir, str(Path(os.path.abspath(model)))))
 
 
 def files_digest(paths: Iterable[Path], memo_dir: Path | None) -> dict[str, str]:
@@ -210,14 +280,14 @@ def files_digest(paths: Iterable[Path], memo_dir: Path | None) -> dict[str, str]
             out[path.name] = str(data["digest"])
             continue
         try:
-            sig = signature(os.stat(path))
+            sig = identity(str(path))
             digest = file_digest(path, follow_links=True)
         except OSError:
             out[path.name] = "missing"
             continue
         out[path.name] = digest
         if memo_file is not None:
-            payload = {"key": key, "digest": digest, "files": [[os.path.abspath(path), list(sig)]]}
+            payload = {"format": _MEMO_FORMAT, "key": key, "digest": digest, "files": [[os.path.abspath(path), sig]]}
             try:
                 _fs.atomic_write(memo_file, json.dumps(payload).encode(), durable=False)
             except OSError as e:

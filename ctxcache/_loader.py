@@ -23,19 +23,19 @@ import onnxruntime as ort
 from . import _events, _key, _negative
 from ._compile import CompileFailed, NothingCompiled
 from ._fingerprint import Fingerprint
-from ._hashing import ModelDigest
+from ._hashing import ModelDigest, forget_model, identity, model_digest
 from ._inputs import Chain, Model, ProvidersArg, chosen_by_policy, context_target, resolve_model, resolve_providers, session
-from ._locking import KeyLock
+from ._locking import KeyLock, LockStalled
 from ._manifest import Entry, new_manifest
 from ._markers import clear as clear_marker
 from ._markers import mark
 from ._onnxproto import WireError, read_facts
 from ._seams import hooks
-from ._servable import entry_problem
+from ._servable import ContentCheck, entry_problem
 from ._store import BrokenEntry, InsecureCache, Store
 from ._types import LoadResult, ModelArg, Outcome, Reason, Timings
 from ._version import __version__
-from .errors import CacheFaultError, LockTimeoutError
+from .errors import CacheFaultError, CtxCacheError, LockTimeoutError
 from .providers import ExecutionProvider
 
 log = logging.getLogger("ctxcache")
@@ -49,8 +49,9 @@ class Settings(NamedTuple):
     on_lock_timeout: Literal["jit", "raise"] = "jit"
     embed: bool = False
     extra_key: str | None = None
-    verify: Literal["stat", "full"] = "stat"
+    verify: Literal["content", "stat"] = "content"
     negative_ttl: float = 7 * 24 * 3600.0
+    stall_timeout: float | None = 5.0
 
 
 class Request:
@@ -155,13 +156,23 @@ class Loader:
         return None
 
     def _serve(self, req: Request, entry: Entry, outcome: Outcome, *, fresh: bool = False) -> LoadResult:
-        """A session on ``entry``'s context when the one rule allows it, else a fallback."""
-        why = entry_problem(self.store, entry, req.ep, full=self.settings.verify == "full", consume_markers=True,
-                            fresh=fresh)
+        """A session on ``entry``'s context when the one rule allows it, else a fallback.
+
+        With ``verify="content"`` (the default) every byte of the entry is re-hashed on a thread while
+        ONNX Runtime creates the session, and the session is handed out only once the digests agree.
+        An entry this process just wrote (compiled, or installed from a tier after its own checks) is
+        not re-hashed again.
+        """
+        written_now = fresh or req.tier is not None
+        content = self.settings.verify == "content" and not written_now
+        why = entry_problem(self.store, entry, req.ep, digests="none" if content or written_now else "changed",
+                            consume_markers=True, fresh=fresh)
         if why is None:
             hooks.verified(entry)
+            check = ContentCheck(self.store, entry) if content else None
             marker = mark(self.store.markers_dir, entry.key)
             t = time.perf_counter()
+            sess = None
             try:
                 sess = session(str(entry.context_path), req.chain, req.sess_options, target=True)
             except Exception as e:  # noqa: BLE001 - ORT's exceptions derive from Exception only
@@ -169,12 +180,19 @@ class Loader:
             finally:
                 req.times["load"] = req.times.get("load", 0.0) + time.perf_counter() - t
                 clear_marker(marker)
-            if why is None:
+            if check is not None:
+                t = time.perf_counter()
+                damaged = check.result()
+                req.times["verify"] = time.perf_counter() - t  # the wait beyond the session creation
+                if damaged is not None:
+                    why, sess = damaged, None  # never hand out a session on bytes that are not the recorded ones
+            if why is None and sess is not None:
                 if req.ep.name in sess.get_providers():
                     self.store.touch(entry)
                     return self._finish(req, sess, outcome, entry=entry)
                 # ORT silently put the graph on CPU: never report that as the provider's session.
                 why = Reason("wrong_provider", f"the context session runs on {sess.get_providers()}, not {req.ep.name}")
+        assert why is not None
         if fresh:
             return self._unloadable(req, entry, why)
         if req.tier is not None:
@@ -187,7 +205,11 @@ class Loader:
         assert req.key is not None
         lock = KeyLock(self.store.lock_path(req.key))
         try:
-            req.times["lock_wait"] = lock.acquire(self.settings.lock_timeout, req.model.name)
+            req.times["lock_wait"] = lock.acquire(self.settings.lock_timeout, req.model.name,
+                                                  stall_after=self.settings.stall_timeout)
+        except LockStalled as e:
+            req.times["lock_wait"] = time.perf_counter() - req.started
+            return self._lock_timeout(req, stalled=e)
         except filelock.Timeout:
             return self._lock_timeout(req)
         except OSError as e:
@@ -242,7 +264,7 @@ class Loader:
         """Compile into a private staging folder and publish it by one rename (caller holds the lock)."""
         assert req.key is not None and req.fingerprint is not None and req.digest is not None
         try:
-            self.store.ensure(force=True)
+            self.store.ensure()
             self.store.clean_staging()
             staging = self.store.new_staging(req.key)
         except OSError as e:
@@ -251,6 +273,7 @@ class Loader:
             return self._original(req, "bypass", reason)
         so = req.sess_options
         try:
+            before = self._source_identity(req)
             level = so.graph_optimization_level if so is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             severity = so.log_severity_level if so is not None else 2
             try:
@@ -269,6 +292,10 @@ class Loader:
                 reason = Reason("compile_failed", (str(e) + (f" ({short}; not remembered)" if short else ""))[:2000])
                 self._fault(req.key, reason)
                 return self._original(req, "fallback", reason)
+            changed = self._source_changed(req, before)
+            if changed is not None:
+                self._fault(req.key, changed)
+                return self._original(req, "fallback", changed)
             try:
                 facts = read_facts(staging / "ctx.onnx")
                 compat = {k.split(".", 1)[1]: v for k, v in facts.metadata.items() if k.startswith("ep_compatibility_info.")}
@@ -286,6 +313,39 @@ class Loader:
             self.store.discard_staging(staging)
         log.info("compiled %s for %s in %.2f s -> %s", req.model.name, req.ep.name, req.times["compile"], entry.path)
         return entry
+
+    def _source_identity(self, req: Request) -> list[list[object]] | None:
+        if req.model.path is None or req.digest is None:
+            return None  # bytes: compiled from the very object that was hashed
+        try:
+            return [identity(p) for p in req.digest.files]
+        except OSError:
+            return []  # vanished: _source_changed says so
+
+    def _source_changed(self, req: Request, before: list[list[object]] | None) -> Reason | None:
+        """Prove, before publishing, that the compiled files are the bytes the key was made of.
+
+        The model is hashed, then compiled by path: an updater replacing it in between would get the
+        new model's context published under the old bytes' key, for good. So the files are hashed again
+        after the compile (no memo) and their identity (inode, ctime...) compared with the one taken just
+        before it: the same digest and no change to any file during the compile means the compiler read
+        the hashed bytes. Costs one more hash of the model, on the miss path only.
+        """
+        if before is None:
+            return None
+        assert req.digest is not None and req.model.path is not None
+        try:
+            after = [identity(p) for p in req.digest.files]
+            now = model_digest(req.model.path, None).digest
+        except (OSError, CtxCacheError) as e:
+            now, after = f"unreadable ({e})", []
+        if after == before and now == req.digest.digest:
+            return None
+        # The memo may have vouched for bytes that are gone (the key's digest was never these bytes):
+        # drop it, so the next launch hashes the model afresh.
+        forget_model(req.model.path, self.store.memo_dir)
+        return Reason("source_changed", f"{req.model.path} changed while it was compiled; not publishing that "
+                                        "context (the next launch compiles the model as it is then)")
 
     # ---- the ways a load ends ----------------------------------------------------------------
     def _finish(self, req: Request, sess: ort.InferenceSession, outcome: Outcome, reason: Reason | None = None,
@@ -369,16 +429,22 @@ class Loader:
             return False
         return now is not None and now.entry_id == entry.entry_id and self.store.verify(now) is None
 
-    def _lock_timeout(self, req: Request) -> LoadResult:
+    def _lock_timeout(self, req: Request, stalled: LockStalled | None = None) -> LoadResult:
         assert req.key is not None
         lock = self.store.lock_path(req.key)
         if self.settings.on_lock_timeout == "raise":
-            raise LockTimeoutError(
-                f"another process kept compiling {req.model.name} for over {self.settings.lock_timeout} s "
-                f"(lock {lock}). Raise lock_timeout, or use on_lock_timeout='jit'.",
-                lock_path=str(lock), timeout=float(self.settings.lock_timeout or 0),
-            )
-        reason = Reason("lock_timeout", f"another process is still compiling after {self.settings.lock_timeout} s")
+            what = (f"the process compiling {req.model.name} ({stalled.holder}) made no progress for "
+                    f"{stalled.seconds:.0f} s" if stalled else
+                    f"another process kept compiling {req.model.name} for over {self.settings.lock_timeout} s")
+            raise LockTimeoutError(f"{what} (lock {lock}). Raise lock_timeout / stall_timeout, or use on_lock_timeout='jit'.",
+                                   lock_path=str(lock), timeout=float(self.settings.lock_timeout or 0))
+        if stalled is not None:
+            reason = Reason("lock_stalled", f"the process compiling this model ({stalled.holder}) made no progress "
+                                            f"for {stalled.seconds:.1f} s (stopped, frozen or blocked); serving the "
+                                            "original model meanwhile")
+        else:
+            reason = Reason("lock_timeout", f"another process is still compiling after {self.settings.lock_timeout} s")
+        log.warning("%s: %s", req.model.name, reason)
         return self._original(req, "bypass", reason)
 
     def _fault(self, key: str | None, reason: Reason) -> None:

@@ -204,7 +204,7 @@ def verify(store: Store, *, fix: bool = False) -> list[VerifyResult]:
     for item in store.iter_entries():
         if isinstance(item, Entry):
             ep = _provider_or_none(item.provider)
-            problem = entry_problem(store, item, ep, full=True)
+            problem = entry_problem(store, item, ep, digests="all")
             key, name, prov, size, eid = item.key, item.model_name, item.provider, item.size, item.entry_id
         else:
             key, err = item
@@ -496,7 +496,7 @@ def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers
     except BrokenEntry as b:
         return Explanation(req.model.name, "fallback", key, digest, Reason(b.code, b.message))
     if entry is not None:
-        problem = entry_problem(store, entry, req.ep, full=loader.settings.verify == "full")
+        problem = entry_problem(store, entry, req.ep, digests="all" if loader.settings.verify == "content" else "changed")
         return Explanation(req.model.name, "fallback" if problem else "hit", key, digest, problem)
     here = req.fingerprint.as_dict()
     candidates: list[Nearest] = []

@@ -204,6 +204,11 @@ def compact(path: Path, *, now: float | None = None) -> bool:
     """Fold settled logs into the summary (housekeeping, never the load path); returns whether it ran."""
     from ._locking import release, try_lock
 
+    try:
+        _fs.check_folder(path.parent / "locks")  # filelock creates its file through whatever the folder is
+        _fs.check_folder(path.parent)
+    except OSError:
+        return False
     handle = try_lock(path.parent / "locks" / "events.lock")
     if handle is None:
         return False

@@ -100,28 +100,19 @@ class Store:
         self.markers_dir = self.root / "markers"
         self.negative_dir = self.root / "negative"
         self.events_path = self.root / "events.log"
-        self._ensured = False
 
     def __repr__(self) -> str:
         return f"Store({str(self.base)!r})"
 
     # -- setup --------------------------------------------------------------------------------
-    def ensure(self, *, force: bool = False) -> None:
+    def ensure(self) -> None:
         """Create the layout, owner-only, and check every folder of it (:func:`_fs.check_folder`).
 
-        After one success per Store, a hit only re-checks ``entries/`` (one lstat on the hit path);
-        the miss path forces the full check, so a cache folder deleted under a running app is rebuilt
-        and a subfolder replaced by a link or opened to others is refused.
-        Raises :class:`InsecureCache` or another ``OSError``.
+        At every load, not once per process: the root being safe says nothing about a subfolder someone
+        replaced by a link or opened to other users since (``markers/``, ``memo/``, ``negative/``... are
+        written into at every launch), and a cache folder deleted under a running app is rebuilt. One
+        ``lstat`` per folder when all is well. Raises :class:`InsecureCache` or another ``OSError``.
         """
-        if self._ensured and not force:
-            try:
-                _fs.check_folder(self.entries_dir)
-                return
-            except _fs.UnsafeFolder as e:
-                raise InsecureCache(*e.args) from None
-            except OSError:
-                pass
         try:
             # Folders above the cache root are the app's business; the root and everything in it are ours.
             if not _fs.exists(self.base):
@@ -132,7 +123,6 @@ class Store:
                 _fs.make_folder(self.root / name)
         except _fs.UnsafeFolder as e:
             raise InsecureCache(*e.args) from None
-        self._ensured = True
 
     def check(self, folder: Path) -> None:
         """The folder rule for one folder of this store (``InsecureCache`` when it fails)."""
@@ -179,15 +169,13 @@ class Store:
         return Entry(key, path, data)
 
     def verify(self, entry: Entry, *, full: bool = False) -> Problem | None:
-        """Integrity of an entry's artifacts: ``None`` when intact, else the problem.
+        """Integrity of an entry: :meth:`check_files`, then :meth:`check_digests` (every artifact with
+        ``full``, else only those whose stat signature changed). ``None`` when intact."""
+        return self.check_files(entry) or self.check_digests(entry, only_changed=not full)
 
-        The quick check compares each artifact's stat signature with the one recorded at publish; a
-        mismatch (or ``full=True``) re-hashes that artifact and compares digests. A one-byte flip in a
-        QNN .bin loads and runs with silently wrong outputs, so a changed file is never trusted on its
-        size alone. A file whose content still matches gets its new signature recorded, so copying a
-        cache folder costs one re-hash, not one per launch. Then :func:`context_problem`.
-        """
-        refreshed = False
+    def check_files(self, entry: Entry) -> Problem | None:
+        """The cheap part (a few syscalls): every artifact is there, a regular file of its recorded
+        size, and the context refers to nothing but them (:func:`context_problem`)."""
         for art in entry.artifacts:
             path = entry.path / art["name"]
             try:
@@ -200,10 +188,27 @@ class Store:
                 return Problem("artifact_not_regular", f"{path} is not a regular file (a link?)")
             if st.st_size != art["size"]:
                 return Problem("artifact_size", f"{path} is {st.st_size} bytes, expected {art['size']}")
-            if not full and list(signature(st)) == art["sig"]:
-                continue
+        return context_problem(entry.path, {a["name"] for a in entry.artifacts})
+
+    def check_digests(self, entry: Entry, *, only_changed: bool) -> Problem | None:
+        """Re-hash the artifacts (all, or with ``only_changed`` those whose stat signature differs from
+        the recorded one) and compare with the manifest.
+
+        Stat signatures are a shortcut for deciding what to re-hash, never proof: block-level damage
+        (bit rot, a bad flash page, a restored image) changes bytes and no stat field, and one flipped
+        byte in a QNN .bin runs with silently wrong outputs. A file whose content still matches gets its
+        new signature recorded, so a copied cache costs one re-hash, not one per launch.
+        """
+        refreshed = False
+        for art in entry.artifacts:
+            path = entry.path / art["name"]
             try:
+                st = os.lstat(path)
+                if only_changed and list(signature(st)) == art["sig"]:
+                    continue
                 digest = file_digest(path)
+            except FileNotFoundError:
+                return Problem("artifact_missing", f"{path} is missing")
             except OSError as e:
                 return Problem("artifact_unreadable", f"cannot read {path}: {e}")
             if digest != art["xxh3"]:
@@ -211,9 +216,6 @@ class Store:
             if list(signature(st)) != art["sig"]:
                 art["sig"] = list(signature(st))
                 refreshed = True
-        problem = context_problem(entry.path, {a["name"] for a in entry.artifacts})
-        if problem is not None:
-            return problem
         if refreshed:
             try:
                 _fs.atomic_write(entry.path / MANIFEST, _manifest.dumps(entry.manifest))
@@ -349,7 +351,11 @@ class Store:
         """
         from ._locking import release, try_lock
 
-        handle = try_lock(self.lock_path(key))
+        try:
+            self.check(self.locks_dir)  # filelock creates its file through whatever the folder is
+            handle = try_lock(self.lock_path(key))
+        except OSError:
+            handle = None
         if handle is None and not even_if_locked:
             log.info("entry %s is being rebuilt by another process; leaving it to that process", key[:12])
             return False

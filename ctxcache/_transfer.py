@@ -76,7 +76,7 @@ def _verified(cache: ContextCache, entries: Sequence[Entry]) -> tuple[list[Entry
     store = store_of(cache)
     good, skipped = [], {}
     for entry in entries:
-        problem = entry_problem(store, entry, None, full=True)
+        problem = entry_problem(store, entry, None, digests="all")
         if problem is None:
             good.append(entry)
         else:
@@ -156,7 +156,8 @@ def _bring_in_all(cache: ContextCache, tier: Tier, keys: Sequence[str], *, force
             refused[key] = "tier_record: not a key"
             continue
         try:
-            done = bring_in(store, key, tier, force=force, lock_timeout=cache.lock_timeout)
+            done = bring_in(store, key, tier, force=force, lock_timeout=cache.lock_timeout,
+                            stall_after=cache.settings.stall_timeout)
         except TierError as e:
             refused[key] = str(e)
             log.warning("refused %s from %s: %s", key[:12], tier.describe(), e)

@@ -26,6 +26,7 @@ ReasonCode = Literal[
     "cache_unwritable",
     "cache_insecure",
     "lock_timeout",
+    "lock_stalled",
     # fallback: the entry was judged unusable and invalidated
     "manifest_missing",
     "manifest_corrupt",
@@ -44,6 +45,7 @@ ReasonCode = Literal[
     # fallback: compiling or publishing did not produce an entry
     "compile_failed",
     "publish_failed",
+    "source_changed",
 ]
 
 #: Every reason code, with the outcome it comes with and what it means. One table for the code, the
@@ -57,6 +59,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "cache_unwritable": ("bypass", "the cache folder cannot be created or written"),
     "cache_insecure": ("bypass", "a cache folder is owned or writable by another user; the cache is not used"),
     "lock_timeout": ("bypass", "another process held the key's lock past lock_timeout"),
+    "lock_stalled": ("bypass", "the holder of the key's lock made no progress for stall_timeout (stopped, frozen, blocked)"),
     "manifest_missing": ("fallback", "the entry folder has no manifest"),
     "manifest_corrupt": ("fallback", "the manifest is not valid JSON or not a manifest of this key"),
     "manifest_unreadable": ("fallback", "the manifest cannot be read (permissions, a link, a FIFO)"),
@@ -73,6 +76,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "crashed_during_load": ("fallback", "a process died while loading this context"),
     "compile_failed": ("fallback", "the provider failed to compile the model"),
     "publish_failed": ("fallback", "the compiled entry could not be written"),
+    "source_changed": ("fallback", "the model changed while it was compiled (an updater?); nothing was published"),
 }
 
 
@@ -105,6 +109,8 @@ class Timings:
     fetch: float = 0.0  # copying + verifying an entry from a bundle, package or remote tier
     compile: float = 0.0
     load: float = 0.0
+    #: waiting for the content check after the session was created (0 when the hashing kept up)
+    verify: float = 0.0
     total: float = 0.0
 
 

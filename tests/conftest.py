@@ -29,7 +29,7 @@ class Layout:
     """Where a cache keeps what (layout ``v1``), from its root folder: the paths tests damage and inspect."""
 
     def __init__(self, root: Path | Any) -> None:
-        self.base = Path(getattr(root, "root", root))
+        self.base = Path(root) if isinstance(root, (str, os.PathLike)) else Path(root.root)  # a path or a ContextCache
         self.root = self.base / "v1"
         self.entries_dir = self.root / "entries"
         self.staging_dir = self.root / "staging"

@@ -344,7 +344,7 @@ def fill(store: Store, key: str, parts: Parts, tiers: Iterable[Tier], *, strict:
 
 
 def bring_in(store: Store, key: str, tier: Tier, *, force: bool, lock_timeout: float | None,
-             parts: Parts = ()) -> Literal["installed", "present", "absent"]:
+             stall_after: float | None = None, parts: Parts = ()) -> Literal["installed", "present", "absent"]:
     """Install ``tier``'s entry for ``key`` by hand (import, pull): lock, look again, install.
 
     ``present`` when an intact entry is already there (and not ``force``). Raises :class:`TierError`
@@ -353,11 +353,11 @@ def bring_in(store: Store, key: str, tier: Tier, *, force: bool, lock_timeout: f
     """
     import filelock
 
-    from .._locking import key_lock
+    from .._locking import LockStalled, key_lock
 
     lock = store.lock_path(key)
     try:
-        with key_lock(lock, lock_timeout, key[:12]):
+        with key_lock(lock, lock_timeout, key[:12], stall_after=stall_after):
             try:
                 present = store.lookup(key)
             except BrokenEntry:
@@ -369,6 +369,9 @@ def bring_in(store: Store, key: str, tier: Tier, *, force: bool, lock_timeout: f
                     return "absent"
                 install(store, key, offer, parts)
                 return "installed"
+    except LockStalled as e:
+        raise LockTimeoutError(f"the process holding the lock of entry {key[:12]} ({e.holder}) makes no progress "
+                               f"({lock}); retry later", lock_path=str(lock), timeout=e.seconds) from None
     except filelock.Timeout:
         raise LockTimeoutError(
             f"another process kept the lock of entry {key[:12]} ({lock}) for over {lock_timeout} s; "
