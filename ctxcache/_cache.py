@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnxruntime as ort
 
-from . import _key, _negative
+from . import _fs, _key, _negative
 from ._config import resolve_cache_dir, resolve_strict
 from ._fingerprint import Fingerprint
 from ._inputs import ProvidersArg, context_target, resolve_model, resolve_providers
@@ -214,9 +214,16 @@ class ContextCache:
         return sum(1 for k in keys if self._store.evict(k, "invalidated", reason))
 
     def clear(self) -> int:
-        """Remove every entry (and remembered failures). Returns the number of entries removed."""
-        n = sum(1 for k in self._store.list_keys() if self._store.evict(k, "cleared", "cleared", keep=False))
-        _negative.clear(self._store.negative_dir)
+        """Remove every entry and everything kept beside them: remembered failures, quarantined copies,
+        dead compiles' staging, hash memos, free locks, dead crash markers. An entry being rebuilt by
+        another process right now is left to it. Returns the number of entries removed."""
+        store = self._store
+        n = sum(1 for k in store.list_keys() if store.evict(k, "cleared", "cleared", keep=False))
+        _negative.clear(store.negative_dir)
+        for item in store.junk(negative_ttl=0.0, lock_age=0.0):
+            store.remove_junk(item)
+        for name in _fs.names(store.memo_dir):  # memos of files that still exist: a cache of hashes, cheap to redo
+            _fs.remove_file(store.memo_dir / name)
         return n
 
     def stats(self) -> _stats.Stats:
@@ -253,7 +260,7 @@ class ContextCache:
         from . import _manage
 
         return _manage.plan_prune(self._store, self._env, max_size=max_size, older_than=older_than,
-                                  other_environments=other_environments)
+                                  other_environments=other_environments, negative_ttl=self.negative_ttl)
 
     def prune(self, *, max_size: int | None = None, older_than: float | None = None, other_environments: bool = True,
               dry_run: bool = False) -> _manage.PruneReport:
@@ -277,7 +284,7 @@ class ContextCache:
             # machine (another onnxruntime / EP version) go first, then least recently used. Entries of
             # other environments are kept while under the cap (a folder may be shared by two apps).
             _manage.plan_prune(self._store, self._env, max_size=self.max_size, other_environments=False,
-                               keep={entry.key}).execute()
+                               keep={entry.key}, negative_ttl=self.negative_ttl).execute()
         _stats.compact(self._store.events_path)
 
 

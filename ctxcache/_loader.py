@@ -28,7 +28,7 @@ from ._inputs import Chain, Model, ProvidersArg, chosen_by_policy, context_targe
 from ._locking import KeyLock, LockStalled
 from ._manifest import Entry, new_manifest
 from ._markers import clear as clear_marker
-from ._markers import mark
+from ._markers import forget_deaths, mark
 from ._onnxproto import WireError, read_facts
 from ._seams import hooks
 from ._servable import ContentCheck, entry_problem
@@ -166,7 +166,7 @@ class Loader:
         written_now = fresh or req.tier is not None
         content = self.settings.verify == "content" and not written_now
         why = entry_problem(self.store, entry, req.ep, digests="none" if content or written_now else "changed",
-                            consume_markers=True, fresh=fresh)
+                            consume_markers=True, fresh=fresh, options=req.options)
         if why is None:
             hooks.verified(entry)
             check = ContentCheck(self.store, entry) if content else None
@@ -189,6 +189,7 @@ class Loader:
             if why is None and sess is not None:
                 if req.ep.name in sess.get_providers():
                     self.store.touch(entry)
+                    forget_deaths(self.store.markers_dir, entry.key)
                     return self._finish(req, sess, outcome, entry=entry)
                 # ORT silently put the graph on CPU: never report that as the provider's session.
                 why = Reason("wrong_provider", f"the context session runs on {sess.get_providers()}, not {req.ep.name}")
@@ -265,7 +266,7 @@ class Loader:
         assert req.key is not None and req.fingerprint is not None and req.digest is not None
         try:
             self.store.ensure()
-            self.store.clean_staging()
+            self.store.clean_staging(holding=req.key)
             staging = self.store.new_staging(req.key)
         except OSError as e:
             reason = Reason("cache_unwritable", f"cannot write in {self.store.staging_dir}: {e.strerror or e}")

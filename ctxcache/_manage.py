@@ -21,7 +21,7 @@ from ._inputs import ProvidersArg, context_target, resolve_model, resolve_provid
 from ._loader import Loader, Request
 from ._manifest import Entry
 from ._servable import entry_problem
-from ._store import BrokenEntry, Store
+from ._store import BrokenEntry, Junk, Store
 from ._types import ModelArg, Reason
 
 if TYPE_CHECKING:
@@ -204,7 +204,10 @@ def verify(store: Store, *, fix: bool = False) -> list[VerifyResult]:
     for item in store.iter_entries():
         if isinstance(item, Entry):
             ep = _provider_or_none(item.provider)
-            problem = entry_problem(store, item, ep, digests="all")
+            raw = item.parts.get("ep_options")
+            # The binary options the key recorded (QNN's backend_type turns back into the wheel's library).
+            options = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+            problem = entry_problem(store, item, ep, digests="all", options=options)
             key, name, prov, size, eid = item.key, item.model_name, item.provider, item.size, item.entry_id
         else:
             key, err = item
@@ -229,11 +232,14 @@ def _provider_or_none(name: str) -> Any:
 
 
 # -- prune -----------------------------------------------------------------------------------------------
-PruneWhy = Literal["broken", "other_environment", "older_than", "over_size"]
+PruneWhy = Literal["junk", "broken", "other_environment", "older_than", "over_size"]
 
 
 @dataclass(frozen=True)
 class PruneItem:
+    """One thing a prune removes: an entry (``key``), or junk (``why == "junk"``: a quarantined copy,
+    a dead compile's staging folder, a stale memo, lock or marker; ``key`` is its path in the cache)."""
+
     key: str
     model_name: str
     provider: str
@@ -242,6 +248,7 @@ class PruneItem:
     why: PruneWhy
     detail: str
     entry_id: str | None = None
+    junk_kind: str | None = None
 
     def as_dict(self, removed: bool | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {"key": self.key, "model": self.model_name, "provider": self.provider, "size": self.size,
@@ -303,18 +310,34 @@ class PrunePlan:
         being rebuilt (its lock is held) is left, and reported in :attr:`PruneReport.failed`."""
         removed = []
         for item in self.items:
-            if self._store.evict(item.key, "pruned", item.detail, expect_id=item.entry_id, keep=False):
+            if item.junk_kind is not None:
+                path = self._store.base / item.key
+                gone = self._store.remove_junk(Junk(item.junk_kind, path, item.size, item.last_used))
+            else:
+                gone = self._store.evict(item.key, "pruned", item.detail, expect_id=item.entry_id, keep=False)
+            if gone:
                 removed.append(item.key)
-                log.info("pruned %s (%s): %s", item.key[:12], item.model_name, item.detail)
+                log.info("pruned %s (%s): %s", item.key[:44], item.model_name, item.detail)
         return PruneReport(self.items, tuple(removed), self.size_before)
 
 
+_JUNK = {
+    "quarantined": "a quarantined copy of a broken entry (kept for a post-mortem)",
+    "staging": "the staging folder of a compile that is over",
+    "memo": "a hash memo of a file that no longer exists",
+    "lock": "the lock of a key without an entry",
+    "marker": "a crash marker or death note of a key without an entry",
+    "negative": "an expired failure record",
+}
+
+
 def plan_prune(store: Store, env: _key.Environment, *, max_size: int | None = None, older_than: float | None = None,
-               other_environments: bool = True, keep: Collection[str] = ()) -> PrunePlan:
+               other_environments: bool = True, keep: Collection[str] = (), negative_ttl: float = 7 * 24 * 3600.0) -> PrunePlan:
     """What a prune removes, in order: damaged entries; entries built for another environment (another
     onnxruntime, EP or SDK version, another OS or architecture, or a provider that cannot run here:
     their keys cannot come up on this machine); entries unused for ``older_than`` seconds; then least
-    recently used until the rest fits in ``max_size``, entries of other environments first.
+    recently used until the rest fits in ``max_size``, entries of other environments first. Before all
+    of them the junk (:meth:`Store.junk`): ``max_size`` bounds everything the cache keeps.
     ``other_environments=False`` keeps those unless a limit needs the room (a cache folder shared by
     apps on different onnxruntime versions)."""
     if max_size is not None and max_size < 0:
@@ -322,10 +345,15 @@ def plan_prune(store: Store, env: _key.Environment, *, max_size: int | None = No
     if older_than is not None and older_than < 0:
         raise ValueError("older_than must be >= 0 seconds")
     infos = entries(store, include_broken=True)
-    size_before = sum(i.size for i in infos)
+    junk = store.junk(negative_ttl=negative_ttl)
+    size_before = sum(i.size for i in infos) + sum(j.size for j in junk)
     memo: dict[str, dict[str, Any] | str] = {}
     now = time.time()
-    chosen: list[PruneItem] = []
+    # Junk first: nothing loads from it, and it is what an unbounded cache used to grow by.
+    chosen: list[PruneItem] = [
+        PruneItem(str(j.path.relative_to(store.base)), "-", "-", j.size, j.mtime, "junk", _JUNK[j.kind], None, j.kind)
+        for j in junk
+    ]
     taken: set[str] = set()
 
     def take(info: EntryInfo, why: PruneWhy, detail: str) -> None:
@@ -496,7 +524,8 @@ def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers
     except BrokenEntry as b:
         return Explanation(req.model.name, "fallback", key, digest, Reason(b.code, b.message))
     if entry is not None:
-        problem = entry_problem(store, entry, req.ep, digests="all" if loader.settings.verify == "content" else "changed")
+        problem = entry_problem(store, entry, req.ep, digests="all" if loader.settings.verify == "content" else "changed",
+                                options=req.options)
         return Explanation(req.model.name, "fallback" if problem else "hit", key, digest, problem)
     here = req.fingerprint.as_dict()
     candidates: list[Nearest] = []

@@ -100,10 +100,42 @@ def dead_markers(folder: Path, key: str) -> list[str]:
     return [n for n in _fs.names(folder) if n.startswith(prefix) and _dead(folder, n)]
 
 
-def consume(folder: Path, names: list[str]) -> None:
-    """Remove markers once their verdict is acted on (the entry is quarantined)."""
+def consume(folder: Path, names: list[str]) -> int:
+    """Remove markers once their verdict is acted on; returns how many this process removed (two
+    processes that judged the same marker count it once)."""
+    n = 0
     for name in names:
-        _fs.remove_file(folder / name)
+        try:
+            _fs.ops.unlink(str(folder / name))
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+# Deaths of loaders whose context then loaded fine in a probe (external kills), since the last load of
+# that entry that came through: ``<key>.deaths`` holds the count. Two name parts, so never a marker.
+def deaths(folder: Path, key: str) -> int:
+    try:
+        raw = _fs.read_small(folder / f"{key}.deaths", 64)
+        return int(raw.strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def note_death(folder: Path, key: str) -> int:
+    """Count one more external death of a loader of ``key``; returns the count."""
+    n = deaths(folder, key) + 1
+    try:
+        _fs.atomic_write(folder / f"{key}.deaths", str(n).encode(), durable=False)
+    except OSError:
+        pass
+    return n
+
+
+def forget_deaths(folder: Path, key: str) -> None:
+    """A load of ``key`` came through: the deaths were not a pattern."""
+    _fs.remove_file(folder / f"{key}.deaths")
 
 
 def live_keys(folder: Path) -> set[str]:
@@ -114,13 +146,3 @@ def live_keys(folder: Path) -> set[str]:
         if len(parts) == 3 and not _dead(folder, name):
             out.add(parts[0])
     return out
-
-
-def sweep(folder: Path, keep: set[str]) -> int:
-    """Remove dead markers of keys not in ``keep`` (entries that no longer exist); returns the count."""
-    n = 0
-    for name in _fs.names(folder):
-        key = name.split(".", 1)[0]
-        if key not in keep and _dead(folder, name) and _fs.remove_file(folder / name):
-            n += 1
-    return n

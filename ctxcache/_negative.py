@@ -37,6 +37,11 @@ def _read(path: Path, ttl: float) -> dict[str, object] | None:
     return data
 
 
+def alive(path: Path, ttl: float) -> bool:
+    """A record still in force (housekeeping removes the others)."""
+    return _read(path, ttl) is not None
+
+
 def remember(folder: Path, key: str, code: str, message: str) -> None:
     try:
         _fs.atomic_write(folder / f"{key}.json",
@@ -72,15 +77,6 @@ def remember_tier_rejection(folder: Path, key: str, tier: str, code: str) -> Non
 
 def tiers_rejected(folder: Path, key: str, ttl: float) -> bool:
     return _read(folder / f"{key}.tiers.json", ttl) is not None
-
-
-def sweep(folder: Path, ttl: float) -> int:
-    """Remove expired or unreadable records (housekeeping); returns the count."""
-    n = 0
-    for name in _fs.names(folder):
-        if name.endswith(".json") and _read(folder / name, ttl) is None and _fs.remove_file(folder / name):
-            n += 1
-    return n
 
 
 def clear(folder: Path) -> int:

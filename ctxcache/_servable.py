@@ -12,22 +12,34 @@ loader hands the session out only once the digests agree.
 from __future__ import annotations
 
 import _thread
+import logging
 from typing import Literal
 
 from ._manifest import Entry
-from ._markers import consume, dead_markers
+from ._markers import consume, dead_markers, deaths, note_death
+from ._probe import probe
 from ._store import Problem, Store
 from ._types import Reason
 from .providers import ExecutionProvider
 
+log = logging.getLogger("ctxcache")
+
 Digests = Literal["all", "changed", "none"]
 
 
+#: Loaders of one entry killed this many times in a row, each time with a probe load that came through,
+#: and the entry is condemned all the same: a context that kills only the app's process (memory, other
+#: sessions) must not make every launch crash. Fewer are external kills (service stop, force-stop, OOM).
+MAX_DEATHS = 3
+
+
 def entry_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, *, digests: Digests,
-                  consume_markers: bool = False, fresh: bool = False) -> Reason | None:
+                  consume_markers: bool = False, fresh: bool = False,
+                  options: dict[str, str] | None = None) -> Reason | None:
     """Why ``entry`` must not be served on ``ep`` here, or ``None`` when it may be.
 
-    In order: a process died while loading it (its crash marker outlived it); its files are missing,
+    In order: a process died while loading it and a probe load in a child process says the context is
+    why (:func:`crash_problem`); its files are missing,
     of another size or not regular, or the context refers to files outside it; their bytes differ
     from the recorded digests (``digests``: every file, only those whose stat signature changed, or
     none here because the caller runs a :class:`ContentCheck`); the provider's compatibility check
@@ -36,11 +48,9 @@ def entry_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, *, d
     compatibility check for a context compiled a moment ago in this process (QNN's check segfaulted
     when called right after a compile).
     """
-    dead = dead_markers(store.markers_dir, entry.key)
-    if dead:
-        if consume_markers:
-            consume(store.markers_dir, dead)
-        return Reason("crashed_during_load", "a process died while loading this context; not loading it again")
+    crashed = crash_problem(store, entry, ep, options, act=consume_markers)
+    if crashed is not None:
+        return crashed
     problem = store.check_files(entry)
     if problem is not None and problem.code in ("artifact_unreadable", "unsafe_context"):
         # A context that does not parse, or names files it should not, may just be damaged bytes:
@@ -57,6 +67,41 @@ def entry_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, *, d
             if verdict is not None:
                 return Reason("incompatible", verdict)
     return None
+
+
+def crash_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, options: dict[str, str] | None,
+                  *, act: bool) -> Reason | None:
+    """A loader of ``entry`` died during its context load (its crash marker outlived it): was it the context?
+
+    A probe load in a child process tells: killed or hung there too, the context is a killer
+    (``crashed_during_load``); refused with an error, it does not load here (``load_failed``); loaded,
+    the death was an external kill and the entry is kept, unless its loaders died :data:`MAX_DEATHS`
+    times in a row. Where no child process can be started, the marker alone condemns it (the
+    conservative answer). ``act`` (the loader) consumes the markers and counts the death; a read-only
+    caller (explain, verify) only reports.
+    """
+    dead = dead_markers(store.markers_dir, entry.key)
+    if not dead:
+        return None
+    verdict, detail = ("unavailable", "no provider to probe with") if ep is None else probe(
+        entry.context_path, ep.name, options or {})
+    log.info("a loader of %s died during the context load; probe: %s (%s)", entry.key[:12], verdict, detail)
+    if verdict == "loads":
+        count = deaths(store.markers_dir, entry.key) + 1
+        if act and consume(store.markers_dir, dead):
+            count = note_death(store.markers_dir, entry.key)
+        if count < MAX_DEATHS:
+            return None
+        return Reason("crashed_during_load", f"its loaders were killed {count} times in a row, though it loads "
+                                             "in a fresh process; not loading it again")
+    if act:
+        consume(store.markers_dir, dead)
+    if verdict == "fails":
+        return Reason("load_failed", f"a loader died during the context load, and a probe load fails: {detail}")
+    if verdict == "unavailable":
+        return Reason("crashed_during_load", "a process died while loading this context (no probe possible here: "
+                                             f"{detail}); not loading it again")
+    return Reason("crashed_during_load", f"a process died while loading this context, and {detail}; not loading it again")
 
 
 class ContentCheck:

@@ -135,6 +135,24 @@ def rel_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def killer_context(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A QNN context that kills the process loading it, for real (SIGSEGV in session creation): a
+    shared-weight context binary, which the x86 HTP simulator of onnxruntime-qnn 2.7 cannot load
+    (tests/test_providers_qnn_sharing.py pins that fact). Returns ``(ctx.onnx, its .bin)``."""
+    import textwrap
+
+    from test_providers_qnn_sharing import COMPILE
+
+    d = tmp_path_factory.mktemp("killer")
+    a = models.conv_net(d / "a.onnx", seed=1, size=32)
+    b = models.conv_net(d / "b.onnx", seed=1, size=64)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(COMPILE), str(d / "out"), "1", str(a), str(b)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d / "out" / "ctx_0.onnx", d / "out" / "ctx_0_qnn.bin"
+
+
+@pytest.fixture(scope="session")
 def external_model(model_dir: Path) -> Path:
     return models.conv_net(model_dir / "ext" / "conv_ext.onnx", layers=3, channels=32, seed=3, external_data=True)
 

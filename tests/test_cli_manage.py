@@ -155,9 +155,14 @@ def test_explain_ranks_same_content_before_same_name(
     assert str(ex.nearest[1].differences[0]).startswith("model content ")
 
 
-def test_verify_reports_a_crash_marker_without_consuming_it(cache_dir: Path, conv_model: Path, qnn_providers: list[Any]) -> None:
+def test_verify_reports_a_crash_marker_without_consuming_it(cache_dir: Path, conv_model: Path, qnn_providers: list[Any],
+                                                            killer_context: tuple[Path, Path]) -> None:
+    """A dead loader's marker on an entry whose context kills its loader (a probe load dies too)."""
+    from test_reliability_support import plant_killer
+
     cache = ContextCache(cache_dir)
     entry = _entry_of(cache, conv_model, qnn_providers)
+    plant_killer(entry, killer_context)
     marker = layout(cache).markers_dir / f"{entry.name}.999999999.abcdef"  # a pid that cannot be alive
     marker.write_bytes(b"")
     res = cache.verify_entries()
@@ -166,6 +171,18 @@ def test_verify_reports_a_crash_marker_without_consuming_it(cache_dir: Path, con
     res = cache.verify_entries(fix=True)
     assert res[0].quarantined and not entry.exists() and not marker.exists()
     assert cache.load(conv_model, providers=qnn_providers).outcome == "miss"
+
+
+def test_verify_probes_a_dead_loaders_context_and_keeps_one_that_loads(cache_dir: Path, conv_model: Path,
+                                                                      qnn_providers: list[Any]) -> None:
+    """A dead loader's marker on a healthy context (an external kill): verify probes, reports it intact,
+    and leaves the marker to the next load (which probes and counts the death) rather than consuming it."""
+    cache = ContextCache(cache_dir)
+    entry = _entry_of(cache, conv_model, qnn_providers)
+    marker = layout(cache).markers_dir / f"{entry.name}.999999999.abcdef"
+    marker.write_bytes(b"")
+    assert [r.problem for r in cache.verify_entries(fix=True)] == [None]
+    assert marker.exists() and entry.is_dir()
 
 
 @pytest.mark.parametrize("text, value", [("500M", 500 << 20), ("1.5G", int(1.5 * (1 << 30))), ("2GiB", 2 << 30),
@@ -206,11 +223,17 @@ def test_prune_keeps_entries_that_differ_only_in_library_digests(
     assert sideloaded.is_dir()
 
 
-def test_verify_sees_a_crashed_loader_whose_pid_was_reused(cache_dir: Path, conv_model: Path, qnn_providers: list[Any]) -> None:
+def test_verify_sees_a_crashed_loader_whose_pid_was_reused(cache_dir: Path, conv_model: Path, qnn_providers: list[Any],
+                                                           killer_context: tuple[Path, Path]) -> None:
     # A flock-style marker whose pid is alive now (ours: a container app is pid 1 at every start) but
     # whose lock nobody holds was left by a loader that died; verify must report it as the loader would.
+    from test_reliability_support import plant_killer
+
     cache = ContextCache(cache_dir)
-    key = cache.load(conv_model, providers=qnn_providers).key
+    r = cache.load(conv_model, providers=qnn_providers)
+    key = r.key
+    assert r.entry_path is not None
+    plant_killer(r.entry_path, killer_context)
     marker = layout(cache).markers_dir / f"{key}.{os.getpid()}.abc123"
     marker.write_bytes(b"flock\n")
     [res] = cache.verify_entries()

@@ -393,3 +393,79 @@ def test_the_key_lock_is_not_held_while_the_fresh_context_loads(tmp_path: Path, 
     monkeypatch.setattr(hooks, "verified", verified)
     assert cache.load(rel_models[0], providers=qnn_providers).outcome == "miss"
     assert free == [True]
+
+
+# -- 8. bounded disk: max_size and prune count everything the cache keeps -------------------------------
+def _junk(cache_dir: Path, key: str) -> dict[str, Path]:
+    """Plant the leftovers a long-lived cache accumulates (each as the library itself would name it)."""
+    import json
+    import sys
+    import time
+
+    lay = Layout(cache_dir)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    made = {
+        "quarantined": lay.quarantine_dir / f"{key}.{int(time.time())}.abcdef",
+        "staging": lay.staging_dir / f"{'d' * 32}.{os.getpid()}.abcd1234",  # pid alive (ours), lock free: dead
+        "memo": lay.memo_dir / "0123456789abcdef.json",
+        "lock": lay.locks_dir / f"{'e' * 32}.lock",
+        "marker": lay.markers_dir / f"{'f' * 32}.{pid}.abcdef",
+    }
+    made["quarantined"].mkdir()
+    (made["quarantined"] / "ctx_qnn.bin").write_bytes(b"q" * 300_000)
+    made["staging"].mkdir()
+    (made["staging"] / "ctx_qnn.bin").write_bytes(b"s" * 300_000)
+    made["memo"].write_text(json.dumps({"format": 2, "key": "/gone/model.onnx", "digest": "0" * 32,
+                                        "files": [["/gone/model.onnx", [1, 2, 3, 4, 5]]]}))
+    made["lock"].write_bytes(b"")
+    old = time.time() - 7200
+    os.utime(made["lock"], (old, old))
+    made["marker"].write_bytes(b"")
+    return made
+
+
+def test_prune_and_max_size_bound_everything_the_cache_keeps(tmp_path: Path, rel_models: list[Path],
+                                                             qnn_providers: list[Any]) -> None:
+    cache_dir = tmp_path / "cache"
+    cache = ctxcache.ContextCache(cache_dir)
+    a = cache.load(rel_models[0], providers=qnn_providers)
+    assert a.key
+    made = _junk(cache_dir, a.key)
+    plan = cache.plan_prune()
+    junk = {i.junk_kind for i in plan.items if i.why == "junk"}
+    assert junk == set(made), junk
+    assert plan.size_before >= 600_000 + sum(e.size for e in cache.entries())
+    report = plan.execute()
+    assert not report.failed and not any(p.exists() for p in made.values())
+    assert [e.key for e in cache.entries()] == [a.key]  # the entry itself is fine and stays
+    # A cap: after each compile the cache prunes junk first, then entries, to stay under max_size.
+    made = _junk(cache_dir, a.key)
+    capped = ctxcache.ContextCache(cache_dir, max_size=sum(e.size for e in cache.entries()) * 3)
+    b = capped.load(rel_models[1], providers=qnn_providers)
+    assert b.outcome == "miss"
+    assert not any(p.exists() for p in made.values())
+    assert sorted(e.key for e in capped.entries()) == sorted([a.key, b.key])
+
+
+def test_clear_leaves_nothing_but_what_a_live_process_holds(tmp_path: Path, rel_models: list[Path],
+                                                            qnn_providers: list[Any]) -> None:
+    from test_reliability_support import hold_lock
+
+    cache_dir = tmp_path / "cache"
+    cache = ctxcache.ContextCache(cache_dir)
+    a = cache.load(rel_models[0], providers=qnn_providers)
+    assert a.key
+    made = _junk(cache_dir, a.key)
+    lay = Layout(cache_dir)
+    holder = hold_lock(lay.lock_path("9" * 32), 600)  # a compile running elsewhere
+    try:
+        live = lay.new_staging("9" * 32, pid=holder.pid)
+        assert cache.clear() == 1
+        assert not any(p.exists() for p in made.values())
+        assert live.is_dir() and lay.lock_path("9" * 32).exists()
+        assert not any(lay.entries_dir.iterdir()) and not any(lay.memo_dir.iterdir())
+        assert not any(lay.negative_dir.iterdir()) and not any(lay.quarantine_dir.iterdir())
+    finally:
+        holder.kill()
+        holder.wait()

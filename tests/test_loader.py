@@ -185,18 +185,35 @@ def test_copied_cache_rehashes_once_then_hits(cache_dir: Path, conv_model: Path,
         assert art["sig"] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def test_crash_marker_of_dead_process_poisons_entry(cache_dir: Path, conv_model: Path, qnn_providers: list[Any]) -> None:
+def test_crash_marker_of_dead_process_poisons_a_context_that_kills(cache_dir: Path, conv_model: Path,
+                                                                   qnn_providers: list[Any], killer_context: tuple[Path, Path]) -> None:
+    from test_reliability_support import plant_killer
+
     cache = ctxcache.ContextCache(cache_dir)
-    key = cache.load(conv_model, providers=qnn_providers).key
+    first = cache.load(conv_model, providers=qnn_providers)
+    assert first.entry_path is not None
+    plant_killer(first.entry_path, killer_context)
     # A process that died while loading this context leaves its marker behind.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    (layout(cache).markers_dir / f"{key}.{dead_pid}.abcdef").write_text("")
-    r = cache.load(conv_model, providers=qnn_providers)
+    (layout(cache).markers_dir / f"{first.key}.{dead_pid}.abcdef").write_text("")
+    r = cache.load(conv_model, providers=qnn_providers)  # probes in a child (which dies), never loads it here
     assert r.outcome == "fallback"
-    assert r.reason is not None and r.reason.code == "crashed_during_load"
+    assert r.reason is not None and r.reason.code == "crashed_during_load" and "SIGSEGV" in r.reason.message
     assert list(layout(cache).markers_dir.iterdir()) == []
     assert cache.load(conv_model, providers=qnn_providers).outcome == "miss"
+
+
+def test_crash_marker_of_dead_process_on_a_context_that_loads_is_an_external_kill(
+    cache_dir: Path, conv_model: Path, qnn_providers: list[Any]
+) -> None:
+    cache = ctxcache.ContextCache(cache_dir)
+    key = cache.load(conv_model, providers=qnn_providers).key
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (layout(cache).markers_dir / f"{key}.{int(dead.stdout)}.abcdef").write_text("")
+    r = cache.load(conv_model, providers=qnn_providers)
+    assert r.outcome == "hit", r
+    assert list(layout(cache).markers_dir.iterdir()) == []  # consumed; the death note is gone after the good load
 
 
 def test_marker_of_live_process_does_not_poison(cache_dir: Path, conv_model: Path, qnn_providers: list[Any]) -> None:

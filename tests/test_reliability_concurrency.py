@@ -264,16 +264,27 @@ def test_staging_of_a_live_process_survives_a_clock_jump(tmp_path: Path, rel_mod
                                                          qnn_providers: list[Any]) -> None:
     """A device that boots in 1970 and gets the time from NTP mid-compile: another process's cleanup
     must not take the staging folder of a compile that is still running."""
+    from test_reliability_support import hold_lock
+
     cache = ctxcache.ContextCache(tmp_path / "cache")
     layout(cache).ensure()
-    live = layout(cache).new_staging("a" * 32)  # this process: alive
-    (live / "ctx.onnx").write_bytes(b"partial")
-    os.utime(live, (PAST, PAST))
-    dead = layout(cache).staging_dir / f"{'b' * 32}.{_dead_pid()}.abcd"
-    dead.mkdir()
-    cache.load(rel_models[0], providers=qnn_providers)  # a miss: cleans staging
-    assert live.is_dir() and (live / "ctx.onnx").exists()
-    assert not dead.exists()
+    # A compile running in another process holds its key's lock while its staging folder exists.
+    holder = hold_lock(layout(cache).lock_path("a" * 32), 600)
+    try:
+        live = layout(cache).new_staging("a" * 32, pid=holder.pid)
+        (live / "ctx.onnx").write_bytes(b"partial")
+        os.utime(live, (PAST, PAST))
+        dead = layout(cache).staging_dir / f"{'b' * 32}.{_dead_pid()}.abcd"
+        dead.mkdir()
+        # Its pid belongs to a live process now (pid reuse), but nobody holds its lock: a dead compile.
+        reused = layout(cache).staging_dir / f"{'c' * 32}.{os.getpid()}.abcd"
+        reused.mkdir()
+        cache.load(rel_models[0], providers=qnn_providers)  # a miss: cleans staging
+        assert live.is_dir() and (live / "ctx.onnx").exists()
+        assert not dead.exists() and not reused.exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _dead_pid() -> int:

@@ -276,3 +276,22 @@ def report(title: str, figures: dict[str, Any]) -> None:
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
+
+
+# -- a real context that kills its loader --------------------------------------------------------------
+def plant_killer(entry: Path, killer: tuple[Path, Path]) -> None:
+    """Make ``entry`` hold the killer context, manifest re-sealed: as if the entry were intact and a
+    driver update had turned its binary into one that kills its loader (onnxruntime issue 23431)."""
+    import shutil
+
+    from ctxcache._hashing import file_digest, signature
+
+    for old in entry.iterdir():
+        if old.name != "manifest.json":
+            old.unlink()
+    shutil.copyfile(killer[0], entry / "ctx.onnx")
+    shutil.copyfile(killer[1], entry / killer[1].name)
+    m = json.loads((entry / "manifest.json").read_text())
+    m["artifacts"] = [{"name": p.name, "size": p.stat().st_size, "xxh3": file_digest(p), "sig": list(signature(os.lstat(p)))}
+                      for p in (entry / "ctx.onnx", entry / killer[1].name)]
+    (entry / "manifest.json").write_text(json.dumps(m))

@@ -1,0 +1,67 @@
+"""A probe load: does this context kill the process that loads it? Asked in a child process.
+
+A crash marker that outlived its loader says the loader died during the context load. That is not
+proof that the context killed it: an ordinary external kill (a service stop, a force-stop, the
+low-memory killer, a user logging off) lands there as well, and condemning a context that took
+minutes to compile because of one is wrong. So before condemning, the context is loaded once in a
+child process: killed by a signal (SIGSEGV, SIGABRT...) or hung, it is a killer; loaded, the death was
+external (and the entry is kept); refused with an error, it does not load here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+from ._spawn import child_env, python_command
+
+log = logging.getLogger("ctxcache")
+
+Verdict = Literal["loads", "crashes", "fails", "hangs", "unavailable"]
+
+#: A context load takes well under a second to a few seconds; one that takes this long is hung.
+TIMEOUT = 120.0
+
+_CHILD = r"""
+import json, sys
+name, ctx, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+import onnxruntime as ort
+from ctxcache import providers
+ep = providers.get(name)
+so = ort.SessionOptions()
+so.log_severity_level = 3
+try:
+    session = ep.session(ctx, so, ep.normalize_options(options), [])
+except Exception as e:
+    print(json.dumps({"error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+    sys.exit(3)
+print(json.dumps({"providers": session.get_providers()}), flush=True)
+"""
+
+
+def probe(context: Path, ep_name: str, options: dict[str, str], *, timeout: float = TIMEOUT) -> tuple[Verdict, str]:
+    """Load ``context`` on ``ep_name`` in a child process; the verdict and a one-line detail."""
+    cmd = python_command()
+    if cmd is None:
+        return "unavailable", "no child process can be started here"
+    try:
+        proc = subprocess.run([*cmd, "-c", _CHILD, ep_name, str(context), json.dumps(options)], capture_output=True,
+                              text=True, timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "hangs", f"the probe load did not finish in {timeout:.0f} s"
+    except OSError as e:
+        return "unavailable", f"cannot start a probe process: {e}"
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return "crashes", f"the probe load was killed by {name}"
+    if proc.returncode == 0:
+        return "loads", "the context loads in a fresh process"
+    detail = next((json.loads(line).get("error", "") for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), "")
+    return "fails", detail or f"the probe exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"
