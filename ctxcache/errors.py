@@ -138,3 +138,12 @@ class BundleError(CtxCacheError, ValueError):
         super().__init__(message)
         self.path = path
         self.code = code
+
+
+class SigningKeyError(CtxCacheError, ValueError):
+    """A signing key, a trusted or revoked public key, or a key file cannot be used (malformed, wrong
+    kind, missing, or a key file that would be overwritten). ``path`` names the file or setting."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
