@@ -217,10 +217,11 @@ def add_trust_flags(p: argparse.ArgumentParser, *, dirs: bool = False) -> None:
 
 
 def _keys_arg(values: list[str] | None) -> list[Any] | None:
-    """``ed25519:...`` / PEM text as given, anything else as a key file."""
+    """A key (``ed25519:...``, PEM text) or key id (16 hex digits) as given, anything else as a key file."""
     if values is None:
         return None
-    return [v if v.startswith(("ed25519:", "-----BEGIN")) else Path(os.path.expanduser(v)) for v in values]
+    return [v if v.startswith(("ed25519:", "-----BEGIN")) or re.fullmatch(r"[0-9a-fA-F]{16}", v)
+            else Path(os.path.expanduser(v)) for v in values]
 
 
 def cache_dir_arg(args: argparse.Namespace) -> str | None:

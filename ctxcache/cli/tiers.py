@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import ctxcache
@@ -35,23 +36,11 @@ from ._common import (
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-def _signing_key(args: argparse.Namespace) -> list[bytes] | None:
-    """Each ``--signing-key-file`` (its bytes, trailing newline stripped): an Ed25519 private key (PEM) or an
-    HMAC secret, told apart by the library; ``None`` lets the library read ``$CTXCACHE_SIGNING_KEY``."""
+def _signing_key(args: argparse.Namespace) -> list[Path] | None:
+    """Each ``--signing-key-file``, as a path: the library reads it, tells an Ed25519 private key (PEM)
+    from an HMAC secret, and names the file in any error. ``None`` lets it read ``$CTXCACHE_SIGNING_KEY``."""
     paths = getattr(args, "signing_key_file", None)
-    if not paths:
-        return None
-    keys = []
-    for path in paths:
-        try:
-            with open(os.path.expanduser(path), "rb") as f:
-                raw = f.read(1 << 16).rstrip(b"\r\n")
-        except OSError as e:
-            raise UsageError(f"cannot read signing key file {path}: {e.strerror or e}") from None
-        if not raw:
-            raise UsageError(f"signing key file {path} is empty")
-        keys.append(raw)
-    return keys
+    return [Path(os.path.expanduser(p)) for p in paths] if paths else None
 
 
 def _cache(args: argparse.Namespace) -> ctxcache.ContextCache:
