@@ -402,3 +402,13 @@ print(json.dumps({{"outcome": r.outcome, "after_import": after_import,
                                        or m.startswith("ctxcache.tiers"))}}))
 """
     assert last_json(run_python(code).stdout) == {"outcome": "hit", "after_import": [], "after_hit": []}
+
+
+def test_readme_documents_every_tier_code() -> None:
+    from conftest import ROOT
+
+    from ctxcache.tiers._base import TIER_CODES
+
+    text = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(tier_\w+)` \| (yes|no) \|", text, flags=re.M))
+    assert rows == {code: "yes" if fault else "no" for code, (fault, _) in TIER_CODES.items()}
