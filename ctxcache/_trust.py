@@ -84,8 +84,9 @@ def parse_public_key(text: str, where: str) -> bytes:
         raise SigningKeyError(f"{where}: a private key or certificate, not a public key; give devices the "
                               "'ed25519:...' line `ctxcache keygen` printed (never the private key)", path=where)
     if not text.startswith(PUBLIC_PREFIX):
+        hint = f" (to read keys from that file, pass pathlib.Path({text!r}))" if len(text) < 4096 and os.path.isfile(text) else ""
         raise SigningKeyError(f"{where}: {text[:24]!r} is not a public key; expected 'ed25519:<base64>' as "
-                              "`ctxcache keygen` prints it", path=where)
+                              f"`ctxcache keygen` prints it{hint}", path=where)
     try:
         raw = base64.b64decode(text[len(PUBLIC_PREFIX):], validate=True)
     except (binascii.Error, ValueError):
