@@ -39,14 +39,16 @@ elif KIND == "package":
     tiers = [ctxcache.ModelPackageTier(TIER)]
 elif KIND == "remote":
     tiers = [ctxcache.RemoteTier(TIER, endpoint_url=ENDPOINT)]
-r = ctxcache.ContextCache(CACHE, tiers=tiers).load(MODEL, providers=[("QNNExecutionProvider", opts)])
+# The default a device runs with: signed tiers, the build key trusted (its check is part of the fetch time).
+r = ctxcache.ContextCache(CACHE, tiers=tiers, trusted_keys=[PUBLIC]).load(MODEL, providers=[("QNNExecutionProvider", opts)])
 _done(r.session, outcome=r.outcome, tier=r.tier, timings=r.timings.__dict__)
 """
 
 
-def _launch(kind: str, model: Path, cache: Path, tier: str | None = None, endpoint: str | None = None) -> dict[str, Any]:
+def _launch(kind: str, model: Path, cache: Path, tier: str | None = None, endpoint: str | None = None,
+            public: str | None = None) -> dict[str, Any]:
     code = c._PRELUDE + (f"KIND = {kind!r}\nMODEL = {str(model)!r}\nCACHE = {str(cache)!r}\n"
-                         f"TIER = {tier!r}\nENDPOINT = {endpoint!r}\n") + _LAUNCH
+                         f"TIER = {tier!r}\nENDPOINT = {endpoint!r}\nPUBLIC = {public!r}\n") + _LAUNCH
     env = dict(c.child_env(), **CREDS)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=900)
@@ -110,14 +112,16 @@ def run(models: list[str], rounds: int) -> dict[str, Any]:
             first = cache.load(path, providers=[(c.QNN, c.qnn_options())])
             assert first.outcome == "miss", first
             (entry,) = cache.entries()
+            key = ctxcache.generate_signing_key(base / "sign.pem")
             tiers: dict[str, str] = {
-                "bundle_dir": str(ctxcache.export_bundle(cache, base / "bundle").path),
-                "bundle_tar": str(ctxcache.export_bundle(cache, base / "bundle.tar").path),
-                "package": str(ctxcache.export_model_package(cache, base / "pkg", compatibility=False).path),
+                "bundle_dir": str(ctxcache.export_bundle(cache, base / "bundle", signing_key=key.path).path),
+                "bundle_tar": str(ctxcache.export_bundle(cache, base / "bundle.tar", signing_key=key.path).path),
+                "package": str(ctxcache.export_model_package(cache, base / "pkg", compatibility=False,
+                                                             signing_key=key.path).path),
             }
             if s3 is not None:
                 remote = RemoteTier(f"s3://bench/{name}", endpoint_url=s3.url)
-                push(cache, remote, keys=[entry.key])
+                push(cache, remote, keys=[entry.key], signing_key=key.path)
                 tiers["remote"] = f"s3://bench/{name}"
             size = entry.size
             times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -127,10 +131,10 @@ def run(models: list[str], rounds: int) -> dict[str, Any]:
                 order = kinds[i % len(kinds):] + kinds[: i % len(kinds)]
                 for kind in order:
                     if kind == "local_hit":
-                        r = _launch(kind, path, warm)
+                        r = _launch(kind, path, warm, public=key.public_key)
                     else:
                         empty = c.fresh_dir("tiers", name, "run", kind)
-                        r = _launch(kind, path, empty, tiers.get(kind), s3.url if s3 else None)
+                        r = _launch(kind, path, empty, tiers.get(kind), s3.url if s3 else None, key.public_key)
                     times[kind].append(r["seconds"])
                     ready[kind].append(r["ready"])
                     fetch[kind].append(r["timings"].get("fetch", 0.0))

@@ -37,6 +37,8 @@ _LAZY = {
     "Diagnosis": "._doctor",
     "diagnose": "._doctor",
     "ExportResult": ".tiers.bundle",
+    "GeneratedKey": "._trust",
+    "generate_signing_key": "._trust",
     "ImportResult": "._transfer",
     "ModelPackageTier": ".tiers.package",
     "PackageExport": ".tiers.package",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
     )
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
+    from ._trust import GeneratedKey, generate_signing_key
     from .tiers.bundle import Bundle, ExportResult
     from .tiers.package import ModelPackageTier, PackageExport
     from .tiers.remote import RemoteTier
@@ -90,6 +93,7 @@ __all__ = [
     "Explanation",
     "ExportResult",
     "Fingerprint",
+    "GeneratedKey",
     "ImportResult",
     "InferenceSession",
     "LoadResult",
@@ -115,6 +119,7 @@ __all__ = [
     "errors",
     "export_bundle",
     "export_model_package",
+    "generate_signing_key",
     "import_bundle",
     "known_providers",
     "pull",

@@ -21,6 +21,7 @@ from ._inputs import ProvidersArg, context_target, resolve_model, resolve_provid
 from ._loader import Loader, Request, Settings
 from ._manifest import Entry
 from ._store import Store
+from ._trust import Trust, resolve_trust
 from ._types import LoadResult, ModelArg
 
 if TYPE_CHECKING:
@@ -56,6 +57,14 @@ class ContextCache:
         tiers: bundles (folder or ``.tar`` path, or :class:`~ctxcache.Bundle`), ORT model packages and
             remote stores (``s3://bucket/prefix`` or :class:`~ctxcache.RemoteTier`) consulted in order on
             a local miss, before compiling. A tier entry is verified and copied into this cache.
+        trusted_keys: Ed25519 public keys (``"ed25519:<base64>"`` as ``ctxcache keygen`` prints them, PEM
+            public keys, or ``pathlib.Path`` files with one key per line) whose signatures admit a tier's
+            entry. Several for a rotation. Default: ``$CTXCACHE_TRUSTED_KEYS`` (comma- or space-separated).
+        revoked_keys: key ids (16 hex digits, as ``explain``/``doctor`` show them) or public keys whose
+            signatures are refused everywhere, even if also trusted. ``$CTXCACHE_REVOKED_KEYS`` adds to them.
+        trusted_dirs: the app's own install folders: a bundle or model package inside one may be unsigned
+            (nobody but the installer writes there). Elsewhere an unsigned bundle is refused, because
+            nothing in its files can show that the binaries are really the model's its index names.
     """
 
     def __init__(
@@ -74,6 +83,9 @@ class ContextCache:
         negative_ttl: float = 7 * 24 * 3600.0,
         tiers: Sequence[Any] | None = None,
         stall_timeout: float | None = 5.0,
+        trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
+        revoked_keys: Sequence[str | os.PathLike[str]] | None = None,
+        trusted_dirs: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         if on_lock_timeout not in ("jit", "raise"):
             raise ValueError(f"on_lock_timeout must be 'jit' or 'raise', not {on_lock_timeout!r}")
@@ -96,7 +108,9 @@ class ContextCache:
         self.settings = Settings(strict=resolve_strict(strict), lock_timeout=lock_timeout,
                                  on_lock_timeout=on_lock_timeout, embed=embed, extra_key=extra_key,
                                  verify="stat" if verify == "stat" else "content",
-                                 negative_ttl=negative_ttl, stall_timeout=stall_timeout)
+                                 negative_ttl=negative_ttl, stall_timeout=stall_timeout,
+                                 # Parsed now (no cryptography needed): a bad trusted key is bad input.
+                                 trust=resolve_trust(trusted_keys, revoked_keys, trusted_dirs))
         self._store = Store(self.root)
         self._env = _key.Environment(self._store.memo_dir)
         # Paths and URLs become tier objects at the first miss, so a launch that hits imports no tier code.
@@ -127,6 +141,11 @@ class ContextCache:
     @property
     def negative_ttl(self) -> float:
         return self.settings.negative_ttl
+
+    @property
+    def trust(self) -> Trust:
+        """The trust policy tiers are admitted by (trusted and revoked key ids, the app's own folders)."""
+        return self.settings.trust
 
     @property
     def tiers(self) -> list[Tier]:

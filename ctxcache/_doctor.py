@@ -60,7 +60,9 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
              *, source: str | None = None) -> Diagnosis:
     """Python, ONNX Runtime flavours, onnxruntime-qnn and its SDK, EP devices, the cache folder (where
     from, writable, free space), the key parts a load with each of ``providers_list`` would use here,
-    and the cache's tiers in lookup order. ``source`` says where the cache folder came from."""
+    the trust policy (trusted and revoked key ids, the app's own folders), and the cache's tiers in
+    lookup order with whether each needs a signature (a bundle: who signed its index, trusted or not).
+    ``source`` says where the cache folder came from."""
     cache = cache if cache is not None else ContextCache()
     problems: list[str] = []
     pkgs = _packages()
@@ -119,8 +121,12 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
         keys.append({"provider": name, "parts": env if isinstance(env, dict) else None,
                      "unavailable": env if isinstance(env, str) else None})
     data["key_parts"] = keys
+    trust = cache.trust
+    data["trust"] = trust.as_dict()
+    if trust.problem:
+        problems.append(f"trust: {trust.problem}")
     try:
-        data["tiers"] = [t.as_dict() for t in _manage.tier_report(cache.tiers)]
+        data["tiers"] = [t.as_dict() for t in _manage.tier_report(cache.tiers, None, trust)]
     except Exception as e:  # noqa: BLE001 - a tier that cannot even be opened is a problem to report
         data["tiers"] = []
         problems.append(f"tiers: {e}")

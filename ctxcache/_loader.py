@@ -33,6 +33,7 @@ from ._onnxproto import WireError, read_facts
 from ._seams import hooks
 from ._servable import ContentCheck, entry_problem
 from ._store import BrokenEntry, InsecureCache, Store
+from ._trust import Trust
 from ._types import LoadResult, ModelArg, Outcome, Reason, Timings
 from ._version import __version__
 from .errors import CacheFaultError, CtxCacheError, LockTimeoutError
@@ -52,6 +53,7 @@ class Settings(NamedTuple):
     verify: Literal["content", "stat"] = "content"
     negative_ttl: float = 7 * 24 * 3600.0
     stall_timeout: float | None = 5.0
+    trust: Trust = Trust()
 
 
 class Request:
@@ -253,7 +255,8 @@ class Loader:
             log.info("tiers skipped for %s: an entry from them failed to load recently", req.key[:12])
             return None
         t = time.perf_counter()
-        filled = _base.fill(self.store, req.key, req.fingerprint.parts, self._tiers(), strict=self.settings.strict)
+        filled = _base.fill(self.store, req.key, req.fingerprint.parts, self._tiers(), strict=self.settings.strict,
+                            trust=self.settings.trust)
         req.times["fetch"] = time.perf_counter() - t
         if filled is None:
             return None

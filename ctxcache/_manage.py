@@ -22,6 +22,7 @@ from ._loader import Loader, Request
 from ._manifest import Entry
 from ._servable import entry_problem
 from ._store import BrokenEntry, Junk, Store
+from ._trust import Trust
 from ._types import ModelArg, Reason
 
 if TYPE_CHECKING:
@@ -437,7 +438,8 @@ class Nearest:
 
 @dataclass(frozen=True)
 class TierAnswer:
-    """What one tier holds for the key a load would use (read-only: nothing is fetched)."""
+    """What one tier holds for the key a load would use, who signed it and whether a load would admit it
+    (read-only: the index or record and its signatures are read, no entry file is fetched)."""
 
     tier: str
     kind: str
@@ -445,9 +447,19 @@ class TierAnswer:
     #: ``"exact"``, ``"portable"`` (built on another host), ``None``, or ``"error: <why>"``
     has: str | None
     would_serve: bool = False
+    #: whether this tier's entries need a valid signature from a trusted key (``signature_required``)
+    signature_required: bool = True
+    #: the Ed25519 key id that signed the entry (for a bundle without a key: the whole index), if any
+    signed_by: str | None = None
+    #: ``"trusted"``, ``"invalid"``, ``"revoked"``, ``"untrusted"``, ``"hmac"``, ``"unsigned"``; ``None``: not read
+    signature: str | None = None
+    #: why a load would refuse the entry it holds (``"tier_untrusted: ..."``), else ``None``
+    refused: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tier": self.tier, "kind": self.kind, "match": self.match, "has": self.has, "would_serve": self.would_serve}
+        return {"tier": self.tier, "kind": self.kind, "match": self.match, "has": self.has, "would_serve": self.would_serve,
+                "signature_required": self.signature_required, "signed_by": self.signed_by, "signature": self.signature,
+                "trusted": self.signature == "trusted" if self.signature is not None else None, "refused": self.refused}
 
 
 @dataclass(frozen=True)
@@ -541,20 +553,28 @@ def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers
     candidates.sort(key=lambda n: (not n.same_content, len(n.differences), -n.last_used))
     answers: tuple[TierAnswer, ...] = ()
     if tiers and not _negative.tiers_rejected(store.negative_dir, key, loader.settings.negative_ttl):
-        answers = tier_report(tiers, req.fingerprint)
+        answers = tier_report(tiers, req.fingerprint, loader.settings.trust)
     return Explanation(req.model.name, "miss", key, digest, None, tuple(candidates[:limit]), others, answers)
 
 
-def tier_report(tiers: Sequence[Tier], fp: _fingerprint.Fingerprint | None = None) -> tuple[TierAnswer, ...]:
-    """Each tier in lookup order and, given the key a load would use, whether it holds it and whether it
-    would be the one to serve it (the loader takes the first that has the entry: exactly, or built
-    elsewhere where the tier accepts portable entries). Never raises."""
+def tier_report(tiers: Sequence[Tier], fp: _fingerprint.Fingerprint | None = None,
+                trust: Trust | None = None) -> tuple[TierAnswer, ...]:
+    """Each tier in lookup order and, given the key a load would use, whether it holds it, who signed it,
+    and whether it would be the one to serve it: the loader takes the first that has the entry (exactly,
+    or built elsewhere where the tier accepts portable entries) *and admits it* (the same
+    ``tiers._base.admit`` rule, with the same ``trust``). Without a key (``doctor``), a bundle's index
+    signer. Never raises."""
     from .errors import TierError
+    from .tiers._base import admit, signature_required
 
+    trust = trust if trust is not None else Trust()
     out: list[TierAnswer] = []
     served = False
     for tier in tiers:
         has: str | None = None
+        required = signature_required(tier, trust)
+        signer: Any = None
+        refused: str | None = None
         if fp is not None:
             try:
                 has = tier.lookup(fp.key, fp.parts)
@@ -563,7 +583,26 @@ def tier_report(tiers: Sequence[Tier], fp: _fingerprint.Fingerprint | None = Non
             except Exception as e:  # noqa: BLE001 - a report never raises
                 has = f"error: {type(e).__name__}: {e}"
         usable = has == "exact" or (has == "portable" and tier.match == "portable")
-        out.append(TierAnswer(tier.describe(), tier.kind, tier.match, has, usable and not served))
+        if usable and fp is not None:
+            try:
+                with tier.offer(fp.key, fp.parts, trust=trust) as offer:
+                    if offer is None:
+                        usable = False
+                    else:
+                        signer = offer.signer
+                        admit(signer, required, tier.describe(), trust)
+            except TierError as e:
+                refused, usable = str(e), False
+            except Exception as e:  # noqa: BLE001 - a report never raises
+                refused, usable = f"{type(e).__name__}: {e}", False
+        elif fp is None and hasattr(tier, "index_signer"):
+            try:
+                signer = tier.index_signer(trust)
+                admit(signer, required, tier.describe(), trust)
+            except Exception as e:  # noqa: BLE001 - a report never raises
+                refused = str(e)
+        out.append(TierAnswer(tier.describe(), tier.kind, tier.match, has, usable and not served, required,
+                              getattr(signer, "key_id", None), getattr(signer, "status", None), refused))
         served = served or usable
     return tuple(out)
 

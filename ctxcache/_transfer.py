@@ -18,6 +18,7 @@ from ._cache import ContextCache, store_of
 from ._manifest import Entry, is_key
 from ._servable import entry_problem
 from ._store import BrokenEntry
+from ._trust import SigningKeyArg
 from ._version import __version__
 from .errors import BundleError, TierError
 
@@ -103,19 +104,23 @@ def _nothing(cache: ContextCache, out: Path, skipped: dict[str, str]) -> BundleE
 def export_bundle(cache: ContextCache, dest: str | os.PathLike[str], *,
                   models: Sequence[str | os.PathLike[str]] | None = None, provider: str | None = None,
                   options: dict[str, Any] | None = None, keys: Sequence[str] | None = None,
-                  signing_key: str | bytes | None = None, overwrite: bool = False) -> ExportResult:
+                  signing_key: SigningKeyArg = None, overwrite: bool = False) -> ExportResult:
     """Write the selected entries of ``cache`` as a bundle folder, or an archive when ``dest`` ends in
     ``.tar``, ``.tar.gz`` or ``.tgz``. Each entry is fully re-verified first; the bundle appears by one rename.
-    Raises :class:`~ctxcache.errors.BundleError` (nothing selected, destination exists)."""
-    from .tiers._base import resolve_signing_key
+
+    ``signing_key``: an Ed25519 private key (PEM text or bytes, or a ``pathlib.Path`` to the file
+    ``ctxcache keygen`` wrote), an HMAC secret, or a list of keys (a rotation: old and new sign);
+    default ``$CTXCACHE_SIGNING_KEY``. Raises :class:`~ctxcache.errors.BundleError` (nothing selected,
+    destination exists), :class:`~ctxcache.errors.SigningKeyError` (a key that cannot be used)."""
+    from .tiers._base import resolve_signing_keys
     from .tiers.bundle import write_bundle
 
+    signers = resolve_signing_keys(signing_key)  # a bad key fails before anything is written
     out = _destination(dest, overwrite)
     good, skipped = _verified(cache, _selected(cache, models, provider, options, keys))
     if not good:
         raise _nothing(cache, out, skipped)
-    res = write_bundle(good, out, signing_key=resolve_signing_key(signing_key), version=__version__, skipped=skipped,
-                       overwrite=overwrite)
+    res = write_bundle(good, out, signing_keys=signers, version=__version__, skipped=skipped, overwrite=overwrite)
     if not res.keys:
         raise _nothing(cache, out, res.skipped)
     log.info("exported %d entries to %s%s", len(res.keys), out, " (signed)" if res.signed else "")
@@ -125,20 +130,22 @@ def export_bundle(cache: ContextCache, dest: str | os.PathLike[str], *,
 def export_model_package(cache: ContextCache, dest: str | os.PathLike[str], *,
                          models: Sequence[str | os.PathLike[str]] | None = None, provider: str | None = None,
                          options: dict[str, Any] | None = None, keys: Sequence[str] | None = None,
-                         signing_key: str | bytes | None = None, package_name: str | None = None,
+                         signing_key: SigningKeyArg = None, package_name: str | None = None,
                          compatibility: bool = True) -> PackageExport:
-    """Write the selected entries as an ORT model package folder (ORT >= 1.32; appears by one rename).
+    """Write the selected entries as an ORT model package folder (ORT >= 1.32; appears by one rename),
+    each variant's record signed as :func:`export_bundle` signs an index.
 
     ``compatibility=False`` leaves out the variants' compatibility strings (ORT 1.32's variant selection
     crashes validating them with the QNN plugin on x86; keep them for devices)."""
-    from .tiers._base import resolve_signing_key
+    from .tiers._base import resolve_signing_keys
     from .tiers.package import write_package
 
+    signers = resolve_signing_keys(signing_key)
     out = _destination(dest, False)
     good, skipped = _verified(cache, _selected(cache, models, provider, options, keys))
     if not good:
         raise _nothing(cache, out, skipped)
-    res = write_package(good, out, signing_key=resolve_signing_key(signing_key), version=__version__, skipped=skipped,
+    res = write_package(good, out, signing_keys=signers, version=__version__, skipped=skipped,
                         package_name=package_name, compatibility=compatibility)
     if not res.variants:
         raise _nothing(cache, out, res.skipped)
@@ -157,7 +164,7 @@ def _bring_in_all(cache: ContextCache, tier: Tier, keys: Sequence[str], *, force
             continue
         try:
             done = bring_in(store, key, tier, force=force, lock_timeout=cache.lock_timeout,
-                            stall_after=cache.settings.stall_timeout)
+                            stall_after=cache.settings.stall_timeout, trust=cache.trust)
         except TierError as e:
             refused[key] = str(e)
             log.warning("refused %s from %s: %s", key[:12], tier.describe(), e)
@@ -171,9 +178,12 @@ def _bring_in_all(cache: ContextCache, tier: Tier, keys: Sequence[str], *, force
     return ImportResult(tuple(installed), tuple(present), refused)
 
 
-def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None,
-                  force: bool = False) -> ImportResult:
-    """Install every entry of a bundle or ORT model package into ``cache``, verified exactly as a tier hit is.
+def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, signing_key: SigningKeyArg = None,
+                  force: bool = False, require_signature: bool | None = None) -> ImportResult:
+    """Install every entry of a bundle or ORT model package into ``cache``, verified and admitted exactly
+    as a tier hit is: with the cache's ``trusted_keys`` / ``trusted_dirs``, ``signing_key`` as the HMAC
+    secret to require, and ``require_signature`` as for :class:`~ctxcache.Bundle` (``False``: the caller
+    vouches for the bundle; an unsigned one is installed).
 
     Raises :class:`~ctxcache.errors.BundleError` when it is unreadable, unsafe or wrongly signed as a
     whole, :class:`~ctxcache.errors.LockTimeoutError` when another process keeps an entry's lock; a
@@ -182,8 +192,9 @@ def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, sign
     from .tiers.bundle import Bundle
     from .tiers.package import ModelPackageTier, is_model_package
 
-    tier: Bundle | ModelPackageTier = (ModelPackageTier(location, signing_key=signing_key) if is_model_package(location)
-                                       else Bundle(location, signing_key=signing_key))
+    tier: Bundle | ModelPackageTier = (
+        ModelPackageTier(location, signing_key=signing_key, require_signature=require_signature)
+        if is_model_package(location) else Bundle(location, signing_key=signing_key, require_signature=require_signature))
     try:
         keys = tier.keys()
         return _bring_in_all(cache, tier, keys, force=force)
@@ -193,20 +204,26 @@ def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, sign
 
 def push(cache: ContextCache, remote: RemoteTier, *, models: Sequence[str | os.PathLike[str]] | None = None,
          provider: str | None = None, options: Mapping[str, Any] | None = None, keys: Sequence[str] | None = None,
-         overwrite: bool = False) -> PushResult:
-    """Upload the selected entries (each fully re-verified first): key -> ``pushed`` / ``present`` / ``failed: <why>``."""
+         overwrite: bool = False, signing_key: SigningKeyArg = None) -> PushResult:
+    """Upload the selected entries (each fully re-verified first), their records signed with
+    ``signing_key`` (as for :func:`export_bundle`; default: the remote's own ``signing_key``, else
+    ``$CTXCACHE_SIGNING_KEY``): key -> ``pushed`` / ``present`` / ``failed: <why>``."""
+    from .tiers._base import resolve_signing_keys
+
+    signers = resolve_signing_keys(signing_key) if signing_key is not None else None
     good, skipped = _verified(cache, _selected(cache, models, provider, options, keys))
     out = {k: f"failed: {why}" for k, why in skipped.items()}
     for entry in good:
         try:
-            out[entry.key] = "pushed" if remote.push(entry, overwrite=overwrite) else "present"
+            out[entry.key] = "pushed" if remote.push(entry, overwrite=overwrite, signing_key=signers) else "present"
         except TierError as e:
             out[entry.key] = f"failed: {e}"
     return PushResult(out)
 
 
 def pull(cache: ContextCache, remote: RemoteTier, keys: Sequence[str] | None = None, *, force: bool = False) -> ImportResult:
-    """Install remote entries into ``cache`` (all, or those whose key starts with one of ``keys``).
+    """Install remote entries into ``cache`` (all, or those whose key starts with one of ``keys``),
+    admitted by the cache's trust and the remote's ``require_signature``.
     Raises :class:`~ctxcache.errors.TierError` when the remote cannot be listed."""
     wanted = remote.keys()
     if keys is not None:

@@ -116,7 +116,8 @@ class TierError(CtxCacheError, RuntimeError):
 
     ``code``: ``tier_digest``, ``tier_signature``, ``tier_record``, ``tier_unsafe``, ``tier_bad_context``
     (the bytes were wrong), ``tier_unreachable`` (the tier is absent or down), ``tier_untrusted`` (no
-    signature from a trusted key where one is required).
+    signature from a trusted key where one is required, or a revoked key's). One table:
+    ``ctxcache.tiers._base.TIER_CODES`` (README, "Signatures and trust").
     """
 
     def __init__(self, message: str, *, code: str) -> None:
@@ -131,10 +132,20 @@ class BundleError(CtxCacheError, ValueError):
     """A bundle or model package cannot be exported or imported.
 
     ``path`` is the bundle; ``code`` is ``nothing_selected``, ``exists``, ``copy_failed`` or a
-    :class:`TierError` code (``tier_unsafe``, ``tier_signature``, ``tier_record``, ``tier_unreachable``).
+    :class:`TierError` code (``tier_unsafe``, ``tier_signature``, ``tier_untrusted``, ``tier_record``,
+    ``tier_unreachable``).
     """
 
     def __init__(self, message: str, *, path: str, code: str) -> None:
         super().__init__(message)
         self.path = path
         self.code = code
+
+
+class SigningKeyError(CtxCacheError, ValueError):
+    """A signing key, a trusted or revoked public key, or a key file cannot be used (malformed, wrong
+    kind, missing, or a key file that would be overwritten). ``path`` names the file or setting."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path

@@ -83,6 +83,54 @@ def hmac_sign(data: bytes, key: bytes) -> bytes:
     return b"hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest().encode()
 
 
+#: Devices' trust (README, "Signatures and trust").
+TRUSTED_KEYS_ENV = "CTXCACHE_TRUSTED_KEYS"
+REVOKED_KEYS_ENV = "CTXCACHE_REVOKED_KEYS"
+
+
+def ed25519_lines(data: bytes, key_files: list[Path], context: str) -> bytes:
+    """Ed25519 signature lines as README documents them, made with ``cryptography`` directly (the tests'
+    own signer, for re-signing what they tamper with): ``ed25519:<key id>:<base64>`` over
+    ``b"ctxcache-signature-v1\\0" + context + b"\\0" + data``; key id = 16 hex of SHA-256(raw public key)."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+
+    lines = []
+    for path in key_files:
+        key: Any = load_pem_private_key(Path(path).read_bytes(), password=None)
+        raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        sig = key.sign(b"ctxcache-signature-v1\0" + context.encode() + b"\0" + data)
+        lines.append(f"ed25519:{hashlib.sha256(raw).hexdigest()[:16]}:{base64.b64encode(sig).decode()}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Three real Ed25519 keys made by ``ctxcache.generate_signing_key``: ``a`` and ``b`` (the vendor's,
+    for rotation), ``evil`` (an attacker's own key). Each a ``GeneratedKey`` (path, public_key, key_id)."""
+    import ctxcache
+
+    d = tmp_path_factory.mktemp("keys")
+    return {name: ctxcache.generate_signing_key(d / f"{name}.pem") for name in ("a", "b", "evil")}
+
+
+def jit_outputs(model: Path) -> list[float]:
+    """The first 64 values of the first output of a JIT session on the original model (plain ORT + QNN,
+    no ctxcache), on the fixed input (seed 7): what every refused tier's fallback must also give."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = models.plain_qnn_session(model, so)
+    return [float(x) for x in sess.run(None, models.random_input(sess, seed=7))[0].ravel()[:64]]
+
+
+def first_outputs(result: Any) -> list[float]:
+    return [float(x) for x in result.session.run(None, models.random_input(result.session, seed=7))[0].ravel()[:64]]
+
+
 def layout(cache: Any) -> Layout:
     return Layout(cache)
 
@@ -92,6 +140,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A test must never touch the developer's real cache, nor inherit strict mode from the shell.
     monkeypatch.setenv("CTXCACHE_DIR", str(tmp_path / "default-cache"))
     monkeypatch.delenv("CTXCACHE_STRICT", raising=False)
+    for name in ("CTXCACHE_SIGNING_KEY", "CTXCACHE_TRUSTED_KEYS", "CTXCACHE_REVOKED_KEYS"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._fingerprint": 0,
     "ctxcache._types": 0,
     "ctxcache._config": 0,
+    "ctxcache._trust": 0,
     "ctxcache._version": 0,
     "ctxcache.errors": 0,
 }
@@ -168,7 +169,7 @@ def test_public_result_types_are_frozen() -> None:
 
     for name in ("LoadResult", "Timings", "Reason", "EntryInfo", "VerifyResult", "PrunePlan", "PruneReport", "PruneItem",
                  "Explanation", "Nearest", "Difference", "TierAnswer", "WarmResult", "Stats", "ExportResult",
-                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis"):
+                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis", "GeneratedKey"):
         cls = getattr(ctxcache, name)
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
 

@@ -320,7 +320,7 @@ def test_write_back_runs_after_the_key_lock_is_released(cache_dir: Path, conv_mo
             return None
 
         @contextlib.contextmanager
-        def offer(self, key: str, parts: Any = ()) -> Any:
+        def offer(self, key: str, parts: Any = (), *, trust: Any = None) -> Any:
             yield None
 
         def push(self, entry: Any, *, overwrite: bool = False) -> bool:

@@ -1,5 +1,9 @@
 """Bundles against the real QNN compiler: export on one cache, hit from the bundle in a fresh process on
-another, tampering refused (then a normal compile), hostile archives refused, a bad entry falls back."""
+another, tampering refused (then a normal compile), hostile archives refused, a bad entry falls back.
+
+The archive is signed with a real Ed25519 key (and an HMAC); the folder bundle is unsigned, so the
+tests that use it say where the app vouches for it (``trusted_dirs`` or ``require_signature=False``).
+Signature refusals in detail: test_tiers_signing.py."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QNN, SIGNING_KEY_ENV, hmac_sign, last_json, launch, layout, run_python
+from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, hmac_sign, last_json, launch, layout, run_python
 
 import ctxcache
 from ctxcache import Bundle, errors, export_bundle, import_bundle
@@ -24,7 +28,8 @@ TIER_LAUNCH = """
 import json, numpy as np, ctxcache
 from ctxcache import models
 from ctxcache import Bundle
-cache = ctxcache.ContextCache({cache_dir!r}, tiers=[Bundle({bundle!r}, signing_key={key!r})])
+cache = ctxcache.ContextCache({cache_dir!r}, tiers=[Bundle({bundle!r}, signing_key={key!r})],
+                              trusted_keys={trusted!r}, trusted_dirs={dirs!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
 print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "reason": r.reason.code if r.reason else None,
@@ -33,8 +38,11 @@ print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "reason": r.reason.code
 """
 
 
-def tier_launch(cache_dir: Path, bundle: Path, model: Path, key: str | None = None) -> dict[str, Any]:
-    code = TIER_LAUNCH.format(cache_dir=str(cache_dir), bundle=str(bundle), model=str(model), key=key)
+def tier_launch(cache_dir: Path, bundle: Path, model: Path, key: str | None = None, *, trusted: list[str] | None = None,
+                own: bool = False) -> dict[str, Any]:
+    """A fresh-process launch; ``own``: the bundle's folder is the app's own (``trusted_dirs``)."""
+    code = TIER_LAUNCH.format(cache_dir=str(cache_dir), bundle=str(bundle), model=str(model), key=key,
+                              trusted=trusted or [], dirs=[str(bundle.parent)] if own else [])
     return last_json(run_python(code).stdout)  # type: ignore[no-any-return]
 
 
@@ -44,18 +52,21 @@ def _no_ambient_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, conv_model: Path) -> dict[str, Any]:
-    """One compiled cache ("the build machine"), its outputs, and a signed archive + a plain folder bundle."""
+def built(tmp_path_factory: pytest.TempPathFactory, conv_model: Path, keys: dict[str, Any]) -> dict[str, Any]:
+    """One compiled cache ("the build machine"), its outputs, an archive signed with Ed25519 key ``a`` and an
+    HMAC, and an unsigned folder bundle."""
     root = tmp_path_factory.mktemp("build")
     cache = ctxcache.ContextCache(root / "cache")
     first = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
     assert first.outcome == "miss"
     reference = launch(root / "cache", conv_model)  # a hit in a fresh process: the outputs to match
     assert reference["outcome"] == "hit"
-    tar = export_bundle(cache, root / "bundle.tar", models=[conv_model], signing_key=SECRET)
+    tar = export_bundle(cache, root / "bundle.tar", models=[conv_model], signing_key=[keys["a"].path, SECRET])
     folder = export_bundle(cache, root / "bundle", provider=QNN, options={"soc_model": "60"})
     assert list(tar.keys) == list(folder.keys) == [first.key] and tar.signed and not folder.signed
-    return {"cache": cache, "key": first.key, "reference": reference, "tar": root / "bundle.tar", "folder": root / "bundle"}
+    assert tar.signed_by == (keys["a"].key_id, "hmac-sha256")
+    return {"cache": cache, "key": first.key, "reference": reference, "tar": root / "bundle.tar", "folder": root / "bundle",
+            "trusted": [keys["a"].public_key], "keys": keys}
 
 
 def ctxcache_models() -> Any:
@@ -82,7 +93,7 @@ def test_export_selection_and_layout(built: dict[str, Any], tmp_path: Path, conv
     assert not (built["folder"] / "index.json.sig").exists()
     with tarfile.open(built["tar"]) as tf:
         names = tf.getnames()
-    assert "index.json.sig" in names and f"entries/{built['key']}/ctx_qnn.bin" in names
+    assert {"index.json.sig", "index.json.ed25519", f"entries/{built['key']}/ctx_qnn.bin"} <= set(names)
     # Filters that match nothing are an error, not an empty bundle.
     with pytest.raises(errors.BundleError) as e:
         export_bundle(built["cache"], tmp_path / "b69", options={"soc_model": "69"})
@@ -100,28 +111,31 @@ def test_export_selection_and_layout(built: dict[str, Any], tmp_path: Path, conv
 def test_bundle_hit_in_fresh_process(built: dict[str, Any], tmp_path: Path, conv_model: Path, kind: str) -> None:
     key = SECRET if kind == "tar" else None
     fresh = tmp_path / "device-cache"
-    r = tier_launch(fresh, built[kind], conv_model, key)
+    # The signed archive is used from anywhere by a device that trusts key a; the unsigned folder only
+    # because the app names its folder as its own.
+    trust: dict[str, Any] = {"trusted": built["trusted"]} if kind == "tar" else {"own": True}
+    r = tier_launch(fresh, built[kind], conv_model, key, **trust)
     assert (r["outcome"], r["tier"], r["reason"]) == ("hit", "bundle", None)
     assert r["compile"] == 0.0 and r["fetch"] > 0
     assert r["stats"]["misses"] == 0 and r["stats"]["compile_seconds"] == 0
     assert QNN in r["providers"]
     assert r["out"] == built["reference"]["out"]  # bit-identical to the build machine's context
     # The entry now lives in the local cache: the next launch is a plain local hit.
-    again = tier_launch(fresh, built[kind], conv_model, key)
+    again = tier_launch(fresh, built[kind], conv_model, key, **trust)
     assert (again["outcome"], again["tier"]) == ("hit", None)
     manifest = json.loads((fresh / "v1" / "entries" / built["key"] / "manifest.json").read_text())
     assert manifest["origin"]["tier"] == "bundle"
 
 
 def test_import_then_hit(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
-    dest = ctxcache.ContextCache(tmp_path / "c")
+    dest = ctxcache.ContextCache(tmp_path / "c", trusted_keys=built["trusted"])
     res = import_bundle(dest, built["tar"], signing_key=SECRET)
     assert list(res.installed) == [built["key"]] and not res.refused
     assert import_bundle(dest, built["tar"], signing_key=SECRET).present == (built["key"],)
     r = launch(tmp_path / "c", conv_model)  # fresh process, no tiers configured
     assert r["outcome"] == "hit" and r["out"] == built["reference"]["out"]
     with pytest.raises(errors.BundleError) as e:
-        import_bundle(ctxcache.ContextCache(tmp_path / "d"), built["tar"], signing_key="another key")
+        import_bundle(ctxcache.ContextCache(tmp_path / "d", trusted_keys=built["trusted"]), built["tar"], signing_key="another key")
     assert e.value.code == "tier_signature"
     assert not (tmp_path / "d" / "v1" / "entries").exists() or not list((tmp_path / "d" / "v1" / "entries").iterdir())
 
@@ -133,13 +147,16 @@ def _flip(path: Path, offset: int = 1000) -> None:
     path.write_bytes(bytes(data))
 
 
-def _rewrite_index(bundle: Path, edit: Any, key: str | None) -> None:
+def _rewrite_index(bundle: Path, edit: Any, key: str | None, signer: Path | None = None) -> None:
+    """Edit the index; HMAC it with ``key`` and sign it with the Ed25519 key file ``signer`` when given."""
     index = json.loads((bundle / "index.json").read_text())
     edit(index)
     raw = json.dumps(index, sort_keys=True, indent=1).encode()
     (bundle / "index.json").write_bytes(raw)
     if key is not None:
         (bundle / "index.json.sig").write_bytes(hmac_sign(raw, key.encode()))
+    if signer is not None:
+        (bundle / "index.json.ed25519").write_bytes(ed25519_lines(raw, [signer], "bundle-index"))
 
 
 def _sha(path: Path) -> str:
@@ -159,7 +176,8 @@ def test_tampered_bundle_is_refused_and_compiled(
     bundle = _copy_folder(built["folder"], tmp_path / "bundle")
     edir = bundle / "entries" / k
     use_key: str | None = SECRET
-    _rewrite_index(bundle, lambda i: None, SECRET)  # a correctly signed copy, then damage it
+    own = False
+    _rewrite_index(bundle, lambda i: None, SECRET, built["keys"]["a"].path)  # a correctly signed copy, then damage it
     if damage == "flip_bin":
         _flip(edir / "ctx_qnn.bin")
     elif damage == "flip_context":
@@ -174,14 +192,15 @@ def test_tampered_bundle_is_refused_and_compiled(
         sha = _sha(edir / "ctx_qnn.bin")
         _rewrite_index(bundle, lambda i: i["entries"][k]["files"]["ctx_qnn.bin"].update(sha256=sha), None)
     elif damage == "parts_edited":
-        # No key configured: the parts must still hash to the key they claim.
-        use_key = None
+        # No key configured, in the app's own folder: the parts must still hash to the key they claim.
+        use_key, own = None, True
+        (bundle / "index.json.ed25519").unlink()
 
         def edit(i: dict[str, Any]) -> None:
             i["entries"][k]["parts"][1][1] = "0" * 32
 
         _rewrite_index(bundle, edit, None)
-    r = tier_launch(tmp_path / "device", bundle, conv_model, use_key)
+    r = tier_launch(tmp_path / "device", bundle, conv_model, use_key, trusted=built["trusted"], own=own)
     assert (r["outcome"], r["tier"]) == ("miss", None), r  # refused, compiled locally instead
     assert r["compile"] > 0
     assert r["out"] == built["reference"]["out"]
@@ -192,10 +211,10 @@ def test_tampered_bundle_is_refused_and_compiled(
 def test_tampered_without_key_is_still_caught_by_digests(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
     bundle = _copy_folder(built["folder"], tmp_path / "bundle")
     _flip(bundle / "entries" / built["key"] / "ctx_qnn.bin")
-    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[bundle])
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[bundle], trusted_dirs=[tmp_path])
     r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
     assert r.outcome == "miss" and r.tier is None
-    strict = ctxcache.ContextCache(tmp_path / "s", tiers=[bundle], strict=True)
+    strict = ctxcache.ContextCache(tmp_path / "s", tiers=[bundle], strict=True, trusted_dirs=[tmp_path])
     with pytest.raises(errors.CacheFaultError) as e:
         strict.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
     assert e.value.code == "tier_digest"
@@ -210,7 +229,7 @@ def test_entry_that_verifies_but_fails_to_load_falls_back(built: dict[str, Any],
     sha = _sha(binf)
     _rewrite_index(bundle, lambda i: i["entries"][k]["files"]["ctx_qnn.bin"].update(sha256=sha), None)
     providers = [(QNN, ctxcache_models().qnn_htp_options())]
-    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(bundle)])
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(bundle, require_signature=False)])
     r = cache.load(conv_model, providers=providers)
     assert (r.outcome, r.tier, r.reason and r.reason.code) == ("fallback", "bundle", "load_failed")
     assert r.session.run(None, ctxcache_models().random_input(r.session, seed=7))[0].size  # a working session
@@ -280,7 +299,7 @@ def test_hostile_archive_is_refused(built: dict[str, Any], tmp_path: Path, kind:
 
 def test_hostile_archive_as_tier_compiles_instead(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
     evil = _hostile_tar(built["tar"], tmp_path / "bundle.tar", "symlink")
-    r = tier_launch(tmp_path / "c", evil, conv_model, SECRET)
+    r = tier_launch(tmp_path / "c", evil, conv_model, SECRET, trusted=built["trusted"])
     assert (r["outcome"], r["tier"]) == ("miss", None)
 
 
@@ -319,9 +338,10 @@ def test_portable_match_uses_an_entry_built_on_another_host(built: dict[str, Any
     foreign = _as_if_built_elsewhere(built["folder"], tmp_path / "bundle", built["key"])
     assert foreign != built["key"]
     providers = [(QNN, ctxcache_models().qnn_htp_options())]
-    exact = ctxcache.ContextCache(tmp_path / "exact", tiers=[Bundle(tmp_path / "bundle")]).load(conv_model, providers=providers)
+    own = {"trusted_dirs": [tmp_path / "bundle"]}  # relabelled here, unsigned: the app vouches for its folder
+    exact = ctxcache.ContextCache(tmp_path / "exact", tiers=[Bundle(tmp_path / "bundle")], **own).load(conv_model, providers=providers)
     assert (exact.outcome, exact.tier) == ("miss", None)  # the default never uses another host's entry
-    cache = ctxcache.ContextCache(tmp_path / "portable", tiers=[Bundle(tmp_path / "bundle", match="portable")])
+    cache = ctxcache.ContextCache(tmp_path / "portable", tiers=[Bundle(tmp_path / "bundle", match="portable")], **own)
     r = cache.load(conv_model, providers=providers)
     assert (r.outcome, r.tier, r.key) == ("hit", "bundle", built["key"])
     out = r.session.run(None, ctxcache_models().random_input(r.session, seed=7))[0]
@@ -335,7 +355,7 @@ def test_portable_match_uses_an_entry_built_on_another_host(built: dict[str, Any
 
 def test_portable_match_still_requires_the_same_binary_options(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
     _as_if_built_elsewhere(built["folder"], tmp_path / "bundle", built["key"], edit_options={"soc_model": "69"})
-    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(tmp_path / "bundle", match="portable")])
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(tmp_path / "bundle", match="portable", require_signature=False)])
     r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
     assert (r.outcome, r.tier) == ("miss", None)
 
@@ -346,7 +366,8 @@ def test_concurrent_first_launches_fetch_once(built: dict[str, Any], tmp_path: P
     import subprocess
     import sys
 
-    code = TIER_LAUNCH.format(cache_dir=str(tmp_path / "shared"), bundle=str(built["folder"]), model=str(conv_model), key=None)
+    code = TIER_LAUNCH.format(cache_dir=str(tmp_path / "shared"), bundle=str(built["folder"]), model=str(conv_model), key=None,
+                              trusted=[], dirs=[str(built["folder"])])
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(4)]
@@ -363,12 +384,15 @@ def test_concurrent_first_launches_fetch_once(built: dict[str, Any], tmp_path: P
 def test_tier_report_says_which_tier_holds_the_key(built: dict[str, Any], tmp_path: Path, conv_model: Path, conv_model_b: Path) -> None:
     _as_if_built_elsewhere(built["folder"], tmp_path / "foreign", built["key"])
     cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(tmp_path / "nowhere.tar"), Bundle(built["tar"]),
-                                                         Bundle(tmp_path / "foreign", match="portable")])
+                                                         Bundle(tmp_path / "foreign", match="portable")],
+                                  trusted_keys=built["trusted"], trusted_dirs=[tmp_path / "foreign"])
     providers = [(QNN, ctxcache_models().qnn_htp_options())]
     report = cache.explain(conv_model, providers=providers).tiers
     assert [r.has for r in report][1:] == ["exact", "portable"]
     assert str(report[0].has).startswith("error: tier_unreachable")
     assert [r.would_serve for r in report] == [False, True, False]
+    assert [(r.signed_by, r.signature, r.signature_required) for r in report][1:] == [
+        (built["keys"]["a"].key_id, "trusted", True), (None, "unsigned", False)]
     assert [r.has for r in cache.explain(conv_model_b, providers=providers).tiers][1:] == [None, None]
     assert not layout(cache).keys()  # read-only: nothing was installed
 
@@ -378,10 +402,11 @@ def test_a_local_hit_imports_no_tier_code(built: dict[str, Any], conv_model: Pat
     code = f"""
 import json, sys, ctxcache
 from ctxcache import models
-cache = ctxcache.ContextCache({str(built['cache'].root)!r}, tiers=[{str(built['tar'])!r}, "s3://bucket/prefix"])
+cache = ctxcache.ContextCache({str(built['cache'].root)!r}, tiers=[{str(built['tar'])!r}, "s3://bucket/prefix"],
+                              trusted_keys={built['trusted']!r})
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 print(json.dumps({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules if m.startswith("ctxcache.tiers")
-                                                           or m == "ctxcache._transfer")}}))
+                                                           or m == "ctxcache._transfer" or m.startswith("cryptography"))}}))
 """
     r = last_json(run_python(code).stdout)
     assert r == {"outcome": "hit", "loaded": []}
@@ -394,8 +419,8 @@ def test_folder_bundle_with_a_symlinked_file_is_refused(built: dict[str, Any], t
     real = tmp_path / "elsewhere.bin"
     shutil.move(binf, real)
     binf.symlink_to(real)
-    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(bundle)])
+    cache = ctxcache.ContextCache(tmp_path / "c", tiers=[Bundle(bundle, require_signature=False)])
     r = cache.load(conv_model, providers=[(QNN, ctxcache_models().qnn_htp_options())])
     assert (r.outcome, r.tier) == ("miss", None)
-    res = import_bundle(ctxcache.ContextCache(tmp_path / "d"), bundle)
+    res = import_bundle(ctxcache.ContextCache(tmp_path / "d"), bundle, require_signature=False)
     assert not res.installed and "tier_unsafe" in res.refused[built["key"]]

@@ -23,14 +23,15 @@ def _no_ambient_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory: pytest.TempPathFactory, conv_model: Path, conv_model_b: Path) -> dict[str, Any]:
+def src(tmp_path_factory: pytest.TempPathFactory, conv_model: Path, conv_model_b: Path, keys: dict[str, Any]) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("clisrc")
     cache = ctxcache.ContextCache(root / "cache")
     a = cache.load(conv_model, providers=[(QNN, models.qnn_htp_options())])
     b = cache.load(conv_model_b, providers=[(QNN, models.qnn_htp_options())])
     keyfile = root / "key.txt"
-    keyfile.write_text("cli-secret\n")
-    return {"dir": root / "cache", "a": a.key, "b": b.key, "keyfile": keyfile}
+    keyfile.write_text("cli-secret\n")  # an HMAC secret, as existing users have them
+    return {"dir": root / "cache", "a": a.key, "b": b.key, "keyfile": keyfile, "pem": keys["a"].path,
+            "public": keys["a"].public_key, "key_id": keys["a"].key_id}
 
 
 def _json(capsys: pytest.CaptureFixture[str]) -> Any:
@@ -40,19 +41,21 @@ def _json(capsys: pytest.CaptureFixture[str]) -> Any:
 def test_export_import_round_trip(src: dict[str, Any], tmp_path: Path, conv_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bundle = tmp_path / "app.tar.gz"
     rc = main(["export", str(bundle), "--cache-dir", str(src["dir"]), "--model", str(conv_model), "--preset", "qnn-htp",
-               "--signing-key-file", str(src["keyfile"]), "--format", "json"])
+               "--signing-key-file", str(src["pem"]), "--signing-key-file", str(src["keyfile"]), "--format", "json"])
     assert rc == 0
     res = _json(capsys)
     assert res["exported"] == [src["a"]] and res["signed"] is True  # only conv_model's entry
+    assert res["signed_by"] == [src["key_id"], "hmac-sha256"]
     dest = tmp_path / "device"
     assert main(["import", str(bundle), "--cache-dir", str(dest), "--signing-key-file", str(src["keyfile"]),
-                 "--format", "json"]) == 0
+                 "--trusted-key", src["public"], "--format", "json"]) == 0
     assert _json(capsys)["installed"] == [src["a"]]
     assert launch(dest, conv_model)["outcome"] == "hit"
     # The same bundle with the wrong key: refused as a whole, exit 1, nothing installed.
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("not the key")
-    assert main(["import", str(bundle), "--cache-dir", str(tmp_path / "other"), "--signing-key-file", str(wrong)]) == 1
+    assert main(["import", str(bundle), "--cache-dir", str(tmp_path / "other"), "--signing-key-file", str(wrong),
+                 "--trusted-key", src["public"]]) == 1
     assert "signature" in capsys.readouterr().err
     assert not ctxcache.ContextCache(tmp_path / "other").entries()
 
@@ -75,7 +78,7 @@ def test_import_reports_refused_entries(src: dict[str, Any], tmp_path: Path, cap
     data = bytearray(binf.read_bytes())
     data[100] ^= 0xFF
     binf.write_bytes(bytes(data))
-    assert main(["import", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "dev"), "--format", "json"]) == 1
+    assert main(["import", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "dev"), "--format", "json", "--allow-unsigned"]) == 1
     res = _json(capsys)
     assert res["installed"] == [src["a"]] and list(res["refused"]) == [src["b"]]
     assert "tier_digest" in res["refused"][src["b"]]
@@ -101,7 +104,9 @@ def test_export_and_import_model_package(src: dict[str, Any], tmp_path: Path, co
                  "--format", "json"]) == 0
     assert _json(capsys)["format"] == "model-package"
     assert (pkg / "manifest.json").is_file()
-    assert main(["import", str(pkg), "--cache-dir", str(tmp_path / "dev"), "--format", "json"]) == 0
+    assert main(["import", str(pkg), "--cache-dir", str(tmp_path / "dev"), "--format", "json"]) == 1  # unsigned
+    assert _json(capsys)["refused"][src["b"]].startswith("tier_untrusted")
+    assert main(["import", str(pkg), "--cache-dir", str(tmp_path / "dev"), "--format", "json", "--allow-unsigned"]) == 0
     assert _json(capsys)["installed"] == [src["b"]]
     assert launch(tmp_path / "dev", conv_model_b)["outcome"] == "hit"
 
@@ -109,24 +114,27 @@ def test_export_and_import_model_package(src: dict[str, Any], tmp_path: Path, co
 def test_explain_and_doctor_show_the_tiers_consulted(src: dict[str, Any], tmp_path: Path, conv_model: Path,
                                                      conv_model_b: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bundle = tmp_path / "only_a.tar"
-    assert main(["export", str(bundle), "--cache-dir", str(src["dir"]), "--model", str(conv_model)]) == 0
+    assert main(["export", str(bundle), "--cache-dir", str(src["dir"]), "--model", str(conv_model),
+                 "--signing-key-file", str(src["pem"])]) == 0
     capsys.readouterr()
     device = tmp_path / "device"
+    trust = ["--trusted-key", src["public"]]
     # Locally a miss, but the bundle holds the exact key: the app's load would be a hit from the tier.
-    assert main(["explain", str(conv_model), "--cache-dir", str(device), "--tier", str(bundle), "--format", "json"]) == 0
+    assert main(["explain", str(conv_model), "--cache-dir", str(device), "--tier", str(bundle), "--format", "json", *trust]) == 0
     res = _json(capsys)
     assert res["verdict"] == "miss" and res["served_by_tier"] == f"bundle {bundle}"
-    assert [t["has"] for t in res["tiers"]] == ["exact"]
+    assert [(t["has"], t["signed_by"], t["trusted"]) for t in res["tiers"]] == [("exact", src["key_id"], True)]
     # A model the bundle does not hold: a compile, exit 1, and the tier line says so.
-    assert main(["explain", str(conv_model_b), "--cache-dir", str(device), "--tier", str(bundle)]) == 1
+    assert main(["explain", str(conv_model_b), "--cache-dir", str(device), "--tier", str(bundle), *trust]) == 1
     text = capsys.readouterr().out
     assert "tier" in text and "no entry for this key" in text
     # Without --tier nothing about tiers is said or consulted.
     assert main(["explain", str(conv_model), "--cache-dir", str(device), "--format", "json"]) == 1
     assert _json(capsys)["tiers"] == []
     # The load agrees with explain: a hit from the bundle, no compile.
-    r = ctxcache.ContextCache(device, tiers=[str(bundle)]).load(conv_model, providers=[(QNN, models.qnn_htp_options())])
+    r = ctxcache.ContextCache(device, tiers=[str(bundle)], trusted_keys=[src["public"]]).load(
+        conv_model, providers=[(QNN, models.qnn_htp_options())])
     assert (r.outcome, r.tier, r.timings.compile) == ("hit", "bundle", 0)
-    main(["doctor", "--cache-dir", str(device), "--tier", str(bundle), "--format", "json"])
+    main(["doctor", "--cache-dir", str(device), "--tier", str(bundle), "--format", "json", *trust])
     tiers = _json(capsys)["tiers"]
     assert [t["kind"] for t in tiers] == ["bundle"] and str(bundle) in tiers[0]["tier"]

@@ -1,6 +1,8 @@
 """The remote tier against a real S3 server (moto's server mode) on 127.0.0.1, with the real QNN compiler:
-write-back from one machine, a remote hit on a fresh cache in a fresh process, tampered objects refused,
-outages (server stopped, server hung) degrading to a local compile within the timeout."""
+write-back from one machine (records signed with a real Ed25519 key, plus an HMAC), a remote hit on a
+fresh cache in a fresh process, tampered and poisoned objects refused (each with its reason, then a
+local compile with the JIT reference's outputs), outages (server stopped, server hung) degrading to a
+local compile within the timeout."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pytest
 pytest.importorskip("boto3", reason="remote tier tests need the 'remote' extra: pip install -e '.[remote,test]'")
 pytest.importorskip("moto.server", reason="remote tier tests need moto[server] (in the 'test' extra) for a local S3 server")
 
-from conftest import QNN, SIGNING_KEY_ENV, hmac_sign, last_json, launch, run_python
+from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, first_outputs, hmac_sign, jit_outputs, last_json, launch, run_python
 
 import ctxcache
 from ctxcache import RemoteTier, errors, models, pull, push
@@ -94,7 +96,8 @@ REMOTE_LAUNCH = """
 import json, ctxcache
 from ctxcache import models
 from ctxcache import RemoteTier
-cache = ctxcache.ContextCache({cache_dir!r}, tiers=[RemoteTier({url!r}, endpoint_url={endpoint!r}, signing_key={key!r})])
+cache = ctxcache.ContextCache({cache_dir!r}, tiers=[RemoteTier({url!r}, endpoint_url={endpoint!r}, signing_key={key!r})],
+                              trusted_keys={trusted!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
 print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "fetch": r.timings.fetch,
@@ -102,13 +105,20 @@ print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.co
 """
 
 
-def remote_launch(cache_dir: Path, url: str, endpoint: str, model: Path, key: str | None) -> dict[str, Any]:
-    code = REMOTE_LAUNCH.format(cache_dir=str(cache_dir), url=url, endpoint=endpoint, model=str(model), key=key)
+def remote_launch(cache_dir: Path, url: str, endpoint: str, model: Path, key: str | None, trusted: list[str]) -> dict[str, Any]:
+    code = REMOTE_LAUNCH.format(cache_dir=str(cache_dir), url=url, endpoint=endpoint, model=str(model), key=key,
+                                trusted=trusted)
     return last_json(run_python(code, env=CREDS).stdout)  # type: ignore[no-any-return]
 
 
-def _seed(tmp_path: Path, s3: S3Server, bucket: str, model: Path, key: str | None = SECRET) -> tuple[ctxcache.LoadResult, RemoteTier]:
-    """A "build machine" cache that compiles and writes back."""
+@pytest.fixture
+def fleet(keys: dict[str, Any]) -> dict[str, Any]:
+    """The build farm's signing keys (Ed25519 key a and the fleet's HMAC secret) and what devices trust."""
+    return {"sign": [keys["a"].path, SECRET], "trusted": [keys["a"].public_key], "keys": keys}
+
+
+def _seed(tmp_path: Path, s3: S3Server, bucket: str, model: Path, key: Any = SECRET) -> tuple[ctxcache.LoadResult, RemoteTier]:
+    """A "build machine" cache that compiles and writes back (signed with ``key``)."""
     tier = RemoteTier(f"s3://{bucket}/team", endpoint_url=s3.url, write_back=True, signing_key=key)
     cache = ctxcache.ContextCache(tmp_path / "builder", tiers=[tier])
     r = cache.load(model, providers=providers())
@@ -117,55 +127,113 @@ def _seed(tmp_path: Path, s3: S3Server, bucket: str, model: Path, key: str | Non
     return r, tier
 
 
-def test_write_back_then_remote_hit_in_fresh_process(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path) -> None:
-    first, _ = _seed(tmp_path, s3, bucket, conv_model)
+def test_write_back_then_remote_hit_in_fresh_process(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path,
+                                                      fleet: dict[str, Any]) -> None:
+    first, _ = _seed(tmp_path, s3, bucket, conv_model, fleet["sign"])
     reference = launch(tmp_path / "builder", conv_model)
-    r = remote_launch(tmp_path / "device", f"s3://{bucket}/team", s3.url, conv_model, SECRET)
+    r = remote_launch(tmp_path / "device", f"s3://{bucket}/team", s3.url, conv_model, SECRET, fleet["trusted"])
     assert (r["outcome"], r["tier"], r["compile"]) == ("hit", "remote", 0.0)
     assert r["out"] == reference["out"]
-    again = remote_launch(tmp_path / "device", f"s3://{bucket}/team", s3.url, conv_model, SECRET)
+    again = remote_launch(tmp_path / "device", f"s3://{bucket}/team", s3.url, conv_model, SECRET, fleet["trusted"])
     assert (again["outcome"], again["tier"]) == ("hit", None)  # now local
     # Objects are laid out as documented, record last.
     names = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
     base = f"team/v1/{first.key}/"
-    assert {base + "record.json", base + "record.json.sig", base + "files/ctx.onnx", base + "files/ctx_qnn.bin",
-            base + "files/manifest.json"} <= names
+    assert {base + "record.json", base + "record.json.sig", base + "record.json.ed25519", base + "files/ctx.onnx",
+            base + "files/ctx_qnn.bin", base + "files/manifest.json"} <= names
+    # A device that trusts nobody (the default) does not take the fleet's entry: a compile.
+    r = remote_launch(tmp_path / "stranger", f"s3://{bucket}/team", s3.url, conv_model, SECRET, [])
+    assert (r["outcome"], r["tier"], r["out"]) == ("miss", None, reference["out"])
 
 
-def _tamper(s3: S3Server, bucket: str, key: str, what: str) -> None:
+def _get(c: Any, bucket: str, key: str) -> bytes:
+    return c.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+
+
+def _poison_bin(c: Any, bucket: str, base: str) -> dict[str, Any]:
+    """Flip a byte of the binary and update its digest in the record (what a bucket writer can do)."""
+    data = bytearray(_get(c, bucket, base + "files/ctx_qnn.bin"))
+    data[4096] ^= 0x01
+    c.put_object(Bucket=bucket, Key=base + "files/ctx_qnn.bin", Body=bytes(data))
+    rec = json.loads(_get(c, bucket, base + "record.json"))
+    rec["files"]["ctx_qnn.bin"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    return rec  # type: ignore[no-any-return]
+
+
+def _tamper(s3: S3Server, bucket: str, key: str, what: str, fleet: dict[str, Any], other_key: str) -> None:
     c = s3.client()
     base = f"team/v1/{key}/"
-    if what in ("flip_bin", "flip_bin_and_record"):
-        data = bytearray(c.get_object(Bucket=bucket, Key=base + "files/ctx_qnn.bin")["Body"].read())
+    if what == "flip_bin":
+        data = bytearray(_get(c, bucket, base + "files/ctx_qnn.bin"))
         data[4096] ^= 0x01
         c.put_object(Bucket=bucket, Key=base + "files/ctx_qnn.bin", Body=bytes(data))
-        if what == "flip_bin_and_record":
-            rec = json.loads(c.get_object(Bucket=bucket, Key=base + "record.json")["Body"].read())
-            rec["files"]["ctx_qnn.bin"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
-            c.put_object(Bucket=bucket, Key=base + "record.json", Body=json.dumps(rec).encode())
+    elif what == "flip_bin_and_record":
+        c.put_object(Bucket=bucket, Key=base + "record.json", Body=json.dumps(_poison_bin(c, bucket, base)).encode())
     elif what == "bad_signature":
-        raw = c.get_object(Bucket=bucket, Key=base + "record.json")["Body"].read()
+        raw = _get(c, bucket, base + "record.json")
         c.put_object(Bucket=bucket, Key=base + "record.json.sig", Body=hmac_sign(raw, b"wrong key"))
     elif what == "signature_deleted":
         c.delete_object(Bucket=bucket, Key=base + "record.json.sig")
+    elif what in ("poisoned_signed_by_attacker", "poisoned_hmac_only"):
+        raw = json.dumps(_poison_bin(c, bucket, base)).encode()
+        c.put_object(Bucket=bucket, Key=base + "record.json.sig", Body=hmac_sign(raw, SECRET.encode()))  # the app's secret leaked
+        attacker = ed25519_lines(raw, [fleet["keys"]["evil"].path], "remote-record") if what == "poisoned_signed_by_attacker" else b""
+        c.put_object(Bucket=bucket, Key=base + "record.json.ed25519", Body=attacker)
+        c.put_object(Bucket=bucket, Key=base + "record.json", Body=raw)
+    elif what == "relabelled":
+        # Another model's validly signed entry, copied under this key.
+        other = f"team/v1/{other_key}/"
+        for name in ("record.json", "record.json.sig", "record.json.ed25519", "files/manifest.json", "files/ctx.onnx",
+                     "files/ctx_qnn.bin"):
+            c.put_object(Bucket=bucket, Key=base + name, Body=_get(c, bucket, other + name))
 
 
-@pytest.mark.parametrize("what", ["flip_bin", "flip_bin_and_record", "bad_signature", "signature_deleted"])
-def test_tampered_remote_is_refused_and_compiled(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path, what: str) -> None:
-    first, _ = _seed(tmp_path, s3, bucket, conv_model)
-    _tamper(s3, bucket, first.key, what)
-    tier = RemoteTier(f"s3://{bucket}/team", endpoint_url=s3.url, signing_key=SECRET)
-    cache = ctxcache.ContextCache(tmp_path / "device", tiers=[tier])
-    r = cache.load(conv_model, providers=providers())
+TAMPERED = {"flip_bin": "tier_digest", "flip_bin_and_record": "tier_signature", "bad_signature": "tier_signature",
+            "signature_deleted": "tier_signature", "poisoned_signed_by_attacker": "tier_untrusted",
+            "poisoned_hmac_only": "tier_untrusted", "relabelled": "tier_record"}
+
+
+@pytest.mark.parametrize("what", sorted(TAMPERED))
+def test_tampered_remote_is_refused_and_compiled(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path,
+                                                 conv_model_b: Path, what: str, fleet: dict[str, Any],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    first, tier_ = _seed(tmp_path, s3, bucket, conv_model, fleet["sign"])
+    other = ctxcache.ContextCache(tmp_path / "builder", tiers=[tier_]).load(conv_model_b, providers=providers())
+    _tamper(s3, bucket, str(first.key), what, fleet, str(other.key))
+    # The poisoning attacker knows the app's HMAC secret: a device checking it still refuses.
+    hmac_key = None if what in ("flip_bin", "poisoned_signed_by_attacker", "relabelled") else SECRET
+    tier = RemoteTier(f"s3://{bucket}/team", endpoint_url=s3.url, signing_key=hmac_key)
+    cache = ctxcache.ContextCache(tmp_path / "device", tiers=[tier], trusted_keys=fleet["trusted"])
+    with caplog.at_level("WARNING", logger="ctxcache"):
+        r = cache.load(conv_model, providers=providers())
     assert (r.outcome, r.tier) == ("miss", None)
     assert r.timings.compile > 0
+    assert any(f"({TAMPERED[what]}:" in rec.getMessage() for rec in caplog.records), caplog.text
+    assert first_outputs(r) == jit_outputs(conv_model)
     assert "origin" not in json.loads((r.entry_path / "manifest.json").read_text())  # type: ignore[operator]
+
+
+def test_unsigned_remote_needs_an_explicit_opt_out(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    _seed(tmp_path, s3, bucket, conv_model, key=None)  # an office cache nobody signs
+    with caplog.at_level("WARNING", logger="ctxcache"):
+        r = ctxcache.ContextCache(tmp_path / "d1", tiers=[RemoteTier(f"s3://{bucket}/team", endpoint_url=s3.url)]
+                                  ).load(conv_model, providers=providers())
+    assert (r.outcome, r.tier) == ("miss", None) and "(tier_untrusted:" in caplog.text
+    caplog.clear()
+    url = f"s3://{bucket}/team"
+    with caplog.at_level("WARNING", logger="ctxcache"):
+        for n in range(2):
+            tier = RemoteTier(url, endpoint_url=s3.url, require_signature=False)
+            r = ctxcache.ContextCache(tmp_path / f"opt{n}", tiers=[tier]).load(conv_model, providers=providers())
+            assert (r.outcome, r.tier) == ("hit", "remote")
+    assert caplog.text.count("require_signature=False") == 1  # warned once per process
 
 
 def test_tampered_remote_without_key_caught_by_digest(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path) -> None:
     first, _ = _seed(tmp_path, s3, bucket, conv_model, key=None)
-    _tamper(s3, bucket, first.key, "flip_bin")
-    tier = RemoteTier(f"s3://{bucket}/team", endpoint_url=s3.url)
+    _tamper(s3, bucket, str(first.key), "flip_bin", {}, "")
+    tier = RemoteTier(f"s3://{bucket}/team", endpoint_url=s3.url, require_signature=False)
     strict = ctxcache.ContextCache(tmp_path / "strict", tiers=[tier], strict=True)
     with pytest.raises(errors.CacheFaultError) as e:
         strict.load(conv_model, providers=providers())
@@ -222,15 +290,18 @@ def test_outage_server_hung(tmp_path: Path, conv_model: Path) -> None:
             conn.close()
 
 
-def test_push_and_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path, conv_model_b: Path) -> None:
+def test_push_and_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path, conv_model_b: Path,
+                       fleet: dict[str, Any]) -> None:
     src = ctxcache.ContextCache(tmp_path / "src")
     a = src.load(conv_model, providers=providers())
     b = src.load(conv_model_b, providers=providers())
-    tier = RemoteTier(f"s3://{bucket}/p", endpoint_url=s3.url, signing_key=SECRET)
+    tier = RemoteTier(f"s3://{bucket}/p", endpoint_url=s3.url)
     keys = [str(a.key), str(b.key)]
-    assert push(src, tier, keys=keys).results == {a.key: "pushed", b.key: "pushed"}
+    assert push(src, tier, keys=keys, signing_key=fleet["keys"]["a"].path).results == {a.key: "pushed", b.key: "pushed"}
     assert push(src, tier, keys=keys).results == {a.key: "present", b.key: "present"}
-    dst = ctxcache.ContextCache(tmp_path / "dst")
+    untrusting = pull(ctxcache.ContextCache(tmp_path / "nobody"), tier)
+    assert not untrusting.installed and all(v.startswith("tier_untrusted") for v in untrusting.refused.values())
+    dst = ctxcache.ContextCache(tmp_path / "dst", trusted_keys=fleet["trusted"])
     assert pull(dst, tier, [str(a.key)[:10]]).installed == (a.key,)
     res = pull(dst, tier)
     assert (res.present, res.installed, res.refused) == ((a.key,), (b.key,), {})
@@ -238,24 +309,31 @@ def test_push_and_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Pa
     assert r["outcome"] == "hit"
 
 
-def test_cli_push_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_push_pull(s3: S3Server, bucket: str, tmp_path: Path, conv_model: Path, capsys: pytest.CaptureFixture[str],
+                       fleet: dict[str, Any]) -> None:
     from ctxcache.cli import main
 
     src = ctxcache.ContextCache(tmp_path / "src")
     key = src.load(conv_model, providers=providers()).key
-    keyfile = tmp_path / "k"
-    keyfile.write_text(SECRET)
+    hmac_file = tmp_path / "k"
+    hmac_file.write_text(SECRET)
     url = f"s3://{bucket}/cli"
-    common = ["--endpoint-url", s3.url, "--signing-key-file", str(keyfile), "--format", "json"]
-    assert main(["push", url, "--cache-dir", str(tmp_path / "src"), "--model", str(conv_model), *common]) == 0
+    common = ["--endpoint-url", s3.url, "--format", "json"]
+    assert main(["push", url, "--cache-dir", str(tmp_path / "src"), "--model", str(conv_model), *common,
+                 "--signing-key-file", str(fleet["keys"]["a"].path), "--signing-key-file", str(hmac_file)]) == 0
     assert json.loads(capsys.readouterr().out) == {key: "pushed"}
-    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst"), *common]) == 0
+    trust = ["--trusted-key", fleet["trusted"][0], "--signing-key-file", str(hmac_file)]
+    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst"), *common, *trust]) == 0
     assert json.loads(capsys.readouterr().out) == {key: "installed"}
     assert launch(tmp_path / "dst", conv_model)["outcome"] == "hit"
-    # Pulling with another key: the record's signature does not match, the entry is refused (exit 1).
-    keyfile.write_text("another")
-    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst2"), *common]) == 1
+    # Pulling with another HMAC secret: the record's HMAC does not match, the entry is refused (exit 1).
+    hmac_file.write_text("another")
+    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst2"), *common, *trust]) == 1
     assert "tier_signature" in json.loads(capsys.readouterr().out)[key]
+    # Trusting another Ed25519 key: refused as untrusted.
+    assert main(["pull", url, "--cache-dir", str(tmp_path / "dst3"), *common, "--trusted-key",
+                 fleet["keys"]["b"].public_key]) == 1
+    assert json.loads(capsys.readouterr().out)[key].startswith("refused: tier_untrusted")
     # An unreachable server: a one-line error, exit 1.
     assert main(["pull", "s3://x/y", "--endpoint-url", "http://127.0.0.1:9", "--timeout", "1",
                  "--cache-dir", str(tmp_path / "dst3")]) == 1

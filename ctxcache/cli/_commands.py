@@ -87,8 +87,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             for d in n.differences:
                 out(f"            {d}")
     for t in ex.tiers:
-        out(f"tier      {t.tier}: {t.has or 'no entry for this key'}"
-            + ("  -> a load would fetch it from here instead of compiling" if t is served_by else ""))
+        line = f"tier      {t.tier}: {t.has or 'no entry for this key'}"
+        if t.signature is not None:
+            line += f", {_signed_text(t)}"
+        if t.refused:
+            line += f"; REFUSED {t.refused}"
+        out(line + ("  -> a load would fetch it from here instead of compiling" if t is served_by else ""))
     return EXIT_OK if hit else EXIT_FAILED
 
 
@@ -247,13 +251,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         out(f"key here      {k['provider']}:")
         for label, value in k["parts"].items():
             out(f"                {label:<13} {_compact(value)}")
+    trust = data["trust"]
+    keys = ", ".join(k["key_id"] for k in trust["trusted_keys"]) or "none"
+    out(f"trust         trusted keys: {keys}; revoked: {', '.join(trust['revoked_keys']) or 'none'}"
+        + (f"; own folders: {', '.join(trust['trusted_dirs'])}" if trust["trusted_dirs"] else ""))
     for t in data["tiers"]:
-        out(f"tier          {t['tier']} ({t['kind']}, match {t['match']})")
+        need = "signature required" if t["signature_required"] else "unsigned allowed"
+        signed = f", index {_signed_text(t)}" if t["signature"] is not None else ""
+        refused = f"; a load would refuse it: {t['refused']}" if t["refused"] else ""
+        out(f"tier          {t['tier']} ({t['kind']}, match {t['match']}, {need}{signed}){refused}")
     for p in problems:
         out(f"problem       {p}")
     if not problems:
         out("no problems found")
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def _signed_text(t: Any) -> str:
+    """``signed by ed25519 key 3f2a... (trusted)``, from a TierAnswer or its dict."""
+    get = t.get if isinstance(t, dict) else lambda k: getattr(t, k)
+    status, kid = get("signature"), get("signed_by")
+    if kid:
+        return f"signed by ed25519 key {kid} ({status})"
+    return "HMAC only (not a trusted signature)" if status == "hmac" else "unsigned"
 
 
 def _compact(value: Any) -> str:

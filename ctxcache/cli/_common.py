@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import ctxcache
@@ -199,6 +200,28 @@ def add_tier_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tier", action="append", default=[], metavar="PATH|URL",
                    help="a tier the application passes in ContextCache(tiers=[...]), in order (repeatable): "
                         "a bundle folder or .tar, an ORT model package folder, an s3:// or fsspec URL")
+    add_trust_flags(p, dirs=True)
+
+
+def add_trust_flags(p: argparse.ArgumentParser, *, dirs: bool = False) -> None:
+    """The application's ContextCache(trusted_keys=, revoked_keys=, trusted_dirs=); public keys are not secret."""
+    g = p.add_argument_group("trust", "must match the application's ContextCache(...) trust arguments "
+                                      "(default: $CTXCACHE_TRUSTED_KEYS, plus $CTXCACHE_REVOKED_KEYS)")
+    g.add_argument("--trusted-key", action="append", default=None, metavar="KEY|FILE",
+                   help="a public key (ed25519:..., as `ctxcache keygen` prints it) or a file of them (repeatable)")
+    g.add_argument("--revoked-key", action="append", default=None, metavar="ID|KEY",
+                   help="a key id or public key whose signatures are refused (repeatable)")
+    if dirs:
+        g.add_argument("--trusted-dir", action="append", default=None, metavar="DIR",
+                       help="the app's own install folder: bundles inside it may be unsigned (repeatable)")
+
+
+def _keys_arg(values: list[str] | None) -> list[Any] | None:
+    """A key (``ed25519:...``, PEM text) or key id (16 hex digits) as given, anything else as a key file."""
+    if values is None:
+        return None
+    return [v if v.startswith(("ed25519:", "-----BEGIN")) or re.fullmatch(r"[0-9a-fA-F]{16}", v)
+            else Path(os.path.expanduser(v)) for v in values]
 
 
 def cache_dir_arg(args: argparse.Namespace) -> str | None:
@@ -209,6 +232,12 @@ def cache_dir_arg(args: argparse.Namespace) -> str | None:
 def open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
     if getattr(args, "tier", None):
         kw["tiers"] = list(args.tier)
+    if getattr(args, "trusted_key", None) is not None:
+        kw["trusted_keys"] = _keys_arg(args.trusted_key)
+    if getattr(args, "revoked_key", None) is not None:
+        kw["revoked_keys"] = _keys_arg(args.revoked_key)
+    if getattr(args, "trusted_dir", None):
+        kw["trusted_dirs"] = [os.path.abspath(os.path.expanduser(d)) for d in args.trusted_dir]
     return ctxcache.ContextCache(cache_dir_arg(args), app_name=args.app_name, app_author=args.app_author, **kw)
 
 

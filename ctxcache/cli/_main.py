@@ -188,9 +188,11 @@ def _exit_code(e: BaseException) -> int:
         InvalidModelError,
         ModelNotFoundError,
         ProviderOptionError,
+        SigningKeyError,
         UnknownProviderError,
     )
 
-    if isinstance(e, (UsageError, UnknownProviderError, ProviderOptionError, ModelNotFoundError, InvalidModelError)):
+    if isinstance(e, (UsageError, UnknownProviderError, ProviderOptionError, ModelNotFoundError, InvalidModelError,
+                      SigningKeyError)):
         return EXIT_USAGE
     return EXIT_FAILED

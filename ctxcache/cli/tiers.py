@@ -1,14 +1,17 @@
-"""``ctxcache export | import | push | pull``: move entries between caches, bundles, ORT model packages
-and a remote (S3-compatible) store. Every entry that comes in is verified exactly as a tier hit is.
+"""``ctxcache keygen | export | import | push | pull``: make a signing key, move entries between caches,
+bundles, ORT model packages and a remote (S3-compatible) store. Every entry that comes in is verified
+and admitted exactly as a tier hit is.
 
 Signing keys are never taken on the command line (they would show in ``ps`` and shell history): they
-come from ``$CTXCACHE_SIGNING_KEY`` or ``--signing-key-file``.
+come from ``$CTXCACHE_SIGNING_KEY`` or ``--signing-key-file``. Public keys are not secret: devices'
+trust comes from ``--trusted-key`` or ``$CTXCACHE_TRUSTED_KEYS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import ctxcache
@@ -24,6 +27,7 @@ from ._common import (
     add_format_flag,
     add_key_flags,
     add_provider_flags,
+    add_trust_flags,
     emit_json,
     open_cache,
     out,
@@ -32,20 +36,11 @@ from ._common import (
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-def _signing_key(args: argparse.Namespace) -> bytes | None:
-    """``--signing-key-file`` (its bytes, trailing newline stripped); ``None`` lets the library read
-    ``$CTXCACHE_SIGNING_KEY``."""
-    path = getattr(args, "signing_key_file", None)
-    if not path:
-        return None
-    try:
-        with open(os.path.expanduser(path), "rb") as f:
-            raw = f.read().rstrip(b"\r\n")
-    except OSError as e:
-        raise UsageError(f"cannot read signing key file {path}: {e.strerror or e}") from None
-    if not raw:
-        raise UsageError(f"signing key file {path} is empty")
-    return raw
+def _signing_key(args: argparse.Namespace) -> list[Path] | None:
+    """Each ``--signing-key-file``, as a path: the library reads it, tells an Ed25519 private key (PEM)
+    from an HMAC secret, and names the file in any error. ``None`` lets it read ``$CTXCACHE_SIGNING_KEY``."""
+    paths = getattr(args, "signing_key_file", None)
+    return [Path(os.path.expanduser(p)) for p in paths] if paths else None
 
 
 def _cache(args: argparse.Namespace) -> ctxcache.ContextCache:
@@ -91,8 +86,19 @@ def _add_selection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_signing_flag(p: argparse.ArgumentParser, verb: str) -> None:
-    p.add_argument("--signing-key-file", metavar="FILE",
-                   help=f"HMAC-SHA256 key to {verb} with (default: $CTXCACHE_SIGNING_KEY; never pass a key on the command line)")
+    p.add_argument("--signing-key-file", metavar="FILE", action="append",
+                   help=f"{verb}: an Ed25519 private key (`ctxcache keygen`) or an HMAC secret; repeatable (a rotation: "
+                        "old and new key sign); default $CTXCACHE_SIGNING_KEY; never pass a key on the command line")
+
+
+def _add_checking_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--signing-key-file", metavar="FILE", action="append",
+                   help="an HMAC secret the entries must carry a valid HMAC of (default: $CTXCACHE_SIGNING_KEY); "
+                        "an HMAC is integrity between machines that share the secret, not trust")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="install entries without a trusted signature (you vouch for where they come from); "
+                        "a bad or revoked signature is still refused")
+    add_trust_flags(p)
 
 
 def _remote(args: argparse.Namespace) -> ctxcache.RemoteTier:
@@ -100,7 +106,7 @@ def _remote(args: argparse.Namespace) -> ctxcache.RemoteTier:
         raise UsageError(f"a remote is a URL (s3://bucket/prefix, file:///share/ctxcache, ...), not {args.url!r}")
     try:
         return ctxcache.RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args),
-                                   timeout=args.timeout)
+                                   timeout=args.timeout, require_signature=not getattr(args, "allow_unsigned", False))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -112,6 +118,22 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        key = ctxcache.generate_signing_key(args.file, overwrite=args.force)
+    except ctxcache.errors.SigningKeyError as e:
+        raise UsageError(str(e)) from None
+    if args.format == "json":
+        emit_json({"private_key_file": str(key.path), "public_key": key.public_key, "key_id": key.key_id})
+        return EXIT_OK
+    out(f"private key  {key.path} (owner-only: keep it on the build machine, never ship it)")
+    out(f"public key   {key.public_key}")
+    out(f"key id       {key.key_id}")
+    out("\nsign:   ctxcache export BUNDLE --signing-key-file " + str(key.path))
+    out(f"trust:  ContextCache(trusted_keys=[\"{key.public_key}\"]) or CTXCACHE_TRUSTED_KEYS={key.public_key}")
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     cache = _cache(args)
     entries = _select(cache, args)
@@ -122,10 +144,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.package:
             res = ctxcache.export_model_package(cache, args.dest, keys=keys, signing_key=_signing_key(args),
                                                 compatibility=not args.no_compatibility)
-            exported, skipped, signed = list(res.variants), res.skipped, res.signed
+            exported, skipped, signed, signed_by = list(res.variants), res.skipped, res.signed, res.signed_by
         else:
             b = ctxcache.export_bundle(cache, args.dest, keys=keys, signing_key=_signing_key(args), overwrite=args.overwrite)
-            exported, skipped, signed = list(b.keys), b.skipped, b.signed
+            exported, skipped, signed, signed_by = list(b.keys), b.skipped, b.signed, b.signed_by
     except ctxcache.errors.BundleError as e:
         if e.code == "exists":
             raise UsageError(str(e)) from None
@@ -133,12 +155,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     by_key = {e.key: e for e in entries}
     if args.format == "json":
         emit_json({"path": os.path.abspath(args.dest), "format": "model-package" if args.package else "bundle",
-                   "signed": signed, "exported": exported, "skipped": skipped})
+                   "signed": signed, "signed_by": list(signed_by), "exported": exported, "skipped": skipped})
     else:
         rows = [(k[:12], by_key[k].model_name, _opts(by_key[k])) for k in exported]
         out(table(["key", "model", "options"], rows))
         out(f"\nexported {len(exported)} entr{'y' if len(exported) == 1 else 'ies'} to {os.path.abspath(args.dest)}"
-            f"{' (signed)' if signed else ''}")
+            f"{' (signed by ' + ', '.join(signed_by) + ')' if signed else ' (unsigned)'}")
         for k, why in skipped.items():
             out(f"skipped {k[:12]}: {why}")
     return EXIT_FAILED if skipped else EXIT_OK
@@ -147,7 +169,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     cache = _cache(args)
     try:
-        res = ctxcache.import_bundle(cache, args.bundle, signing_key=_signing_key(args), force=args.force)
+        res = ctxcache.import_bundle(cache, args.bundle, signing_key=_signing_key(args), force=args.force,
+                                     require_signature=False if args.allow_unsigned else None)
     except ctxcache.errors.BundleError as e:
         raise CommandFailed(str(e)) from None
     if args.format == "json":
@@ -167,7 +190,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not entries:
         raise CommandFailed(f"no entry of {cache.root} matches the selection (see `ctxcache ls`)")
     try:
-        res = ctxcache.push(cache, remote, keys=[e.key for e in entries], overwrite=args.overwrite)
+        res = ctxcache.push(cache, remote, keys=[e.key for e in entries], overwrite=args.overwrite,
+                            signing_key=_signing_key(args))
     except ctxcache.errors.TierError as e:
         raise CommandFailed(str(e)) from None
     return _report(args, res.results, "pushed")
@@ -205,12 +229,23 @@ def _opts(entry: Any) -> str:
 
 # -- registration ------------------------------------------------------------------------------------
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register export / import / push / pull on the ``ctxcache`` parser."""
+    """Register keygen / export / import / push / pull on the ``ctxcache`` parser."""
+    p = add_command(subparsers, "keygen", "make an Ed25519 signing key for bundles and remote entries; prints its public key",
+             """
+             ctxcache keygen build/ctx-signing.pem
+             ctxcache export app/ctx-bundle.tar --signing-key-file build/ctx-signing.pem
+             # devices: ContextCache(trusted_keys=["ed25519:..."]) or CTXCACHE_TRUSTED_KEYS=ed25519:...
+             """, cmd_keygen)
+    p.add_argument("file", metavar="FILE", help="where to write the private key (PEM, owner-only)")
+    p.add_argument("--force", action="store_true", help="replace an existing key file (its signatures stay valid "
+                                                        "only where its public key stays trusted)")
+    add_format_flag(p)
+
     p = add_command(subparsers, "export",
                     "write cached entries to a bundle folder, a .tar / .tar.gz archive, or an ORT model package",
              """
              ctxcache export app/ctx-bundle.tar --model app/models/net.onnx --preset qnn-htp
-             ctxcache export bundle/ -p qnn -o soc_model=60 -p qnn -o soc_model=69 --signing-key-file key.txt
+             ctxcache export bundle/ -p qnn -o soc_model=60 -p qnn -o soc_model=69 --signing-key-file key.pem
              ctxcache export pkg/ --package --model net.onnx
              """, cmd_export)
     p.add_argument("dest", metavar="DEST", help="a new folder, or DEST.tar / DEST.tar.gz for an archive")
@@ -220,7 +255,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="with --package: leave out compatibility strings (ORT 1.32 + QNN on x86 crashes validating them)")
     p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     _add_selection_flags(p)
-    _add_signing_flag(p, "sign the index")
+    _add_signing_flag(p, "sign the index (or each package record)")
     add_key_flags(p)
     add_cache_flags(p)
     add_format_flag(p)
@@ -229,7 +264,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
              "ctxcache import /opt/myapp/ctx-bundle.tar --cache-dir ~/.local/share/myapp/ctxcache", cmd_import)
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder, .tar / .tar.gz archive, or model package folder")
     p.add_argument("--force", action="store_true", help="replace entries already in the cache")
-    _add_signing_flag(p, "require the signature of")
+    _add_checking_flags(p)
     add_key_flags(p)
     add_cache_flags(p)
     add_format_flag(p)
@@ -250,6 +285,6 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_remote_flags(p)
     p.add_argument("-k", "--key", action="append", metavar="PREFIX", help="only keys starting with PREFIX (repeatable)")
     p.add_argument("--force", action="store_true", help="replace entries already in the cache")
-    _add_signing_flag(p, "require signatures with")
+    _add_checking_flags(p)
     add_cache_flags(p)
     add_format_flag(p)

@@ -21,6 +21,8 @@ checked with SHA-256 so that a signature over the record also covers every file'
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -37,41 +39,99 @@ from typing import IO, Any, Literal, Protocol, runtime_checkable
 
 from .. import _fs, _manifest
 from .._compile import CompileFailed, check_output
+from .._fingerprint import canonical_json
 from .._key import key_of, portable_key
 from .._manifest import CONTEXT, MANIFEST, Entry
 from .._store import BrokenEntry, Store
+from .._trust import (
+    SigningKey,
+    SigningKeyArg,
+    Trust,
+    ed25519_keys,
+    ed25519_sign,
+    ed25519_verify,
+    signing_keys,
+)
 from ..errors import CacheFaultError, LockTimeoutError, TierError
 
 log = logging.getLogger("ctxcache")
 
-#: Environment variable holding the HMAC key for bundle and remote signatures (an argument wins).
-SIGNING_KEY_ENV = "CTXCACHE_SIGNING_KEY"
 RECORD_FORMAT = 1
 _SHA_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 _MAX_FILES = 64
 _CHUNK = 1 << 20
 
-#: Codes that mean the bytes were wrong (a fault), as opposed to a tier being absent or down.
-INTEGRITY_CODES = frozenset({"tier_digest", "tier_signature", "tier_record", "tier_unsafe", "tier_bad_context"})
+#: Why a tier's entry was refused (``TierError.code``; ``CacheFaultError.code`` in strict mode), and
+#: whether strict mode raises for it (the bytes or their signer were wrong, not the tier absent or down).
+TIER_CODES: dict[str, tuple[bool, str]] = {
+    "tier_digest": (True, "a file's size or SHA-256 differs from its record"),
+    "tier_signature": (True, "a signature does not match: an HMAC with the configured secret, or an Ed25519 "
+                             "signature by a trusted key (tampered after signing)"),
+    "tier_untrusted": (True, "no valid signature from a trusted key where one is required (unsigned, HMAC only, "
+                             "an unknown key), or a signature by a revoked key"),
+    "tier_record": (True, "the index, record or manifest is malformed, or is for another key (relabelled)"),
+    "tier_unsafe": (True, "a link, device, climbing path or unexpected member in the tier"),
+    "tier_bad_context": (True, "the context model refers to files outside its entry"),
+    "tier_unreachable": (False, "the tier is absent, down, or lacks a library it needs"),
+}
+#: Codes that mean the bytes (or who signed them) were wrong, as opposed to a tier being absent or down.
+INTEGRITY_CODES = frozenset(c for c, (fault, _) in TIER_CODES.items() if fault)
 
 Match = Literal["exact", "portable"]
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 Parts = Sequence[tuple[str, Any]]
 
 
+SignerStatus = Literal["trusted", "invalid", "revoked", "untrusted", "hmac", "unsigned"]
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signed what a tier offers, as this device sees it.
+
+    ``trusted``: a valid Ed25519 signature by a trusted key (``key_id``). ``invalid``: a signature that
+    names a trusted key does not verify (tampered). ``revoked``: signed only by a revoked key.
+    ``untrusted``: signed only by keys this device does not know. ``hmac``: no Ed25519 signature, but a
+    valid HMAC with the configured secret. ``unsigned``: neither.
+    """
+
+    status: SignerStatus = "unsigned"
+    key_id: str | None = None
+    hmac: bool = False
+
+    @property
+    def trusted(self) -> bool:
+        return self.status == "trusted"
+
+    def describe(self) -> str:
+        if self.key_id is not None:
+            return f"ed25519 key {self.key_id} ({self.status})" + (" + hmac" if self.hmac else "")
+        return "hmac only" if self.status == "hmac" else "unsigned"
+
+
+UNSIGNED = Signer()
+
+
 @dataclass(frozen=True)
 class Offer:
-    """An entry a tier has for a key: its record, a way to open each file it lists, and where it is from."""
+    """An entry a tier has for a key: its record, a way to open each file it lists, where it is from, and
+    who signed it (``UNSIGNED`` for a tier that knows no signatures)."""
 
     record: dict[str, Any]
     opener: Opener
     origin: dict[str, Any]
+    signer: Signer = UNSIGNED
 
 
 @runtime_checkable
 class Tier(Protocol):
     """What ctxcache needs from a tier. ``kind`` names it in ``LoadResult.tier``; ``match`` is
-    ``"exact"`` or ``"portable"`` (also an entry built on another host, see :func:`portable_key`)."""
+    ``"exact"`` or ``"portable"`` (also an entry built on another host, see :func:`portable_key`).
+
+    A tier may have ``require_signature`` (``True``/``False``; ``None`` or absent: the default of
+    :func:`signature_required`). Its offers carry a :class:`Signer` computed with :func:`read_signer`
+    and the ``trust`` passed in; :func:`install` admits an offer only through :func:`admit`.
+    """
 
     kind: str
     match: Match
@@ -83,9 +143,10 @@ class Tier(Protocol):
         Raises :class:`TierError` when the tier cannot be read."""
         ...
 
-    def offer(self, key: str, parts: Parts = ()) -> AbstractContextManager[Offer | None]:
-        """The entry for ``key`` (by this tier's ``match`` rule) while the context is open, else ``None``.
-        Raises :class:`TierError` when the tier has it but it is refused or unreadable."""
+    def offer(self, key: str, parts: Parts = (), *, trust: Trust | None = None) -> AbstractContextManager[Offer | None]:
+        """The entry for ``key`` (by this tier's ``match`` rule) while the context is open, else ``None``,
+        with its signer as ``trust`` sees it. Raises :class:`TierError` when the tier has it but it is
+        unreadable or malformed (whether its signer is good enough is :func:`admit`'s call)."""
         ...
 
 
@@ -105,11 +166,12 @@ class LocalTier:
 
     kind = "local"
 
-    def __init__(self, location: str | os.PathLike[str], *, signing_key: str | bytes | None = None,
-                 match: Match = "exact") -> None:
+    def __init__(self, location: str | os.PathLike[str], *, signing_key: SigningKeyArg = None,
+                 match: Match = "exact", require_signature: bool | None = None) -> None:
         self.match: Match = check_match(match)
         self.location = Path(os.path.abspath(os.fspath(location)))
         self._signing_key = signing_key
+        self.require_signature = require_signature
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.location)!r})"
@@ -139,29 +201,34 @@ def check_match(match: str) -> Match:
     return match  # type: ignore[return-value]
 
 
-# -- signing --------------------------------------------------------------------------------------------
-def resolve_signing_key(key: str | bytes | None) -> bytes | None:
-    """Argument, else ``$CTXCACHE_SIGNING_KEY`` (read now, never at import), else ``None``."""
-    if key is None:
-        key = os.environ.get(SIGNING_KEY_ENV) or None
-    if key is None:
-        return None
-    raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
-    if not raw:
-        raise ValueError("an empty signing key would sign nothing; pass a secret or leave it unset")
-    return raw
+# -- signing ----------------------------------------------------------------------------------------------
+def resolve_signing_keys(key: SigningKeyArg) -> tuple[SigningKey, ...]:
+    """Argument, else ``$CTXCACHE_SIGNING_KEY`` (read now, never at import), else none."""
+    return signing_keys(key)
 
 
 def sign(data: bytes, key: bytes) -> bytes:
-    """The signature file's content: ``hmac-sha256:<hex>``."""
+    """An HMAC signature file's content: ``hmac-sha256:<hex>``."""
     return b"hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest().encode()
 
 
-def check_signature(data: bytes, signature: bytes | None, key: bytes | None, what: str) -> None:
-    """Refuse ``data`` when a key is configured and the signature is missing or wrong.
+def _message(context: str, data: bytes) -> bytes:
+    # Domain separation: a signature over a bundle index is never a valid signature over a remote record.
+    return b"ctxcache-signature-v1\0" + context.encode("ascii") + b"\0" + data
 
-    Without a key the signature is not checked (the digests still are): a bundle signed by a vendor
-    stays usable by an app that does not configure the key.
+
+def sign_ed25519(data: bytes, keys: Iterable[SigningKey], context: str) -> bytes:
+    """The Ed25519 signature lines (one per key; several during a key rotation) over ``data``."""
+    lines = [f"ed25519:{k.key_id}:{base64.b64encode(ed25519_sign(k, _message(context, data))).decode()}"
+             for k in ed25519_keys(keys)]
+    return "\n".join(lines).encode() + (b"\n" if lines else b"")
+
+
+def check_signature(data: bytes, signature: bytes | None, key: bytes | None, what: str) -> None:
+    """Refuse ``data`` when an HMAC secret is configured and its signature is missing or wrong.
+
+    Without a secret the HMAC is not checked: a bundle signed for one fleet stays usable by an app that
+    does not configure the secret. (An HMAC never makes an entry *trusted*; see :func:`read_signer`.)
     """
     if key is None:
         return
@@ -169,6 +236,88 @@ def check_signature(data: bytes, signature: bytes | None, key: bytes | None, wha
         raise TierError(f"{what} is not signed, but a signing key is configured", code="tier_signature")
     if not hmac.compare_digest(signature.strip(), sign(data, key)):
         raise TierError(f"{what}: signature does not match (tampered, or signed with another key)", code="tier_signature")
+
+
+_MAX_SIGNATURES = 16
+
+
+def read_signer(data: bytes, blob: bytes | None, context: str, trust: Trust, *, hmac_checked: bool = False,
+                own: Iterable[SigningKey] = ()) -> Signer:
+    """Who signed ``data``, from its Ed25519 signature lines, as ``trust`` (plus the tier's own signing
+    keys, ``own``) sees it. Never raises: whether that is good enough is :func:`admit`'s decision.
+
+    One valid line from a trusted key is enough (during a rotation both keys sign). Unknown lines are
+    ignored (a newer ctxcache may add schemes); without ``cryptography`` a line from a trusted key
+    cannot be checked, which :func:`admit` reports as such.
+    """
+    trust = trust.with_signers(own)
+    found: dict[SignerStatus, str] = {}
+    for line in (blob or b"").decode("ascii", "replace").splitlines()[:_MAX_SIGNATURES]:
+        scheme, _, rest = line.strip().partition(":")
+        kid, _, b64 = rest.partition(":")
+        if scheme != "ed25519" or not kid:
+            continue
+        kid = kid.lower()
+        public = trust.public_key(kid)
+        if public is None:
+            found.setdefault("revoked" if trust.is_revoked(kid) else "untrusted", kid)
+            continue
+        try:
+            sig = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            sig = b""
+        if ed25519_verify(public, sig, _message(context, data)):
+            return Signer("trusted", kid, hmac_checked)
+        found.setdefault("invalid", kid)
+    worst: tuple[SignerStatus, ...] = ("invalid", "revoked", "untrusted")
+    for status in worst:
+        if status in found:
+            return Signer(status, found[status], hmac_checked)
+    return Signer("hmac" if hmac_checked else "unsigned", None, hmac_checked)
+
+
+def read_signer_or_refuse(data: bytes, blob: bytes | None, context: str, trust: Trust, what: str, *,
+                          hmac_checked: bool = False, own: Iterable[SigningKey] = ()) -> Signer:
+    """:func:`read_signer`, with a missing ``cryptography`` turned into a refusal that says what to install."""
+    try:
+        return read_signer(data, blob, context, trust, hmac_checked=hmac_checked, own=own)
+    except ImportError as e:
+        raise TierError(f"{what}: cannot check its Ed25519 signature: {e}", code="tier_untrusted") from None
+
+
+def signature_required(tier: object, trust: Trust) -> bool:
+    """The one rule for where a trusted signature is required: the tier's own ``require_signature`` when
+    set; else not for a bundle or package inside one of the app's own folders (``trusted_dirs``), and
+    yes everywhere else (a remote store, any other folder, a tier of the app's own kind)."""
+    explicit = getattr(tier, "require_signature", None)
+    if explicit is not None:
+        return bool(explicit)
+    return not (isinstance(tier, LocalTier) and trust.covers(tier.location))
+
+
+def admit(signer: Signer, required: bool, what: str, trust: Trust | None = None) -> None:
+    """Refuse an offer whose signer is not good enough. A signature that fails, or a revoked key, is
+    refused everywhere (a forgery is worse than no signature); unsigned, HMAC-only or unknown-key
+    entries only where a signature is required."""
+    if signer.status == "trusted":
+        return
+    if signer.status == "invalid":
+        raise TierError(f"{what}: the signature by trusted key {signer.key_id} does not match (tampered after signing)",
+                        code="tier_signature")
+    if signer.status == "revoked":
+        raise TierError(f"{what}: signed by revoked key {signer.key_id}", code="tier_untrusted")
+    if not required:
+        return
+    note = f" ({trust.problem})" if trust is not None and trust.problem else ""
+    if signer.status == "untrusted":
+        why = f"signed by key {signer.key_id}, which is not a trusted key (trusted_keys= / $CTXCACHE_TRUSTED_KEYS){note}"
+    elif signer.status == "hmac":
+        why = ("only an HMAC: a shared secret proves integrity between machines that share it, not who built the "
+               f"entry; sign with an Ed25519 key (ctxcache keygen) and trust its public key{note}")
+    else:
+        why = ("not signed; sign it with an Ed25519 key (ctxcache keygen; export/push --signing-key-file) and trust its "
+               f"public key, or, for the app's own bundle, name its folder in trusted_dirs={note}")
+    raise TierError(f"{what}: {why}", code="tier_untrusted")
 
 
 # -- records --------------------------------------------------------------------------------------------
@@ -263,13 +412,17 @@ def _copy_checked(src: IO[bytes], dst: Path, size: int, sha: str, what: str) -> 
 
 
 # -- the one install path ---------------------------------------------------------------------------------
-def install(store: Store, key: str, offer: Offer, local_parts: Parts = ()) -> Entry:
-    """Copy an offered entry into staging, verify everything, publish by one rename. Caller holds the lock.
+def install(store: Store, key: str, offer: Offer, local_parts: Parts = (), *, required: bool = True,
+            trust: Trust | None = None) -> Entry:
+    """Admit an offered entry (its signer, where ``required``), copy it into staging, verify everything,
+    publish by one rename. Caller holds the lock.
 
     The record may be for another key that matched portably (built on another host): it is verified
     against its own key, then published under ``key`` with ``local_parts``; its own key and parts are
-    kept in the manifest's ``origin``.
+    kept in the manifest's ``origin``. An exact record's parts must be this load's parts, literally (not
+    only by their xxh3 key): a signature vouches for the parts it covers, and nothing else.
     """
+    admit(offer.signer, required, f"{offer.origin.get('location', '?')}:{key[:12]}", trust)
     record = offer.record
     rkey = record.get("key") if isinstance(record, dict) else None
     portable = isinstance(rkey, str) and rkey != key
@@ -281,6 +434,8 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = ()) -> En
         if not same:
             raise TierError("record is for another key", code="tier_record")
     files = check_record(record, str(rkey) if portable else key)
+    if not portable and local_parts and canonical_json([list(p) for p in local_parts]) != canonical_json(record["parts"]):
+        raise TierError("record's key parts are not this load's (relabelled)", code="tier_record")
     store.ensure()
     free = shutil.disk_usage(store.staging_dir).free if _fs.is_folder(store.staging_dir) else None
     need = sum(int(s["size"]) for s in files.values())
@@ -305,7 +460,8 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = ()) -> En
             raise TierError(str(e), code="tier_bad_context") from None
         _fs.remove_file(staging / MANIFEST)
         clean = _manifest.from_portable(manifest)
-        clean["origin"] = dict(offer.origin, time=time.time())
+        clean["origin"] = dict(offer.origin, time=time.time(), signature=offer.signer.status,
+                               signed_by=offer.signer.key_id)
         if portable:
             # The entry now answers to this machine's key; where it was built stays on record.
             clean["origin"].update(key=record["key"], parts=record["parts"])
@@ -318,18 +474,21 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = ()) -> En
         store.discard_staging(staging)
 
 
-def fill(store: Store, key: str, parts: Parts, tiers: Iterable[Tier], *, strict: bool) -> tuple[Entry, Tier] | None:
-    """Ask each tier for ``key`` and install the first verified offer (caller holds the key's lock).
+def fill(store: Store, key: str, parts: Parts, tiers: Iterable[Tier], *, strict: bool,
+         trust: Trust | None = None) -> tuple[Entry, Tier] | None:
+    """Ask each tier for ``key`` and install the first verified and admitted offer (caller holds the
+    key's lock). ``trust`` is the cache's policy (``None``: no key trusted, no own folder).
 
-    Never raises, except in strict mode for bytes that failed verification.
+    Never raises, except in strict mode for bytes (or signers) that failed verification.
     """
+    trust = trust if trust is not None else Trust()
     for tier in tiers:
         start = time.perf_counter()
         try:
-            with tier.offer(key, parts) as offer:
+            with tier.offer(key, parts, trust=trust) as offer:
                 if offer is None:
                     continue
-                entry = install(store, key, offer, parts)
+                entry = install(store, key, offer, parts, required=signature_required(tier, trust), trust=trust)
         except TierError as e:
             log.warning("tier %s refused for %s (%s); trying the next tier or compiling", tier.describe(), key[:12], e)
             if strict and e.code in INTEGRITY_CODES:
@@ -344,17 +503,19 @@ def fill(store: Store, key: str, parts: Parts, tiers: Iterable[Tier], *, strict:
 
 
 def bring_in(store: Store, key: str, tier: Tier, *, force: bool, lock_timeout: float | None,
-             stall_after: float | None = None, parts: Parts = ()) -> Literal["installed", "present", "absent"]:
+             stall_after: float | None = None, parts: Parts = (),
+             trust: Trust | None = None) -> Literal["installed", "present", "absent"]:
     """Install ``tier``'s entry for ``key`` by hand (import, pull): lock, look again, install.
 
-    ``present`` when an intact entry is already there (and not ``force``). Raises :class:`TierError`
-    for a refused entry and :class:`~ctxcache.errors.LockTimeoutError` when another process keeps the
-    key's lock past ``lock_timeout``.
+    ``present`` when an intact entry is already there (and not ``force``). Admission follows ``trust``
+    as for a load. Raises :class:`TierError` for a refused entry and
+    :class:`~ctxcache.errors.LockTimeoutError` when another process keeps the key's lock past ``lock_timeout``.
     """
     import filelock
 
     from .._locking import LockStalled, key_lock
 
+    trust = trust if trust is not None else Trust()
     lock = store.lock_path(key)
     try:
         with key_lock(lock, lock_timeout, key[:12], stall_after=stall_after):
@@ -364,10 +525,10 @@ def bring_in(store: Store, key: str, tier: Tier, *, force: bool, lock_timeout: f
                 present = None
             if present is not None and not force and store.verify(present) is None:
                 return "present"
-            with tier.offer(key, parts) as offer:
+            with tier.offer(key, parts, trust=trust) as offer:
                 if offer is None:
                     return "absent"
-                install(store, key, offer, parts)
+                install(store, key, offer, parts, required=signature_required(tier, trust), trust=trust)
                 return "installed"
     except LockStalled as e:
         raise LockTimeoutError(f"the process holding the lock of entry {key[:12]} ({e.holder}) makes no progress "

@@ -4,7 +4,13 @@ Layout (the same inside an archive)::
 
     index.json          {"kind": "ctxcache-bundle", "format": 1, "entries": {"<key>": <record>, ...}}
     index.json.sig      optional: hmac-sha256:<hex> over the exact bytes of index.json
+    index.json.ed25519  optional: one line per signing key, ed25519:<key id>:<base64>, over those bytes
     entries/<key>/      manifest.json, ctx.onnx, ctx_qnn.bin ...
+
+The index carries every entry's key parts and each file's SHA-256 (the manifest is one of the files),
+so one signature over it covers everything a device acts on. Without a signature nothing in the files
+can tell an honest bundle from one whose index names model A while its files are model B's (digests
+updated to match): hence an unsigned bundle is used only inside the app's own folders.
 
 A bundle is never loaded in place: :class:`Bundle` offers its entries and ``_base.install`` copies,
 verifies and publishes them. An archive is never extracted with ``tarfile.extract*``: ctxcache reads
@@ -26,21 +32,26 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .. import _fs
 from .._manifest import Entry, is_key
+from .._trust import SigningKey, Trust, ed25519_keys, hmac_secret
 from ..errors import TierError
 from ._base import (
+    UNSIGNED,
     LocalTier,
     Match,
     Offer,
     Opener,
     Parts,
+    Signer,
     check_signature,
     export_files,
     find_record,
     make_record,
     open_plain,
     parse_json,
-    resolve_signing_key,
+    read_signer_or_refuse,
+    resolve_signing_keys,
     sign,
+    sign_ed25519,
 )
 
 if TYPE_CHECKING:
@@ -48,13 +59,16 @@ if TYPE_CHECKING:
 
 INDEX = "index.json"
 SIGNATURE = "index.json.sig"
+ED25519_SIGNATURE = "index.json.ed25519"
+#: What an Ed25519 signature over a bundle index is for (never valid over anything else).
+CONTEXT = "bundle-index"
 BUNDLE_KIND = "ctxcache-bundle"
 BUNDLE_FORMAT = 1
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _MAX_INDEX = 16 << 20
 _MAX_MEMBERS = 100_000
 _MEMBER_RE = re.compile(
-    r"(?:index\.json|index\.json\.sig|entries|entries/[0-9a-f]{32}|entries/[0-9a-f]{32}/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})"
+    r"(?:index\.json|index\.json\.sig|index\.json\.ed25519|entries|entries/[0-9a-f]{32}|entries/[0-9a-f]{32}/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})"
 )
 
 
@@ -104,6 +118,7 @@ class _Reader:
     location: Path
     index: dict[str, Any]
     open_member: Callable[[str], Any]
+    signer: Signer = UNSIGNED
 
     @property
     def records(self) -> dict[str, Any]:
@@ -116,10 +131,23 @@ class _Reader:
         return open_file
 
 
-def _parse_index(raw: bytes, sig: bytes | None, key: bytes | None, where: str) -> dict[str, Any]:
+def _signer(raw: bytes, read_small: Callable[[str], bytes | None], keys: tuple[SigningKey, ...],
+            trust: Trust | None, where: str) -> Signer:
+    """The index's HMAC checked (when a secret is configured), then who signed it (Ed25519)."""
     if len(raw) > _MAX_INDEX:
         raise TierError(f"{where}: {INDEX} is larger than {_MAX_INDEX} bytes", code="tier_record")
-    check_signature(raw, sig, key, f"{where}/{INDEX}")
+    secret = hmac_secret(keys)
+    check_signature(raw, read_small(SIGNATURE), secret, f"{where}/{INDEX}")
+    blob = read_small(ED25519_SIGNATURE)
+    if trust is None:  # listing keys only (import): the signer is judged per entry when it is offered
+        return UNSIGNED
+    return read_signer_or_refuse(raw, blob, CONTEXT, trust, f"{where}/{INDEX}", hmac_checked=secret is not None,
+                                 own=ed25519_keys(keys))
+
+
+def _parse_index(raw: bytes, where: str) -> dict[str, Any]:
+    if len(raw) > _MAX_INDEX:
+        raise TierError(f"{where}: {INDEX} is larger than {_MAX_INDEX} bytes", code="tier_record")
     index = parse_json(raw, f"{where}/{INDEX}")
     if not isinstance(index, dict) or index.get("kind") != BUNDLE_KIND:
         raise TierError(f"{where}: not a ctxcache bundle index", code="tier_record")
@@ -132,7 +160,7 @@ def _parse_index(raw: bytes, sig: bytes | None, key: bytes | None, where: str) -
 
 
 @contextmanager
-def _open_folder(location: Path, key: bytes | None) -> Iterator[_Reader]:
+def _open_folder(location: Path, keys: tuple[SigningKey, ...], trust: Trust | None) -> Iterator[_Reader]:
     def read_small(name: str) -> bytes | None:
         try:
             with open_plain(location / name) as f:
@@ -143,12 +171,13 @@ def _open_folder(location: Path, key: bytes | None) -> Iterator[_Reader]:
     raw = read_small(INDEX)
     if raw is None:
         raise TierError(f"{location} has no {INDEX}", code="tier_unreachable")
-    index = _parse_index(raw, read_small(SIGNATURE), key, str(location))
-    yield _Reader(location, index, lambda rel: open_plain(location / rel))
+    signer = _signer(raw, read_small, keys, trust, str(location))
+    index = _parse_index(raw, str(location))
+    yield _Reader(location, index, lambda rel: open_plain(location / rel), signer)
 
 
 @contextmanager
-def _open_archive(location: Path, key: bytes | None) -> Iterator[_Reader]:
+def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | None) -> Iterator[_Reader]:
     import tarfile
 
     try:
@@ -181,8 +210,9 @@ def _open_archive(location: Path, key: bytes | None) -> Iterator[_Reader]:
         raw = read_small(INDEX)
         if raw is None:
             raise TierError(f"{location} has no {INDEX}", code="tier_record")
-        index = _parse_index(raw, read_small(SIGNATURE), key, str(location))
-        yield _Reader(location, index, open_member)
+        signer = _signer(raw, read_small, keys, trust, str(location))
+        index = _parse_index(raw, str(location))
+        yield _Reader(location, index, open_member, signer)
 
 
 class Bundle(LocalTier):
@@ -190,8 +220,13 @@ class Bundle(LocalTier):
 
     Args:
         location: the bundle (e.g. inside the app's install dir; may be read-only).
-        signing_key: HMAC key the index must be signed with. Default ``$CTXCACHE_SIGNING_KEY``; when
-            neither is set the signature is not checked (file digests always are).
+        signing_key: an HMAC secret the index must carry a valid HMAC of (integrity between machines that
+            share it, not trust). Default ``$CTXCACHE_SIGNING_KEY``; when neither is set the HMAC is not
+            checked (file digests always are). An Ed25519 private key here is trusted for this bundle.
+        require_signature: ``None`` (default): a valid Ed25519 signature from a trusted key
+            (``ContextCache(trusted_keys=...)``) is required unless the bundle lies inside one of the
+            cache's ``trusted_dirs``. ``True``: required even there. ``False``: the app vouches for this
+            bundle's location; an unsigned one is used (a bad or revoked signature still is not).
         match: ``"exact"``: only an entry built for this very key. ``"portable"``: also one built on
             another host (x86 build machine -> device) whose key differs only in ``host``, ``devices``
             and ``ep_libraries``; the EP's compatibility check and the usual load fallback then guard it.
@@ -203,19 +238,24 @@ class Bundle(LocalTier):
         return f"bundle {self.location}"
 
     @contextmanager
-    def open(self) -> Iterator[_Reader]:
-        """The bundle with its index verified. Raises :class:`TierError`."""
-        key = resolve_signing_key(self._signing_key)
+    def open(self, trust: Trust | None = None) -> Iterator[_Reader]:
+        """The bundle with its index's HMAC checked and, given ``trust``, its signer read. Raises :class:`TierError`."""
+        keys = resolve_signing_keys(self._signing_key)
         if is_archive(self.location):
             if not os.path.isfile(self.location):
                 raise TierError(f"bundle archive {self.location} does not exist", code="tier_unreachable")
-            with _open_archive(self.location, key) as r:
+            with _open_archive(self.location, keys, trust) as r:
                 yield r
         else:
             if not os.path.isdir(self.location):
                 raise TierError(f"bundle folder {self.location} does not exist", code="tier_unreachable")
-            with _open_folder(self.location, key) as r:
+            with _open_folder(self.location, keys, trust) as r:
                 yield r
+
+    def index_signer(self, trust: Trust) -> Signer:
+        """Who signed the whole index (``doctor``): a bundle's entries are signed together."""
+        with self.open(trust) as r:
+            return r.signer
 
     def keys(self) -> list[str]:
         with self.open() as r:
@@ -227,8 +267,8 @@ class Bundle(LocalTier):
         return None if found is None else "exact" if found[0] == key else "portable"
 
     @contextmanager
-    def offer(self, key: str, parts: Parts = ()) -> Iterator[Offer | None]:
-        with self.open() as r:
+    def offer(self, key: str, parts: Parts = (), *, trust: Trust | None = None) -> Iterator[Offer | None]:
+        with self.open(trust if trust is not None else Trust()) as r:
             found = find_record(r.records, key, parts, self.match)
             if found is None:
                 yield None
@@ -236,7 +276,7 @@ class Bundle(LocalTier):
             rkey, record = found
             if not is_key(rkey):
                 raise TierError(f"{self.location}: index key {rkey!r} is not a key", code="tier_record")
-            yield Offer(record, r.opener(rkey), {"tier": self.kind, "location": str(self.location)})
+            yield Offer(record, r.opener(rkey), {"tier": self.kind, "location": str(self.location)}, r.signer)
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -248,6 +288,8 @@ class ExportResult:
     keys: tuple[str, ...]
     skipped: dict[str, str] = field(default_factory=dict)
     signed: bool = False
+    #: the Ed25519 key ids that signed the index (``hmac-sha256`` for an HMAC), in signing order
+    signed_by: tuple[str, ...] = ()
 
 
 def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -259,7 +301,11 @@ def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | None, version: str,
+def signer_names(keys: Sequence[SigningKey]) -> tuple[str, ...]:
+    return tuple(k.key_id or k.scheme for k in keys)
+
+
+def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence[SigningKey], version: str,
                  skipped: dict[str, str], overwrite: bool) -> ExportResult:
     """Write verified ``entries`` as a bundle folder or archive at ``dest``; it appears by one rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -280,12 +326,15 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | N
             keys.append(entry.key)
         if not records:
             return ExportResult(dest, (), skipped, False)
+        secret = hmac_secret(signing_keys)
         index = {"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT, "created": time.time(),
                  "ctxcache_version": version, "entries": records}
         raw = json.dumps(index, sort_keys=True, indent=1).encode()
         (tmp / INDEX).write_bytes(raw)
-        if signing_key is not None:
-            (tmp / SIGNATURE).write_bytes(sign(raw, signing_key))
+        if secret is not None:
+            (tmp / SIGNATURE).write_bytes(sign(raw, secret))
+        if ed25519_keys(signing_keys):
+            (tmp / ED25519_SIGNATURE).write_bytes(sign_ed25519(raw, signing_keys, CONTEXT))
         if overwrite and os.path.lexists(dest):
             _fs.remove_tree(dest)
         if is_archive(dest):
@@ -295,7 +344,7 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | N
         _fs.fsync_dir(dest.parent)
     finally:
         _fs.remove_tree(tmp)
-    return ExportResult(dest, tuple(keys), skipped, signing_key is not None)
+    return ExportResult(dest, tuple(keys), skipped, bool(signing_keys), signer_names(signing_keys))
 
 
 def _write_archive(tmp: Path, dest: Path, records: dict[str, Any]) -> None:
@@ -305,7 +354,7 @@ def _write_archive(tmp: Path, dest: Path, records: dict[str, Any]) -> None:
     mode = "w:gz" if dest.name.lower().endswith((".tar.gz", ".tgz")) else "w"
     try:
         with tarfile.open(part, mode) as tf:  # type: ignore[call-overload]
-            for name in [INDEX, SIGNATURE]:
+            for name in [INDEX, SIGNATURE, ED25519_SIGNATURE]:
                 if (tmp / name).exists():
                     tf.add(tmp / name, arcname=name, filter=_tar_filter)
             for k in sorted(records):

@@ -10,8 +10,11 @@ writes one component per model and one variant per cache entry::
 
 Each variant carries ``ep``, ``device``, the EP's ``compatibility_string`` (from the context model's
 ``ep_compatibility_info.*`` metadata), ``executor_info.ort.model_file`` and, under
-``additional_metadata.ctxcache``, the same record a bundle has (key parts, SHA-256 of each file) and an
-optional HMAC over the record's canonical JSON. So the package works for a plain-ORT app (without
+``additional_metadata.ctxcache``, the same record a bundle has (key parts, SHA-256 of each file), an
+optional HMAC (``signature``) and optional Ed25519 signatures (``ed25519``: one line per key) over the
+record's canonical JSON. The signatures cover what ctxcache acts on (the record, hence every file of the
+variant and its manifest); ORT's own ``manifest.json`` / ``component.json`` fields are not covered, and
+plain ORT checks no ctxcache signature. So the package works for a plain-ORT app (without
 ctxcache) and as a verified, read-only ctxcache tier.
 
 Measured with onnxruntime 1.32.0 + onnxruntime-qnn 2.7.0 on x86 (see README, "Tiers"): ORT's variant
@@ -35,6 +38,7 @@ from typing import IO, Any
 
 from .. import _fingerprint, _fs
 from .._manifest import MANIFEST, Entry
+from .._trust import SigningKey, Trust, ed25519_keys, hmac_secret
 from ..errors import TierError
 from ._base import (
     LocalTier,
@@ -46,14 +50,18 @@ from ._base import (
     find_record,
     make_record,
     open_plain,
-    resolve_signing_key,
+    read_signer_or_refuse,
+    resolve_signing_keys,
     sign,
+    sign_ed25519,
 )
 
 PACKAGE_MANIFEST = "manifest.json"
 # The entry's own manifest, renamed inside a package: ORT's package probe looks for manifest.json.
 ENTRY_MANIFEST = "ctxcache.json"
 _NAME_RE = re.compile(r"[^A-Za-z0-9_\-]+")
+#: What an Ed25519 signature over a variant's record is for (never valid over anything else).
+CONTEXT = "package-record"
 
 
 def _record_bytes(record: Any) -> bytes:
@@ -81,9 +89,11 @@ class PackageExport:
     variants: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     signed: bool = False
+    #: the Ed25519 key ids that signed each record (``hmac-sha256`` for an HMAC)
+    signed_by: tuple[str, ...] = ()
 
 
-def write_package(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | None, version: str,
+def write_package(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence[SigningKey], version: str,
                   skipped: dict[str, str], package_name: str | None, compatibility: bool) -> PackageExport:
     """Write verified ``entries`` as an ORT model package folder at ``dest`` (appears by one rename).
 
@@ -96,6 +106,7 @@ def write_package(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | 
     variants: dict[str, str] = {}
     skipped = dict(skipped)
     components: dict[str, dict[str, Any]] = {}
+    secret = hmac_secret(signing_keys)
     try:
         for entry in entries:
             comp = _component_name(entry)
@@ -109,8 +120,10 @@ def write_package(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | 
                 continue
             record = make_record(entry, files)
             meta: dict[str, Any] = {"record": record}
-            if signing_key is not None:
-                meta["signature"] = sign(_record_bytes(record), signing_key).decode()
+            if secret is not None:
+                meta["signature"] = sign(_record_bytes(record), secret).decode()
+            if ed25519_keys(signing_keys):
+                meta["ed25519"] = sign_ed25519(_record_bytes(record), signing_keys, CONTEXT).decode().splitlines()
             raw_opts = entry.parts.get("ep_options")
             ep_opts: dict[str, Any] = raw_opts if isinstance(raw_opts, dict) else {}
             variant: dict[str, Any] = {
@@ -144,7 +157,7 @@ def write_package(entries: Sequence[Entry], dest: Path, *, signing_key: bytes | 
         os.rename(tmp, dest)
     finally:
         _fs.remove_tree(tmp)
-    return PackageExport(dest, variants, skipped, signing_key is not None)
+    return PackageExport(dest, variants, skipped, bool(signing_keys), tuple(k.key_id or k.scheme for k in signing_keys))
 
 
 def is_model_package(path: str | os.PathLike[str]) -> bool:
@@ -163,7 +176,8 @@ class ModelPackageTier(LocalTier):
 
     The package is parsed by ORT's own parser (portable layout: no absolute paths, no '..', no links
     followed); a variant is used only when its ``additional_metadata.ctxcache`` record names the key,
-    and its files are verified against that record (and its signature, when a key is configured).
+    and its files are verified against that record, its HMAC (when a secret is configured) and its
+    signer (see :class:`~ctxcache.Bundle` for ``require_signature`` and ``trusted_dirs``).
     """
 
     kind = "package"
@@ -213,20 +227,27 @@ class ModelPackageTier(LocalTier):
         return best
 
     @contextmanager
-    def offer(self, key: str, parts: Parts = ()) -> Iterator[Offer | None]:
+    def offer(self, key: str, parts: Parts = (), *, trust: Trust | None = None) -> Iterator[Offer | None]:
+        keys = resolve_signing_keys(self._signing_key)
         for name, vdir, meta in self.variants():
             record = meta.get("record")
             if not isinstance(record, dict) or find_record({str(record.get("key")): record}, key, parts, self.match) is None:
                 continue
+            what = f"{self.describe()} variant {name}"
+            data = _record_bytes(record)
             sig = meta.get("signature")
-            check_signature(_record_bytes(record), sig.encode() if isinstance(sig, str) else None,
-                            resolve_signing_key(self._signing_key), f"{self.describe()} variant {name}")
+            secret = hmac_secret(keys)
+            check_signature(data, sig.encode() if isinstance(sig, str) else None, secret, what)
+            lines = meta.get("ed25519")
+            blob = "\n".join(x for x in lines if isinstance(x, str)).encode() if isinstance(lines, list) else None
+            signer = read_signer_or_refuse(data, blob, CONTEXT, trust if trust is not None else Trust(), what,
+                                           hmac_checked=secret is not None, own=ed25519_keys(keys))
 
             @contextmanager
             def opener(fname: str, vdir: Path = vdir) -> Iterator[IO[bytes]]:
                 with open_plain(vdir / (ENTRY_MANIFEST if fname == MANIFEST else fname)) as f:
                     yield f
 
-            yield Offer(record, opener, {"tier": self.kind, "location": str(self.location)})
+            yield Offer(record, opener, {"tier": self.kind, "location": str(self.location)}, signer)
             return
         yield None

@@ -8,11 +8,14 @@ Object layout under ``s3://bucket/prefix`` (or the fsspec URL)::
 
     v1/<key>/files/<name>        manifest.json, ctx.onnx, ctx_qnn.bin ...
     v1/<key>/record.json.sig     optional: hmac-sha256:<hex> over record.json's bytes
+    v1/<key>/record.json.ed25519 Ed25519 signature lines (ed25519:<key id>:<base64>) over those bytes
     v1/<key>/record.json         the record (sizes + SHA-256 of each file, key parts); written LAST,
                                  so a reader that finds it finds the files it lists
 
-Remote bytes are never trusted: every file is checked against the record, and when a signing key is
-configured the record must carry a valid HMAC-SHA256. An outage costs one short timeout, then the tier
+Remote bytes are never trusted: every file is checked against the record, and by default the record
+must carry a valid Ed25519 signature from a key the device trusts (whoever can write to a shared bucket
+could otherwise make every device of the fleet run their binary). ``require_signature=False`` opts out
+(logged once); a configured HMAC secret is checked in addition, as before. An outage costs one short timeout, then the tier
 is skipped for ``retry_after`` seconds (the app compiles locally meanwhile); it never raises into the app.
 
 boto3 (``pip install 'ctxcache[remote]'``) and fsspec are optional, imported only on a local miss.
@@ -31,6 +34,7 @@ from typing import IO, Any
 
 from .._key import portable_key
 from .._manifest import MANIFEST, Entry, is_key, portable
+from .._trust import SigningKeyArg, Trust, ed25519_keys, hmac_secret
 from ..errors import TierError
 from ._base import (
     Match,
@@ -40,9 +44,11 @@ from ._base import (
     check_signature,
     make_record,
     parse_json,
-    resolve_signing_key,
+    read_signer_or_refuse,
+    resolve_signing_keys,
     sha256_file,
     sign,
+    sign_ed25519,
 )
 
 log = logging.getLogger("ctxcache")
@@ -50,7 +56,23 @@ log = logging.getLogger("ctxcache")
 LAYOUT = "v1"
 RECORD = "record.json"
 RECORD_SIG = "record.json.sig"
+RECORD_ED25519 = "record.json.ed25519"
+#: What an Ed25519 signature over a remote record is for (never valid over anything else).
+CONTEXT = "remote-record"
 _MAX_RECORD = 1 << 20
+_MAX_SIG = 64 << 10
+
+_warned_unsigned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_unsigned_once(tier: RemoteTier) -> None:
+    with _warned_lock:
+        if tier.url in _warned_unsigned:
+            return
+        _warned_unsigned.add(tier.url)
+    log.warning("%s: require_signature=False: entries without a trusted signature are used; anyone who can write "
+                "to this store can run code on every device that reads it", tier.describe())
 
 
 class RemoteUnavailable(ImportError):
@@ -246,8 +268,12 @@ class RemoteTier:
         endpoint_url: for non-AWS S3 servers (MinIO, a local test server). boto3 also reads
             ``$AWS_ENDPOINT_URL``; credentials come from boto3's usual chain (env, ~/.aws, role).
         write_back: upload entries compiled on this machine.
-        signing_key: HMAC key; records must be signed with it (and uploads are). Default
-            ``$CTXCACHE_SIGNING_KEY``; when neither is set, signatures are not checked (digests are).
+        signing_key: what uploads are signed with: an Ed25519 private key (PEM, ``ctxcache keygen``; its
+            public key is then trusted for this tier too), an HMAC secret, or a list (a rotation). Default
+            ``$CTXCACHE_SIGNING_KEY``. An HMAC secret is also checked on every record read.
+        require_signature: records must carry a valid Ed25519 signature from a trusted key
+            (``ContextCache(trusted_keys=...)``) — the default. ``False`` accepts unsigned records (logged
+            once as a warning); a bad or revoked signature is still refused.
         timeout: seconds for connecting and for each read (S3); keep it short, a compile is the fallback.
         retry_after: after an outage, seconds during which this process does not try the remote again.
         anonymous: unsigned S3 requests (a public read-only bucket).
@@ -265,7 +291,8 @@ class RemoteTier:
         *,
         endpoint_url: str | None = None,
         write_back: bool = False,
-        signing_key: str | bytes | None = None,
+        signing_key: SigningKeyArg = None,
+        require_signature: bool = True,
         timeout: float = 3.0,
         retry_after: float = 60.0,
         anonymous: bool = False,
@@ -279,6 +306,7 @@ class RemoteTier:
         self.endpoint_url = endpoint_url
         self.write_back = write_back
         self._signing_key = signing_key
+        self.require_signature = bool(require_signature)
         self.timeout = timeout
         self.retry_after = retry_after
         self.anonymous = anonymous
@@ -323,7 +351,7 @@ class RemoteTier:
         return sorted(n for n in names if is_key(n))
 
     @contextlib.contextmanager
-    def offer(self, key: str, parts: Parts = ()) -> Iterator[Offer | None]:
+    def offer(self, key: str, parts: Parts = (), *, trust: Trust | None = None) -> Iterator[Offer | None]:
         b = self._backend
         with self._guard(f"fetching {key[:12]}"):
             rkey = key
@@ -338,16 +366,23 @@ class RemoteTier:
                 return
             if len(raw) > _MAX_RECORD:
                 raise TierError(f"{self.describe()}: record for {key[:12]} is too large", code="tier_record")
-            signing_key = resolve_signing_key(self._signing_key)
-            sig = b.get(self._obj(rkey, RECORD_SIG), 4096) if signing_key is not None else None
-            check_signature(raw, sig, signing_key, f"{self.describe()} record {key[:12]}")
+            what = f"{self.describe()} record {key[:12]}"
+            keys = resolve_signing_keys(self._signing_key)
+            secret = hmac_secret(keys)
+            sig = b.get(self._obj(rkey, RECORD_SIG), 4096) if secret is not None else None
+            check_signature(raw, sig, secret, what)
+            if not self.require_signature:
+                _warn_unsigned_once(self)
+            signer = read_signer_or_refuse(raw, b.get(self._obj(rkey, RECORD_ED25519), _MAX_SIG), CONTEXT,
+                                           trust if trust is not None else Trust(), what,
+                                           hmac_checked=secret is not None, own=ed25519_keys(keys))
             record = parse_json(raw, f"{self.describe()} record for {key[:12]}")
             files_of = rkey
 
             def opener(name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
                 return b.stream(self._obj(files_of, "files", name))
 
-            yield Offer(record if isinstance(record, dict) else {}, opener, {"tier": self.kind, "location": self.url})
+            yield Offer(record if isinstance(record, dict) else {}, opener, {"tier": self.kind, "location": self.url}, signer)
 
     def lookup(self, key: str, parts: Parts = ()) -> Match | None:
         if self.has(key):
@@ -359,8 +394,10 @@ class RemoteTier:
         with self._guard(f"looking up {key[:12]}"):
             return bool(self._backend.exists(self._obj(key, RECORD)))
 
-    def push(self, entry: Entry, *, overwrite: bool = False) -> bool:
-        """Upload one local entry (the caller verified it); ``False`` if the remote already has it."""
+    def push(self, entry: Entry, *, overwrite: bool = False, signing_key: SigningKeyArg = None) -> bool:
+        """Upload one local entry (the caller verified it), signed with ``signing_key`` (default: the tier's);
+        ``False`` if the remote already has it."""
+        keys = resolve_signing_keys(signing_key if signing_key is not None else self._signing_key)
         if not overwrite and self.has(entry.key):
             return False
         files: dict[str, dict[str, Any]] = {}
@@ -377,9 +414,12 @@ class RemoteTier:
             files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
             b.put(self._obj(entry.key, "files", MANIFEST), manifest)
             raw = json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
-            signing_key = resolve_signing_key(self._signing_key)
-            if signing_key is not None:
-                b.put(self._obj(entry.key, RECORD_SIG), sign(raw, signing_key))
+            secret = hmac_secret(keys)
+            if secret is not None:
+                b.put(self._obj(entry.key, RECORD_SIG), sign(raw, secret))
+            # Always written (empty when unsigned): an overwrite must not leave an old signature beside a
+            # new record, which would then read as tampered.
+            b.put(self._obj(entry.key, RECORD_ED25519), sign_ed25519(raw, keys, CONTEXT))
             # The record goes last: it is what readers look for, so they never see a half-uploaded entry.
             b.put(self._obj(entry.key, RECORD), raw)
             parts = entry.manifest.get("parts")
