@@ -469,3 +469,111 @@ def test_clear_leaves_nothing_but_what_a_live_process_holds(tmp_path: Path, rel_
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- 9. bad input: a clear one-line error, nothing changed ------------------------------------------------
+@pytest.mark.parametrize("options", [{"soc_model": True}, {"soc_model": -3}, {"htp_arch": "73a"},
+                                     {"soc_model": 10**15}, {"vtcm_mb": 4.5}, {"enable_htp_fp16_precision": 2},
+                                     {"enable_htp_fp16_precision": "yes"}])
+def test_option_values_wrong_for_the_option_are_refused_before_anything_is_written(
+    tmp_path: Path, rel_models: list[Path], qnn_options: dict[str, str], options: dict[str, Any]
+) -> None:
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(ctxcache.errors.ProviderOptionError) as info:
+        ctxcache.ContextCache(cache_dir).load(rel_models[0], providers=[(QNN, {**qnn_options, **options})])
+    (name,) = options
+    assert name in str(info.value) and "\n" not in str(info.value) and info.value.option == name
+    assert not cache_dir.exists()
+
+
+def _bundle_folder(tmp_path: Path, rel_models: list[Path], qnn_providers: list[Any]) -> Path:
+    src = ctxcache.ContextCache(tmp_path / "src")
+    assert src.load(rel_models[0], providers=qnn_providers).outcome == "miss"
+    return ctxcache.export_bundle(src, tmp_path / "app" / "bundle").path
+
+
+def test_a_nesting_bomb_index_is_one_clear_refusal(tmp_path: Path, rel_models: list[Path], qnn_providers: list[Any]) -> None:
+    bundle = _bundle_folder(tmp_path, rel_models, qnn_providers)
+    (bundle / "index.json").write_text("[" * 200_000 + "]" * 200_000)
+    cache = ctxcache.ContextCache(tmp_path / "dst", trusted_dirs=[tmp_path / "app"])
+    with pytest.raises(ctxcache.errors.BundleError) as info:
+        ctxcache.import_bundle(cache, bundle)
+    assert "index.json" in str(info.value) and "\n" not in str(info.value) and "Recursion" in str(info.value)
+    # As a tier: a warning, then a compile; never a RecursionError in the app.
+    tiered = ctxcache.ContextCache(tmp_path / "dst2", trusted_dirs=[tmp_path / "app"], tiers=[bundle])
+    r = tiered.load(rel_models[0], providers=qnn_providers)
+    assert r.outcome == "miss" and output_digest(r) == reference(rel_models[0])
+
+
+def test_import_while_the_key_lock_is_busy_is_a_lock_timeout_error(tmp_path: Path, rel_models: list[Path],
+                                                                  qnn_providers: list[Any]) -> None:
+    from test_reliability_support import hold_lock
+
+    bundle = _bundle_folder(tmp_path, rel_models, qnn_providers)
+    cache = ctxcache.ContextCache(tmp_path / "dst", trusted_dirs=[tmp_path / "app"], lock_timeout=1.0)
+    key = cache.key(rel_models[0], providers=qnn_providers)
+    assert key is not None
+    Layout(cache.root).ensure()
+    holder = hold_lock(Layout(cache.root).lock_path(key.key), 600)
+    try:
+        with pytest.raises(ctxcache.errors.LockTimeoutError) as info:
+            ctxcache.import_bundle(cache, bundle)
+        assert key.key[:12] in str(info.value) and "\n" not in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ctxcache.import_bundle(cache, bundle).installed == (key.key,)
+
+
+def test_an_entry_larger_than_the_free_space_is_refused_with_the_numbers(tmp_path: Path, rel_models: list[Path],
+                                                                        qnn_providers: list[Any]) -> None:
+    bundle = _bundle_folder(tmp_path, rel_models, qnn_providers)
+    small = tmp_path / "small"
+    small.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        cache = ctxcache.ContextCache(small / "cache", trusted_dirs=[tmp_path / "app"])
+        res = ctxcache.import_bundle(cache, bundle)
+        (why,) = res.refused.values()
+        assert not res.installed and "bytes" in why and "free" in why, why
+        assert not any(Layout(small / "cache").staging_dir.iterdir())
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_external_data_that_is_not_a_file_is_a_clear_error_not_a_hang(tmp_path: Path, kind: str) -> None:
+    from ctxcache import models
+
+    model = models.conv_net(tmp_path / "m" / "model.onnx", layers=2, channels=8, external_data=True)
+    (data,) = [p for p in model.parent.iterdir() if p != model]
+    data.unlink()
+    os.mkfifo(data) if kind == "fifo" else data.mkdir()
+    proc = run_python(f"""
+import ctxcache
+from ctxcache import errors, models
+try:
+    ctxcache.ContextCache({str(tmp_path / 'cache')!r}).load({str(model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
+except errors.InvalidModelError as e:
+    print("ERR", e)
+""", timeout=60)
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("ERR") and data.name in line and "not a regular file" in line
+
+
+def test_printable_fields_only_from_a_tier(tmp_path: Path, rel_models: list[Path], qnn_providers: list[Any]) -> None:
+    """A tier's record or manifest whose model name carries terminal escape codes is refused before any
+    command prints it."""
+    import json
+
+    bundle = _bundle_folder(tmp_path, rel_models, qnn_providers)
+    index = json.loads((bundle / "index.json").read_text())
+    (key,) = index["entries"]
+    index["entries"][key]["model"]["name"] = "model\x1b[2J\x1b[31m.onnx"
+    (bundle / "index.json").write_text(json.dumps(index))
+    cache = ctxcache.ContextCache(tmp_path / "dst", trusted_dirs=[tmp_path / "app"])
+    res = ctxcache.import_bundle(cache, bundle)
+    assert not res.installed and "printable" in res.refused[key]
+    assert cache.entries() == []

@@ -47,6 +47,11 @@ class ExecutionProvider:
     known_options: ClassVar[frozenset[str] | None] = None
     #: Options that only matter at run time; excluded from the key so changing them does not recompile.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
+    #: Integer options and their allowed ranges (inclusive): ``True``, ``"60a"``, ``-3`` or ``10**12`` for
+    #: one of them is refused before anything is written, not misread by the provider.
+    int_options: ClassVar[dict[str, tuple[int, int]]] = {}
+    #: Options that are 0 / 1 (a bool, 0, 1, "0" or "1").
+    flag_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
@@ -76,9 +81,35 @@ class ExecutionProvider:
                         provider=self.name,
                         option=key,
                     )
-            out[key] = option_str(self.name, key, value)
+            out[key] = self._typed(key, value)
         self.validate_options(out)
         return dict(sorted(out.items()))
+
+    def _typed(self, key: str, value: Any) -> str:
+        """The option's value as ORT takes it (a string), checked against :attr:`int_options` and
+        :attr:`flag_options` first: the one rule for every provider's typed options."""
+        if key in self.int_options:
+            low, high = self.int_options[key]
+            text = value.strip() if isinstance(value, str) else value
+            ok = (isinstance(text, int) and not isinstance(text, bool)) or (
+                isinstance(text, str) and text.lstrip("-").isdigit() and len(text) < 20)
+            if not ok:
+                raise ProviderOptionError(f"{self.name} option {key!r} must be a whole number from {low} to {high}, "
+                                          f"got {value!r}.", provider=self.name, option=key)
+            number = int(text)
+            if not low <= number <= high:
+                raise ProviderOptionError(f"{self.name} option {key!r} must be from {low} to {high}, got {number}.",
+                                          provider=self.name, option=key)
+            return str(number)
+        if key in self.flag_options:
+            # True == 1 and False == 0 as dict keys: bools and 0/1 ints map alike; 2 or "yes" map to nothing.
+            flag = {1: "1", 0: "0", "1": "1", "0": "0"}.get(
+                value.strip() if isinstance(value, str) else value) if isinstance(value, (bool, int, str)) else None
+            if flag is None:
+                raise ProviderOptionError(f"{self.name} option {key!r} must be 0 or 1 (or a bool), got {value!r}.",
+                                          provider=self.name, option=key)
+            return flag
+        return option_str(self.name, key, value)
 
     def validate_options(self, options: dict[str, str]) -> None:
         """Raise :class:`ProviderOptionError` for values the provider would reject or misread."""

@@ -70,7 +70,10 @@ _RUNTIME = frozenset(
     }
 )
 
-_INT_OPTIONS = ("soc_model", "htp_arch", "vtcm_mb", "device_id", "rpc_control_latency")
+# Ranges wide enough for every SoC and HTP generation QNN knows (soc_model ids run into the hundreds,
+# htp_arch is 68-81 today), narrow enough that a typo or a bool is refused.
+_INT_OPTIONS = {"soc_model": (0, 10_000), "htp_arch": (0, 1_000), "vtcm_mb": (0, 1_024), "device_id": (0, 1_024),
+                "rpc_control_latency": (0, 100_000_000)}
 _BOOL_OPTIONS = (
     "enable_htp_fp16_precision",
     "offload_graph_io_quantization",
@@ -98,6 +101,8 @@ class QNNProvider(ExecutionProvider):
     name: ClassVar[str] = "QNNExecutionProvider"
     known_options: ClassVar[frozenset[str] | None] = _KNOWN
     runtime_options: ClassVar[frozenset[str]] = _RUNTIME
+    int_options: ClassVar[dict[str, tuple[int, int]]] = _INT_OPTIONS
+    flag_options: ClassVar[frozenset[str]] = frozenset(_BOOL_OPTIONS)
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
@@ -118,16 +123,6 @@ class QNNProvider(ExecutionProvider):
 
     # -- options ------------------------------------------------------------------------------
     def validate_options(self, options: dict[str, str]) -> None:
-        for key in _INT_OPTIONS:
-            if key in options and not options[key].lstrip("-").isdigit():
-                raise ProviderOptionError(
-                    f"QNN option {key!r} must be an integer, got {options[key]!r}.", provider=self.name, option=key
-                )
-        for key in _BOOL_OPTIONS:
-            if key in options and options[key] not in ("0", "1"):
-                raise ProviderOptionError(
-                    f"QNN option {key!r} must be 0 or 1, got {options[key]!r}.", provider=self.name, option=key
-                )
         if "backend_type" in options and "backend_path" in options:
             raise ProviderOptionError(
                 "QNN options 'backend_type' and 'backend_path' are mutually exclusive; pass one.",

@@ -166,16 +166,16 @@ _BOOL_OPTIONS = (
 )
 # Off by default in every ORT release since 1.14: "0" and absent build the same engine, so both key alike.
 _DEFAULT_OFF = frozenset(_BOOL_OPTIONS) - {"trt_load_user_initializer"}
-_INT_OPTIONS = (
-    "device_id",
-    "trt_max_partition_iterations",
-    "trt_min_subgraph_size",
-    "trt_max_workspace_size",
-    "trt_dla_core",
-    "trt_builder_optimization_level",
-    "trt_auxiliary_streams",
-    "trt_ep_context_embed_mode",
-)
+_INT_OPTIONS = {
+    "device_id": (0, 1_024),
+    "trt_max_partition_iterations": (0, 1_000_000),
+    "trt_min_subgraph_size": (0, 1_000_000),
+    "trt_max_workspace_size": (0, 1 << 50),
+    "trt_dla_core": (0, 64),
+    "trt_builder_optimization_level": (0, 5),
+    "trt_auxiliary_streams": (-1, 1_024),
+    "trt_ep_context_embed_mode": (0, 1),
+}
 _PROFILE_OPTIONS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
 _PROFILE_ITEM = re.compile(r"^([^:,]+):(\d+(?:x\d+)*)$")
 _TRUE = {"1", "true", "True", "TRUE"}
@@ -238,6 +238,7 @@ class TensorRTProvider(ExecutionProvider):
     name: ClassVar[str] = "TensorrtExecutionProvider"
     known_options: ClassVar[frozenset[str] | None] = _KNOWN
     runtime_options: ClassVar[frozenset[str]] = _RUNTIME
+    int_options: ClassVar[dict[str, tuple[int, int]]] = _INT_OPTIONS
 
     # -- availability -------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -278,11 +279,6 @@ class TensorRTProvider(ExecutionProvider):
                     f"TensorRT option {key!r} must be 0 or 1 (or true/false), got {options[key]!r}.",
                     provider=self.name,
                     option=key,
-                )
-        for key in _INT_OPTIONS:
-            if key in options and not options[key].lstrip("-").isdigit():
-                raise ProviderOptionError(
-                    f"TensorRT option {key!r} must be an integer, got {options[key]!r}.", provider=self.name, option=key
                 )
         level = options.get("trt_builder_optimization_level")
         if level is not None and not 0 <= int(level) <= 5:
