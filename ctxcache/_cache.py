@@ -57,6 +57,10 @@ class ContextCache:
         tiers: bundles (folder or ``.tar`` path, or :class:`~ctxcache.Bundle`), ORT model packages and
             remote stores (``s3://bucket/prefix`` or :class:`~ctxcache.RemoteTier`) consulted in order on
             a local miss, before compiling. A tier entry is verified and copied into this cache.
+        on_miss: ``"compile"`` (compile now, the load waits) or ``"background"``: a miss returns at once a
+            session on the original model with the ``meanwhile`` providers (outcome ``pending``) and
+            compiles in a detached process that outlives the app; the next launch after it is a hit.
+        meanwhile: the providers of that session (default: CPU).
         trusted_keys: Ed25519 public keys (``"ed25519:<base64>"`` as ``ctxcache keygen`` prints them, PEM
             public keys, or ``pathlib.Path`` files with one key per line) whose signatures admit a tier's
             entry. Several for a rotation. Default: ``$CTXCACHE_TRUSTED_KEYS`` (comma- or space-separated).
@@ -86,6 +90,8 @@ class ContextCache:
         trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
         revoked_keys: Sequence[str | os.PathLike[str]] | None = None,
         trusted_dirs: Sequence[str | os.PathLike[str]] | None = None,
+        on_miss: Literal["compile", "background"] = "compile",
+        meanwhile: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
         if on_lock_timeout not in ("jit", "raise"):
             raise ValueError(f"on_lock_timeout must be 'jit' or 'raise', not {on_lock_timeout!r}")
@@ -95,6 +101,10 @@ class ContextCache:
             raise ValueError("lock_timeout must be >= 0 or None")
         if max_size is not None and max_size < 0:
             raise ValueError("max_size must be >= 0 or None")
+        if on_miss not in ("compile", "background"):
+            raise ValueError(f"on_miss must be 'compile' or 'background', not {on_miss!r}")
+        if isinstance(meanwhile, str) or not all(isinstance(m, str) for m in meanwhile):
+            raise ValueError("meanwhile is a list of provider names, e.g. ['CPUExecutionProvider']")
         if stall_timeout is not None and stall_timeout <= 0:
             raise ValueError("stall_timeout must be > 0 seconds or None")
         if negative_ttl < 0:
@@ -109,6 +119,7 @@ class ContextCache:
                                  on_lock_timeout=on_lock_timeout, embed=embed, extra_key=extra_key,
                                  verify="stat" if verify == "stat" else "content",
                                  negative_ttl=negative_ttl, stall_timeout=stall_timeout,
+                                 on_miss=on_miss, meanwhile=tuple(meanwhile),
                                  # Parsed now (no cryptography needed): a bad trusted key is bad input.
                                  trust=resolve_trust(trusted_keys, revoked_keys, trusted_dirs))
         self._store = Store(self.root)
@@ -244,6 +255,13 @@ class ContextCache:
         for name in _fs.names(store.memo_dir):  # memos of files that still exist: a cache of hashes, cheap to redo
             _fs.remove_file(store.memo_dir / name)
         return n
+
+    def wait(self, key: str, timeout: float | None = None) -> bool:
+        """Wait for the entry of ``key`` (a ``pending`` load's ``LoadResult.key``) to be committed;
+        ``False`` when ``timeout`` passed or its compile ended without an entry."""
+        from ._background import Waiter
+
+        return Waiter(self._store, key).wait(timeout)
 
     def stats(self) -> _stats.Stats:
         """Hits, misses, fallbacks (with reasons), bypasses and compile seconds, over all processes."""

@@ -96,6 +96,14 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
     except Exception as e:  # noqa: BLE001 - an older ORT without the plugin-EP API; doctor reports, never fails
         data["ep_devices"] = f"unavailable: {e}"
     data["qnn"] = "available" if qnn_why is None else qnn_why
+    from . import _arch
+
+    arch = _arch.describe()
+    data["architecture"] = arch
+    if arch["emulated"]:
+        problems.append(f"this Python runs emulated ({arch['python']} on an {str(arch['native']).upper()} machine): contexts "
+                        f"it compiles are not usable by a native {str(arch['native']).upper()} Python (QNN records HTP arch 0); "
+                        "install the native Python")
 
     root = cache.root
     existing = root

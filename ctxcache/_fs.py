@@ -44,6 +44,22 @@ class OsCalls:
 ops = OsCalls()
 
 
+def path_limit() -> int | None:
+    """The longest path the OS takes, where it is short enough to matter: Windows' MAX_PATH (260) unless
+    long paths are enabled for this Python; ``None`` elsewhere. A seam: tests play Windows with it."""
+    if sys.platform != "win32":
+        return None
+    try:  # pragma: no cover - Windows
+        import winreg
+
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem") as k:
+            if winreg.QueryValueEx(k, "LongPathsEnabled")[0] == 1:
+                return None
+    except OSError:  # pragma: no cover - Windows
+        pass
+    return 260  # pragma: no cover - Windows
+
+
 def sharing_violation(e: OSError) -> bool:
     """Whether ``e`` is Windows refusing to rename or delete a file another process holds open."""
     return getattr(e, "winerror", None) in (5, 32, 33) or (sys.platform == "win32" and isinstance(e, PermissionError))
@@ -417,4 +433,9 @@ def pid_alive(pid: int) -> bool:
         return True
     except OSError as e:
         return e.errno != errno.ESRCH
-    return True
+    # A zombie (dead, not yet reaped: an orphan in a container whose pid 1 does not reap) answers kill(0).
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read(512).rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True

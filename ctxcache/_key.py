@@ -51,6 +51,12 @@ class Environment:
         self.memo_dir = memo_dir
         self._parts: dict[str, dict[str, Any]] = {}
 
+    def digest(self, ep: ExecutionProvider, options: Mapping[str, str]) -> str:
+        """A short digest of :meth:`parts`: what a remembered verdict is valid for."""
+        import xxhash
+
+        return xxhash.xxh3_64_hexdigest(canonical_json([ep.name, self.parts(ep, options)]).encode())
+
     def parts(self, ep: ExecutionProvider, options: Mapping[str, str]) -> dict[str, Any]:
         memo_key = ep.name + canonical_json(dict(options))
         parts = self._parts.get(memo_key)
@@ -120,4 +126,8 @@ def render(d: tuple[str, Any, Any]) -> str:
     """``ep_options.soc_model 60 -> 69`` (the model part is a digest of the bytes, not a name)."""
     path, old, new = d
     label = "model content" if path == "model" else path
-    return f"{label} {_fingerprint.short(old)} -> {_fingerprint.short(new)}"
+    text = f"{label} {_fingerprint.short(old)} -> {_fingerprint.short(new)}"
+    if path == "host" and isinstance(old, str) and isinstance(new, str) and old.split("-")[-1] != new.split("-")[-1]:
+        text += (f" (the Python's architecture: {old.split('-')[-1]} -> {new.split('-')[-1]}; an emulated x64 Python's "
+                 "contexts do not serve a native ARM64 one)")
+    return text

@@ -20,18 +20,18 @@ from typing import Any, Literal, NamedTuple
 
 import onnxruntime as ort
 
-from . import _events, _key, _negative
+from . import _events, _fs, _key, _negative
 from ._compile import CompileFailed, NothingCompiled
 from ._fingerprint import Fingerprint
 from ._hashing import ModelDigest, forget_model, identity, model_digest
 from ._inputs import Chain, Model, ProvidersArg, chosen_by_policy, context_target, resolve_model, resolve_providers, session
-from ._locking import KeyLock, LockStalled
+from ._locking import KeyLock, LockStalled, release, try_lock
 from ._manifest import Entry, new_manifest
 from ._markers import clear as clear_marker
 from ._markers import forget_deaths, mark
 from ._onnxproto import WireError, read_facts
 from ._seams import hooks
-from ._servable import ContentCheck, entry_problem
+from ._servable import ContentCheck, judge
 from ._store import BrokenEntry, InsecureCache, Store
 from ._trust import Trust
 from ._types import LoadResult, ModelArg, Outcome, Reason, Timings
@@ -40,6 +40,9 @@ from .errors import CacheFaultError, CtxCacheError, LockTimeoutError
 from .providers import ExecutionProvider
 
 log = logging.getLogger("ctxcache")
+
+# Backoff between attempts to load a context after a transient device failure (bounded: ~1 s in all).
+_RETRY_PAUSES = (0.2, 0.8)
 
 
 class Settings(NamedTuple):
@@ -54,12 +57,21 @@ class Settings(NamedTuple):
     negative_ttl: float = 7 * 24 * 3600.0
     stall_timeout: float | None = 5.0
     trust: Trust = Trust()
+    on_miss: Literal["compile", "background"] = "compile"
+    meanwhile: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def for_worker(self) -> dict[str, Any]:
+        """The settings a background worker needs to make the same key and behave the same (trust and
+        tiers stay with the app: the worker only compiles)."""
+        return {"strict": self.strict, "lock_timeout": self.lock_timeout, "embed": self.embed,
+                "extra_key": self.extra_key, "verify": self.verify, "negative_ttl": self.negative_ttl,
+                "stall_timeout": self.stall_timeout}
 
 
 class Request:
     """One load: its inputs, and what the steps learn about it on the way (key, timings, tier)."""
 
-    __slots__ = ("chain", "digest", "fingerprint", "model", "sess_options", "started", "tier", "times", "warm")
+    __slots__ = ("chain", "digest", "fingerprint", "model", "note", "sess_options", "started", "tier", "times", "warm")
 
     def __init__(self, model: Model, chain: Chain, sess_options: ort.SessionOptions | None, *, warm: bool = False) -> None:
         self.model = model
@@ -71,6 +83,9 @@ class Request:
         self.digest: ModelDigest | None = None
         self.fingerprint: Fingerprint | None = None
         self.tier: str | None = None
+        #: why a load that ends as a plain hit or miss took another way on the way (an UNSUPPORTED entry
+        #: replaced, a rebuild started, a background compile not possible): reported in LoadResult.reason
+        self.note: Reason | None = None
 
     @property
     def ep(self) -> ExecutionProvider:
@@ -149,6 +164,11 @@ class Loader:
         return self._miss(req)
 
     def _open_store(self) -> Reason | None:
+        limit = _fs.path_limit()
+        if limit is not None and self.store.longest_path() >= limit:
+            return Reason("cache_unwritable", f"paths under {self.store.root} would reach {self.store.longest_path()} "
+                                              f"characters, over this system's {limit}-character limit: pass a shorter "
+                                              "cache_dir (or enable long paths in Windows)")
         try:
             self.store.ensure()
         except InsecureCache as e:
@@ -167,8 +187,9 @@ class Loader:
         """
         written_now = fresh or req.tier is not None
         content = self.settings.verify == "content" and not written_now
-        why = entry_problem(self.store, entry, req.ep, digests="none" if content or written_now else "changed",
-                            consume_markers=True, fresh=fresh, options=req.options)
+        env = self.env.digest(req.ep, req.options)
+        why, answer, detail = judge(self.store, entry, req.ep, digests="none" if content or written_now else "changed",
+                                    consume_markers=True, fresh=fresh, options=req.options, env=env)
         if why is None:
             hooks.verified(entry)
             check = ContentCheck(self.store, entry) if content else None
@@ -176,9 +197,7 @@ class Loader:
             t = time.perf_counter()
             sess = None
             try:
-                sess = session(str(entry.context_path), req.chain, req.sess_options, target=True)
-            except Exception as e:  # noqa: BLE001 - ORT's exceptions derive from Exception only
-                why = Reason("load_failed", f"{type(e).__name__}: {e}".strip()[:2000])
+                sess, why = self._load_context(req, entry)
             finally:
                 req.times["load"] = req.times.get("load", 0.0) + time.perf_counter() - t
                 clear_marker(marker)
@@ -192,17 +211,68 @@ class Loader:
                 if req.ep.name in sess.get_providers():
                     self.store.touch(entry)
                     forget_deaths(self.store.markers_dir, entry.key)
+                    if answer == "prefer_recompilation":
+                        self._rebuild_later(req, entry, detail, env)
                     return self._finish(req, sess, outcome, entry=entry)
                 # ORT silently put the graph on CPU: never report that as the provider's session.
                 why = Reason("wrong_provider", f"the context session runs on {sess.get_providers()}, not {req.ep.name}")
         assert why is not None
+        if why.code == "device_busy":
+            # Transient is not stale: the context that took minutes to build stays for the next launch.
+            log.warning("%s: %s", req.model.name, why)
+            return self._original(req, "bypass", why)
         if fresh:
             return self._unloadable(req, entry, why)
         if req.tier is not None:
             return self._rejected_from_tier(req, entry, why)
+        if why.code == "incompatible" and outcome == "hit":
+            # UNSUPPORTED: never loaded. Out of the way, then a tier or a compile, in this very launch.
+            self._invalidate(entry.key, entry, why)
+            req.note = why
+            return self._miss(req)
         return self._fallback(req, entry, why)
 
+    def _rebuild_later(self, req: Request, entry: Entry, detail: str, env: str) -> None:
+        """SUPPORTED_PREFER_RECOMPILATION: this launch runs the context; a detached worker rebuilds it for
+        the next ones (and replaces it only once the new one loads)."""
+        from . import _background
+
+        if req.model.path is None or entry.manifest.get("rebuilt_for") == env or entry.origin is not None:
+            return
+        so = req.sess_options
+        job = _background.job_for(self.store.base, self.settings.for_worker(), req.model.path,
+                                  [(req.ep.name, req.options)],
+                                  _key.graph_level_name(so.graph_optimization_level if so is not None else None),
+                                  entry.key, mode="rebuild")
+        state, why = _background.start(self.store, entry.key, job, negative_ttl=self.settings.negative_ttl)
+        req.note = Reason("prefer_recompilation", f"{detail}; {why}" if state == "started" else f"{detail}; not rebuilt: {why}")
+
+    def _load_context(self, req: Request, entry: Entry) -> tuple[ort.InferenceSession | None, Reason | None]:
+        """The session on the entry's context; a failure the provider classes as transient (the device
+        busy or short of memory) is retried with a bounded backoff and then reported as ``device_busy``."""
+        for attempt, pause in enumerate((*_RETRY_PAUSES, None)):
+            try:
+                return session(str(entry.context_path), req.chain, req.sess_options, target=True), None
+            except Exception as e:  # noqa: BLE001 - ORT's exceptions derive from Exception only
+                text = f"{type(e).__name__}: {e}".strip()[:2000]
+                kind = req.ep.load_error_kind(text)
+                if kind != "transient":
+                    note = "" if kind == "artifact" else " (not a failure the provider knows; treated as the context's)"
+                    return None, Reason("load_failed", text + note)
+                if pause is None:
+                    return None, Reason("device_busy", f"{text} ({attempt + 1} attempts; the entry is kept)")
+                log.info("%s: transient load failure (%s); retrying in %.1f s", req.model.name, text[:200], pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
     def _miss(self, req: Request) -> LoadResult:
+        if self.settings.on_miss == "background":
+            pending = self._background(req)
+            if pending is not None:
+                return pending
+        return self._miss_here(req)
+
+    def _miss_here(self, req: Request) -> LoadResult:
         import filelock
 
         assert req.key is not None
@@ -237,11 +307,87 @@ class Loader:
             self._after_publish(entry)
         return self._serve(req, entry, outcome, fresh=outcome == "miss")
 
+    def _background(self, req: Request) -> LoadResult | None:
+        """``on_miss="background"``: the original model on the ``meanwhile`` providers now, the compile in a
+        detached process (``_background``). ``None``: do it here instead (bytes models; no process can be
+        started), with the reason noted."""
+        from . import _background
+
+        assert req.key is not None
+        if req.model.path is None:
+            req.note = Reason("background_unavailable", "a model given as bytes is compiled in the foreground")
+            return None
+        handle = try_lock(self.store.lock_path(req.key))
+        if handle is not None:
+            # Free: nobody is compiling. Look again, then ask the tiers (fast next to a compile), here.
+            try:
+                entry = self._look_again(req)
+                if entry is None and self._tiers():
+                    entry = self._from_tiers(req)
+            finally:
+                release(handle)
+            if entry is not None:
+                if req.tier is not None:
+                    hooks.published(entry)
+                    self._after_publish(entry)
+                return self._serve(req, entry, "hit")
+        so = req.sess_options
+        job = _background.job_for(self.store.base, self.settings.for_worker(), req.model.path,
+                                  [(req.ep.name, req.options)],
+                                  _key.graph_level_name(so.graph_optimization_level if so is not None else None), req.key)
+        state, detail = _background.start(self.store, req.key, job, negative_ttl=self.settings.negative_ttl)
+        if state == "unavailable":
+            req.note = Reason("background_unavailable", f"{detail}; compiled in the foreground instead")
+            return None
+        if state == "given_up":
+            return self._original(req, "bypass", Reason("not_compilable", f"remembered: {detail}"))
+        return self._meanwhile(req, Reason("compiling_in_background", detail), _background.Waiter(self.store, req.key))
+
+    def _meanwhile(self, req: Request, reason: Reason, waiter: object) -> LoadResult:
+        """A session on the original model with the ``meanwhile`` providers (outcome ``pending``)."""
+        from ._inputs import resolve_providers
+
+        meanwhile = resolve_providers(list(self.settings.meanwhile), None)
+        sess = session(req.model.source, meanwhile, req.sess_options, target=False)
+        result = self._finish(req, sess, "pending", reason)
+        return result._replace_waiter(waiter)
+
+    def rebuild(self, model: ModelArg, providers: ProvidersArg, sess_options: ort.SessionOptions | None) -> None:
+        """Recompile ``model``'s entry and replace it once the new context loads (the background worker's
+        job when ONNX Runtime reports the current one SUPPORTED_PREFER_RECOMPILATION). Under the key's
+        lock; the new context is loaded in this (worker) process before it is published, so a context
+        that does not load never replaces one that does."""
+        import filelock
+
+        req = Request(resolve_model(model), resolve_providers(providers, None), sess_options)
+        if context_target(req.chain) is not None or self._open_store() is not None:
+            return
+        req.digest = req.model.digest(self.store.memo_dir)
+        req.fingerprint = self.fingerprint(req)
+        assert req.key is not None
+        env = self.env.digest(req.ep, req.options)
+        lock = KeyLock(self.store.lock_path(req.key))
+        try:
+            lock.acquire(self.settings.lock_timeout, req.model.name, stall_after=self.settings.stall_timeout)
+        except (filelock.Timeout, LockStalled, OSError):
+            return
+        with lock:
+            try:
+                current = self.store.lookup(req.key)
+            except BrokenEntry:
+                current = None
+            if current is not None and current.manifest.get("rebuilt_for") == env:
+                return  # rebuilt here once already: ORT still prefers a rebuild, but another would not help
+            built = self._compile(req, load_first=True, extra={"rebuilt_for": env})
+        if isinstance(built, Entry):
+            log.info("rebuilt %s (ONNX Runtime preferred a recompiled context)", req.key[:12])
+            self._after_publish(built)
+
     def _look_again(self, req: Request) -> Entry | None:
         """Under the lock: the process we waited for has probably published it."""
         assert req.key is not None
         try:
-            return self.store.lookup(req.key)
+            return self.store.look_again(req.key)
         except BrokenEntry as b:
             self.store.quarantine(req.key, b.code, b.message)
             return None
@@ -264,7 +410,7 @@ class Loader:
         req.tier = tier.kind
         return entry
 
-    def _compile(self, req: Request) -> Entry | LoadResult:
+    def _compile(self, req: Request, *, load_first: bool = False, extra: dict[str, Any] | None = None) -> Entry | LoadResult:
         """Compile into a private staging folder and publish it by one rename (caller holds the lock)."""
         assert req.key is not None and req.fingerprint is not None and req.digest is not None
         try:
@@ -300,6 +446,12 @@ class Loader:
             if changed is not None:
                 self._fault(req.key, changed)
                 return self._original(req, "fallback", changed)
+            if load_first:
+                try:
+                    session(str(staging / "ctx.onnx"), req.chain, req.sess_options, target=True)
+                except Exception as e:  # noqa: BLE001 - the rebuilt context does not load: keep the old one
+                    log.warning("rebuilt context of %s does not load (%s); keeping the current entry", req.key[:12], e)
+                    return self._original(req, "fallback", Reason("load_failed", f"{type(e).__name__}: {e}"[:2000]))
             try:
                 facts = read_facts(staging / "ctx.onnx")
                 compat = {k.split(".", 1)[1]: v for k, v in facts.metadata.items() if k.startswith("ep_compatibility_info.")}
@@ -308,6 +460,7 @@ class Loader:
                     model_size=req.digest.size, provider=req.ep.name, created=time.time(),
                     compile_seconds=req.times["compile"], compat=compat, version=__version__,
                 )
+                manifest.update(extra or {})
                 entry = self.store.publish(staging, req.key, manifest)
             except (OSError, BrokenEntry, WireError) as e:
                 reason = Reason("publish_failed", f"{type(e).__name__}: {e}")
@@ -359,7 +512,7 @@ class Loader:
         except Exception:  # noqa: BLE001 - a report never fails the load
             providers = ()
         return LoadResult(
-            sess, outcome, req.key, reason, req.timings(), providers, entry.path if entry is not None else None,
+            sess, outcome, req.key, reason or req.note, req.timings(), providers, entry.path if entry is not None else None,
             req.digest.digest if req.digest is not None else None, req.tier,
             entry.compile_seconds if entry is not None and outcome == "hit" else 0.0,
         )

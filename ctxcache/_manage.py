@@ -324,6 +324,7 @@ class PrunePlan:
 
 _JUNK = {
     "quarantined": "a quarantined copy of a broken entry (kept for a post-mortem)",
+    "hidden": "an entry removed while another process held its files (Windows): deleted once they are free",
     "staging": "the staging folder of a compile that is over",
     "memo": "a hash memo of a file that no longer exists",
     "lock": "the lock of a key without an entry",

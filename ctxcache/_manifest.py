@@ -27,7 +27,7 @@ _MAX_ARTIFACTS = 64
 KEY_RE = re.compile(r"[0-9a-f]{32}")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 #: Keys that describe one store's copy of an entry, not the entry: never exported, rebuilt on publish.
-LOCAL_ONLY = ("format", "key", "artifacts", "entry_id", "origin")
+LOCAL_ONLY = ("format", "key", "artifacts", "entry_id", "origin", "gone")
 
 
 def safe_name(name: object) -> bool:
@@ -171,6 +171,8 @@ def check(data: Any, key: str) -> str | None:
     origin = data.get("origin")
     if origin is not None and not isinstance(origin, dict):
         return "origin is not an object"
+    if "gone" in data and not isinstance(data["gone"], dict):
+        return "gone is not an object"
     return None
 
 

@@ -12,19 +12,23 @@ loader hands the session out only once the digests agree.
 from __future__ import annotations
 
 import _thread
+import json
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
+from . import _fs
 from ._manifest import Entry
 from ._markers import consume, dead_markers, deaths, note_death
 from ._probe import probe
 from ._store import Problem, Store
 from ._types import Reason
 from .providers import ExecutionProvider
+from .providers._base import Verdict
 
 log = logging.getLogger("ctxcache")
 
 Digests = Literal["all", "changed", "none"]
+_ANSWERS = frozenset(get_args(Verdict))
 
 
 #: Loaders of one entry killed this many times in a row, each time with a probe load that came through,
@@ -35,7 +39,15 @@ MAX_DEATHS = 3
 
 def entry_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, *, digests: Digests,
                   consume_markers: bool = False, fresh: bool = False,
-                  options: dict[str, str] | None = None) -> Reason | None:
+                  options: dict[str, str] | None = None, env: str = "") -> Reason | None:
+    """:func:`judge`'s reason alone."""
+    return judge(store, entry, ep, digests=digests, consume_markers=consume_markers, fresh=fresh, options=options,
+                 env=env)[0]
+
+
+def judge(store: Store, entry: Entry, ep: ExecutionProvider | None, *, digests: Digests,
+          consume_markers: bool = False, fresh: bool = False,
+          options: dict[str, str] | None = None, env: str = "") -> tuple[Reason | None, Verdict, str]:
     """Why ``entry`` must not be served on ``ep`` here, or ``None`` when it may be.
 
     In order: a process died while loading it and a probe load in a child process says the context is
@@ -43,14 +55,16 @@ def entry_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, *, d
     of another size or not regular, or the context refers to files outside it; their bytes differ
     from the recorded digests (``digests``: every file, only those whose stat signature changed, or
     none here because the caller runs a :class:`ContentCheck`); the provider's compatibility check
-    refuses it. ``consume_markers`` removes the dead loaders' markers once the caller acts on the
+    refuses it (ONNX Runtime's verdict UNSUPPORTED, see :func:`verdict`). Returns the reason (``None``:
+    servable), the provider's verdict and its detail (a caller serves a ``prefer_recompilation`` entry
+    and has it rebuilt). ``consume_markers`` removes the dead loaders' markers once the caller acts on the
     verdict (the loader quarantines the entry); a read-only caller leaves them. ``fresh`` skips the
     compatibility check for a context compiled a moment ago in this process (QNN's check segfaulted
     when called right after a compile).
     """
     crashed = crash_problem(store, entry, ep, options, act=consume_markers)
     if crashed is not None:
-        return crashed
+        return crashed, "unknown", ""
     problem = store.check_files(entry)
     if problem is not None and problem.code in ("artifact_unreadable", "unsafe_context"):
         # A context that does not parse, or names files it should not, may just be damaged bytes:
@@ -59,14 +73,36 @@ def entry_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, *, d
     elif problem is None and digests != "none":
         problem = store.check_digests(entry, only_changed=digests == "changed")
     if problem is not None:
-        return Reason(problem.code, problem.message)
-    if ep is not None and not fresh:
-        info = entry.compat.get(ep.name)
-        if info is not None:
-            verdict = ep.compatibility(info)
-            if verdict is not None:
-                return Reason("incompatible", verdict)
-    return None
+        return Reason(problem.code, problem.message), "unknown", ""
+    if ep is None or fresh:
+        return None, "unknown", "not asked"
+    answer, detail = verdict(store, entry, ep, env)
+    if answer == "unsupported":
+        return Reason("incompatible", f"{detail}: the context does not run on this device (a driver or SDK "
+                                      "update?); it is rebuilt"), answer, detail
+    return None, answer, detail
+
+
+def verdict(store: Store, entry: Entry, ep: ExecutionProvider, env: str) -> tuple[Verdict, str]:
+    """The provider's verdict on ``entry`` here, asked from the compatibility string the entry recorded
+    (no session needed) and remembered per entry and environment (``env``: a digest of the devices,
+    drivers and versions), so a hit asks ONNX Runtime once, not at every launch."""
+    info = entry.compat.get(ep.name)
+    if info is None:
+        return "unknown", "the context records no compatibility string"
+    cache = store.memo_dir / f"verdict-{entry.key}-{entry.entry_id or 'x'}-{env or 'x'}.json"
+    try:
+        data = json.loads(_fs.read_small(cache, 4096))
+        if data.get("verdict") in _ANSWERS and isinstance(data.get("detail"), str):
+            return data["verdict"], data["detail"]
+    except (OSError, ValueError, RecursionError, AttributeError):
+        pass
+    answer, detail = ep.compatibility(info)
+    try:
+        _fs.atomic_write(cache, json.dumps({"verdict": answer, "detail": detail, "key": entry.key}).encode(), durable=False)
+    except OSError:
+        pass
+    return answer, detail
 
 
 def crash_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, options: dict[str, str] | None,

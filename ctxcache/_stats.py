@@ -38,6 +38,8 @@ class Stats:
     misses: int = 0
     fallbacks: int = 0
     bypasses: int = 0
+    #: loads served on the meanwhile providers while the context compiled in the background
+    pendings: int = 0
     compile_seconds: float = 0.0
     saved_seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -50,7 +52,7 @@ class Stats:
 
     @property
     def loads(self) -> int:
-        return self.hits + self.misses + self.fallbacks + self.bypasses
+        return self.hits + self.misses + self.fallbacks + self.bypasses + self.pendings
 
     @property
     def app_loads(self) -> int:
@@ -64,6 +66,7 @@ class Stats:
             "misses": self.misses,
             "fallbacks": self.fallbacks,
             "bypasses": self.bypasses,
+            "pendings": self.pendings,
             "warm_loads": self.warm_loads,
             "warm_compiles": self.warm_compiles,
             "compile_seconds": round(self.compile_seconds, 3),
@@ -74,10 +77,10 @@ class Stats:
         }
 
 
-_COUNTS = ("hits", "misses", "fallbacks", "bypasses", "warm_compiles", "warm_loads")
+_COUNTS = ("hits", "misses", "fallbacks", "bypasses", "pendings", "warm_compiles", "warm_loads")
 _SECONDS = ("compile_seconds", "saved_seconds")
 _TABLES = ("reasons", "per_key_hits", "tier_hits")
-_OUTCOME_FIELD = {"hit": "hits", "miss": "misses", "fallback": "fallbacks", "bypass": "bypasses"}
+_OUTCOME_FIELD = {"hit": "hits", "miss": "misses", "fallback": "fallbacks", "bypass": "bypasses", "pending": "pendings"}
 
 
 class _Tally:
@@ -158,7 +161,8 @@ class _Tally:
 
     def freeze(self) -> Stats:
         c, s, t = self.counts, self.seconds, self.tables
-        return Stats(c["hits"], c["misses"], c["fallbacks"], c["bypasses"], s["compile_seconds"], s["saved_seconds"],
+        return Stats(c["hits"], c["misses"], c["fallbacks"], c["bypasses"], c["pendings"], s["compile_seconds"],
+                     s["saved_seconds"],
                      dict(t["reasons"]), dict(t["per_key_hits"]), dict(t["tier_hits"]), c["warm_compiles"],
                      c["warm_loads"], self.since)
 

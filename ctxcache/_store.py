@@ -142,6 +142,10 @@ class Store:
         except _fs.UnsafeFolder as e:
             raise InsecureCache(*e.args) from None
 
+    def longest_path(self) -> int:
+        """The longest path this store writes (a staging folder's binary): checked against MAX_PATH."""
+        return len(str(self.staging_dir / f"{'0' * 32}.{'0' * 10}.{'0' * 8}" / ("x" * 48)))
+
     def check(self, folder: Path) -> None:
         """The folder rule for one folder of this store (``InsecureCache`` when it fails)."""
         try:
@@ -184,6 +188,8 @@ class Store:
             data = _manifest.parse(raw, key, mpath)
         except ValueError as e:
             raise BrokenEntry("manifest_corrupt", str(e)) from None
+        if "gone" in data:
+            return None  # hidden: removed while another process held its files (see _hide)
         return Entry(key, path, data)
 
     def verify(self, entry: Entry, *, full: bool = False) -> Problem | None:
@@ -281,10 +287,48 @@ class Store:
         self.check(self.entries_dir)
         target = self.entries_dir / key
         if _fs.exists(target):
-            self._discard(target)
+            self._discard(target)  # moved away, or (Windows, held open) hidden and still there
+        if _fs.exists(target):
+            # Windows: the old entry's files are held open by a running session, and a folder holding
+            # one cannot be moved. Publish beside it, hidden from plain lookups; the next launch that
+            # takes the key's lock serves it from there and promotes it once the old one can go.
+            ready = self.staging_dir / f"{key}.ready.{os.urandom(4).hex()}"
+            _fs.rename(staging, ready)
+            _fs.fsync_dir(self.staging_dir)
+            log.info("published %s beside a held entry (%s); it is promoted later", key[:12], ready.name)
+            return Entry(key, ready, manifest)
         _fs.rename(staging, target)
         _fs.fsync_dir(self.entries_dir)
         return Entry(key, target, manifest)
+
+    def _ready(self, key: str) -> list[Path]:
+        return sorted(self.staging_dir / n for n in _fs.names(self.staging_dir) if n.startswith(f"{key}.ready."))
+
+    def look_again(self, key: str) -> Entry | None:
+        """Under the key's lock: the committed entry, or one published beside a held entry (promoted now
+        when the old one can finally go, else served from where it is). Raises :class:`BrokenEntry`."""
+        ready = self._ready(key)
+        if ready:
+            newest = ready[-1]
+            try:
+                data = _manifest.parse(_fs.read_small(newest / MANIFEST, _manifest.MAX_BYTES), key, newest / MANIFEST)
+            except (OSError, ValueError):
+                _fs.remove_tree(newest)
+                return self.lookup(key)
+            target = self.entries_dir / key
+            if _fs.exists(target):
+                self._discard(target)
+            if not _fs.exists(target):
+                try:
+                    _fs.rename(newest, target)
+                    _fs.fsync_dir(self.entries_dir)
+                    for stale in ready[:-1]:
+                        _fs.remove_tree(stale)
+                    return Entry(key, target, data)
+                except OSError as e:
+                    log.debug("could not promote %s: %s", newest, e)
+            return Entry(key, newest, data)
+        return self.lookup(key)
 
     # -- removal ------------------------------------------------------------------------------
     def _discard(self, path: Path) -> bool:
@@ -300,9 +344,32 @@ class Store:
         except FileNotFoundError:
             return False
         except OSError as e:
+            if _fs.sharing_violation(e) and path.parent == self.entries_dir:
+                return self._hide(path, "removed")
             log.warning("cannot remove %s: %s", path, e.strerror or e)
             return False
         _fs.remove_tree(trash)
+        return True
+
+    def _hide(self, path: Path, why: str) -> bool:
+        """Windows: an entry whose folder cannot be moved (a session holds its files) is hidden at once by
+        a tombstone in its manifest (rewritten: the manifest itself is never held open), so no lookup
+        returns it; its files go at a later housekeeping, when they are no longer held."""
+        try:
+            data = json.loads(_fs.read_small(path / MANIFEST, _manifest.MAX_BYTES))
+            if not isinstance(data, dict):
+                raise ValueError("not a manifest")
+            data["gone"] = {"why": why, "time": time.time()}
+            _fs.atomic_write(path / MANIFEST, _manifest.dumps(data))
+        except (OSError, ValueError, RecursionError) as e:
+            try:  # no manifest to rewrite: without one the folder is no entry either
+                _fs.ops.unlink(str(path / MANIFEST))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                log.warning("cannot hide %s: %s", path, e)
+                return False
+        log.info("%s is held open by another process; hidden now, deleted later", path)
         return True
 
     def current_id(self, key: str) -> str | None:
@@ -341,6 +408,8 @@ class Store:
         except FileNotFoundError:
             return False
         except OSError as e:
+            if _fs.sharing_violation(e):
+                return self._hide(src, f"quarantined: {code}")
             log.debug("could not quarantine %s (%s); deleting it", src, e)
             return self._discard(src)
         try:
@@ -419,6 +488,9 @@ class Store:
         parts = name.split(".")
         if parts[0] == "trash":
             return True
+        if len(parts) == 3 and parts[1] == "ready" and _manifest.is_key(parts[0]):
+            # Published beside a held entry: needed until it is promoted, unless a newer entry took its place.
+            return self.current_id(parts[0]) not in (None, *self._hidden_ids(parts[0]))
         if len(parts) != 3 or not _manifest.is_key(parts[0]) or not parts[1].isdigit():
             return True  # not a name this store gives: nobody's
         if parts[0] == holding:
@@ -456,11 +528,17 @@ class Store:
         quarantined = sorted(_fs.iter_children(self.quarantine_dir), key=lambda c: c[1].st_mtime, reverse=True)
         for name, st in quarantined[keep_quarantined:]:
             out.append(Junk("quarantined", self.quarantine_dir / name, _fs.tree_size(self.quarantine_dir / name), st.st_mtime))
+        for name, st in _fs.iter_children(self.entries_dir):
+            if _manifest.is_key(name) and stat.S_ISDIR(st.st_mode) and self._hidden(name):
+                out.append(Junk("hidden", self.entries_dir / name, _fs.tree_size(self.entries_dir / name), st.st_mtime))
         for name, st in _fs.iter_children(self.staging_dir):
             if self._staging_dead(name, None):
                 out.append(Junk("staging", self.staging_dir / name, _fs.tree_size(self.staging_dir / name), st.st_mtime))
         for name, st in _fs.iter_children(self.memo_dir):
-            if not _memo_alive(self.memo_dir / name):
+            if name.startswith("verdict-"):
+                if name.split("-")[1] not in keys:  # the verdict of an entry that is gone
+                    out.append(Junk("memo", self.memo_dir / name, st.st_size, st.st_mtime))
+            elif not _memo_alive(self.memo_dir / name):
                 out.append(Junk("memo", self.memo_dir / name, st.st_size, st.st_mtime))
         for name, st in _fs.iter_children(self.locks_dir):
             key = name.split(".", 1)[0]
@@ -477,6 +555,17 @@ class Store:
                 out.append(Junk("negative", self.negative_dir / name, st.st_size, st.st_mtime))
         return out
 
+    def _hidden_ids(self, key: str) -> tuple[str, ...]:
+        """The entry_id of ``key``'s committed manifest when it is hidden (a tombstone), else nothing."""
+        return (str(self.current_id(key)),) if self._hidden(key) else ()
+
+    def _hidden(self, key: str) -> bool:
+        try:
+            data = json.loads(_fs.read_small(self.entries_dir / key / MANIFEST, _manifest.MAX_BYTES))
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(data, dict) and "gone" in data
+
     def _lock_free(self, key: str) -> bool:
         from ._locking import release, try_lock
 
@@ -490,6 +579,8 @@ class Store:
         """Delete one junk item (a staging folder or lock is re-judged first: it may have come alive)."""
         if item.kind == "staging" and not self._staging_dead(item.path.name, None):
             return False
+        if item.kind == "hidden":
+            return self._discard(item.path) and not _fs.exists(item.path)
         if item.kind == "lock" and item.path.name.endswith(".lock") and not self._lock_free(item.path.name[:-5]):
             return False
         return _fs.remove_tree(item.path)

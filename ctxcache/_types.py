@@ -7,14 +7,14 @@ Reason codes are defined here once, with what each means; README's table is chec
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-Outcome = Literal["hit", "miss", "fallback", "bypass"]
+Outcome = Literal["hit", "miss", "fallback", "bypass", "pending"]
 
 ReasonCode = Literal[
     # bypass: nothing to cache, or the cache cannot be used now
@@ -27,6 +27,9 @@ ReasonCode = Literal[
     "cache_insecure",
     "lock_timeout",
     "lock_stalled",
+    "device_busy",
+    "background_unavailable",
+    "prefer_recompilation",
     # fallback: the entry was judged unusable and invalidated
     "manifest_missing",
     "manifest_corrupt",
@@ -46,6 +49,8 @@ ReasonCode = Literal[
     "compile_failed",
     "publish_failed",
     "source_changed",
+    # pending: served on the meanwhile providers while the context compiles elsewhere
+    "compiling_in_background",
 ]
 
 #: Every reason code, with the outcome it comes with and what it means. One table for the code, the
@@ -60,6 +65,12 @@ REASONS: dict[str, tuple[str, str]] = {
     "cache_insecure": ("bypass", "a cache folder is owned or writable by another user; the cache is not used"),
     "lock_timeout": ("bypass", "another process held the key's lock past lock_timeout"),
     "lock_stalled": ("bypass", "the holder of the key's lock made no progress for stall_timeout (stopped, frozen, blocked)"),
+    "device_busy": ("bypass", "the device refused the context for a transient reason (busy, out of memory) even after "
+                              "retries: the original model is served and the entry kept"),
+    "background_unavailable": ("miss", "on_miss='background', but no background process can be started here "
+                                       "(a frozen app, no interpreter, a model given as bytes): compiled in the foreground"),
+    "prefer_recompilation": ("hit", "ONNX Runtime reports SUPPORTED_PREFER_RECOMPILATION: served now, rebuilt "
+                                    "in a background process for the next launch"),
     "manifest_missing": ("fallback", "the entry folder has no manifest"),
     "manifest_corrupt": ("fallback", "the manifest is not valid JSON or not a manifest of this key"),
     "manifest_unreadable": ("fallback", "the manifest cannot be read (permissions, a link, a FIFO)"),
@@ -77,6 +88,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "compile_failed": ("fallback", "the provider failed to compile the model"),
     "publish_failed": ("fallback", "the compiled entry could not be written"),
     "source_changed": ("fallback", "the model changed while it was compiled (an updater?); nothing was published"),
+    "compiling_in_background": ("pending", "on_miss='background': served on the meanwhile providers while the "
+                                           "context compiles in a detached process"),
 }
 
 
@@ -131,6 +144,20 @@ class LoadResult:
     tier: str | None = None
     #: compile seconds this hit avoided (the entry's recorded compile time), for stats
     saved_seconds: float = 0.0
+    #: for a ``pending`` load: polls for the background compile's entry (see :meth:`ready`)
+    _waiter: object = field(default=None, repr=False, compare=False)
+
+    def ready(self, timeout: float | None = 0.0) -> bool:
+        """For a ``pending`` load: whether the background compile has published its entry, waiting up to
+        ``timeout`` seconds (``None``: until the compile ends). The next load of the model is then a hit;
+        swapping to it is the app's choice. ``True`` for every other outcome."""
+        wait = getattr(self._waiter, "wait", None)
+        if wait is None:
+            return self.outcome != "pending"
+        return bool(wait(timeout))
+
+    def _replace_waiter(self, waiter: object) -> LoadResult:
+        return replace(self, _waiter=waiter)
     def __repr__(self) -> str:
         why = f", reason={self.reason}" if self.reason else ""
         key = self.key[:12] if self.key else None

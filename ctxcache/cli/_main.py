@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _exit_code(e: BaseException) -> int:
     from ctxcache.errors import (
+        CacheLocationError,
         InvalidModelError,
         ModelNotFoundError,
         ProviderOptionError,
@@ -192,7 +193,7 @@ def _exit_code(e: BaseException) -> int:
         UnknownProviderError,
     )
 
-    if isinstance(e, (UsageError, UnknownProviderError, ProviderOptionError, ModelNotFoundError, InvalidModelError,
-                      SigningKeyError)):
+    if isinstance(e, (UsageError, CacheLocationError, UnknownProviderError, ProviderOptionError, ModelNotFoundError,
+                      InvalidModelError, SigningKeyError)):
         return EXIT_USAGE
     return EXIT_FAILED

@@ -290,13 +290,33 @@ class Progress:
 
 
 # -- the command ------------------------------------------------------------------------------------
-def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: int, progress: Progress) -> bool:
-    """Run ``tasks`` on ``jobs`` worker processes; ``False`` when interrupted (Ctrl-C)."""
-    import multiprocessing as mp
+def run_serially(tasks: list[Task], cache_kw: dict[str, Any], verbose: int, progress: Progress) -> bool:
+    """Run ``tasks`` one after the other in this process; ``False`` when interrupted (Ctrl-C)."""
+    cache = ctxcache.ContextCache(**cache_kw)
+    try:
+        for t in tasks:
+            t.started = time.monotonic()
+            t.result = warm_one(cache, t.model, t.provider.name, dict(t.provider.options), verbose)
+            progress.finished(t)
+    except KeyboardInterrupt:
+        progress.close()
+        err("ctxcache: interrupted (no partial entry is kept)")
+        return False
+    return True
 
-    ctx = mp.get_context("spawn")
-    todo = ctx.Queue()
-    results = ctx.Queue()
+
+def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: int, progress: Progress) -> bool:
+    """Run ``tasks`` on ``jobs`` worker processes; ``False`` when interrupted (Ctrl-C). Where processes
+    cannot be started with queues between them (Android has no ``sem_open``; a frozen app), serially."""
+    try:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        todo = ctx.Queue()
+        results = ctx.Queue()
+    except (ImportError, OSError, NotImplementedError) as e:
+        err(f"ctxcache warm: cannot run parallel jobs here ({type(e).__name__}: {e}); warming serially in this process")
+        return run_serially(tasks, cache_kw, verbose, progress)
     for t in tasks:
         todo.put((t.id, t.model, t.provider.name, dict(t.provider.options)))
     by_id = {t.id: t for t in tasks}

@@ -7,13 +7,38 @@ The rest of ctxcache talks to providers only through :class:`ExecutionProvider`;
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import onnxruntime as ort
 
 from ..errors import ProviderOptionError
+
+LoadErrorKind = Literal["transient", "artifact", "unknown"]
+
+#: ONNX Runtime's answers (``OrtCompiledModelCompatibility``), and ``unknown`` where none could be had.
+Verdict = Literal["optimal", "prefer_recompilation", "unsupported", "not_applicable", "unknown"]
+_VERDICTS: dict[str, Verdict] = {
+    "EP_SUPPORTED_OPTIMAL": "optimal",
+    "EP_SUPPORTED_PREFER_RECOMPILATION": "prefer_recompilation",
+    "EP_UNSUPPORTED": "unsupported",
+    "EP_NOT_APPLICABLE": "not_applicable",
+}
+
+
+def ort_verdict(devices: Sequence[Any], info: str) -> tuple[Verdict, str]:
+    """Ask ONNX Runtime about ``info`` for ``devices``; fail soft (``unknown``) where it cannot answer."""
+    if not devices:
+        return "unknown", "no EP device to ask"
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        answer = C.get_model_compatibility_for_ep_devices(list(devices), info)
+    except Exception as e:  # noqa: BLE001 - ORT raises where the EP cannot judge (QNN without an NPU)
+        return "unknown", f"ONNX Runtime could not tell: {type(e).__name__}: {str(e)[:200]}"
+    name = str(answer).rsplit(".", 1)[-1]
+    return _VERDICTS.get(name, "unknown"), f"ONNX Runtime reports {name}"
 
 
 def option_str(provider: str, key: str, value: Any) -> str:
@@ -199,10 +224,32 @@ class ExecutionProvider:
         opts = [options] + [o for _, o in rest]
         return ort.InferenceSession(model, sess_options=so, providers=names, provider_options=opts)
 
-    def compatibility(self, info: str) -> str | None:
-        """Ask ORT whether a context with this compatibility string suits this device.
+    #: How a failed context load reads, per provider: (kind, substring) checked in order. ``transient``:
+    #: the device was busy or short of memory, the entry is fine (retried, then the original model is
+    #: served and the entry kept); ``artifact``: the context itself is wrong here (invalidated and rebuilt).
+    #: Anything else is ``unknown`` and treated as an artifact fault (the conservative answer), and counted.
+    load_errors: ClassVar[tuple[tuple[LoadErrorKind, str], ...]] = (
+        ("transient", "out of memory"),
+        ("transient", "ENGINE_ERROR"),
+        ("artifact", "InvalidProtobuf"),
+        ("artifact", "INVALID_PROTOBUF"),
+        ("artifact", "InvalidGraph"),
+        ("artifact", "INVALID_GRAPH"),
+        ("artifact", "not compatible with any execution provider"),
+    )
 
-        Returns ``None`` when it does (or when ORT cannot tell here), else a reason. ORT's API is
-        generic; providers that cannot answer on a host (QNN on x86 wants an NPU device) fail soft.
+    def load_error_kind(self, message: str) -> LoadErrorKind:
+        """What a context load that raised ``message`` says about the entry (see :attr:`load_errors`)."""
+        for kind, text in self.load_errors:
+            if text.lower() in message.lower():
+                return kind
+        return "unknown"
+
+    def compatibility(self, info: str) -> tuple[Verdict, str]:
+        """ONNX Runtime's verdict on a context with this compatibility string for this provider's devices,
+        asked without creating a session (``GetModelCompatibilityForEpDevices``), and a one-line detail.
+
+        ``"unknown"`` when nobody can tell here: no devices to ask about, or the EP raises (QNN on x86
+        wants an NPU device). Subclasses that must not be asked in some state override this.
         """
-        return None
+        return ort_verdict(self.devices(), info)

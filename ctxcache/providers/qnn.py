@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import onnxruntime as ort
 
 from ..errors import ProviderOptionError
-from ._base import ExecutionProvider
+from ._base import ExecutionProvider, LoadErrorKind, Verdict, ort_verdict
 
 # From onnxruntime's QNN EP documentation and provider-option parser (1.2x-1.32).
 _KNOWN = frozenset(
@@ -235,23 +235,32 @@ class QNNProvider(ExecutionProvider):
             options["backend_path"] = str(backend)
         super().configure(so, options)
 
-    def compatibility(self, info: str) -> str | None:
-        if self._plugin is None:
-            return None
-        devices = self.devices()
-        # QNN 2.7 answers only for NPU devices and raises otherwise; worse, measured here, the same
-        # call SEGFAULTS when made after a compile in the same process. So ask only where there is an
-        # NPU to ask about (the loader also skips it right after a compile: a fresh context is fine).
-        if not any(str(d.device.type).endswith("NPU") for d in devices):
-            return None
-        try:
-            from onnxruntime.capi import onnxruntime_pybind11_state as C
+    # QNN's own codes in "Failed to create context from binary. Error code: N" (QNN SDK QnnContext.h /
+    # QnnCommon.h): 5005 is out of resources, seen intermittently while another process holds the NPU
+    # (onnxruntime #25128, onnxruntime-genai #1806); a subsystem restart (SSR) is ENGINE_ERROR; 1002 is a
+    # failed allocation. 5000 and 5001-5004 are a binary this device cannot use (Qualcomm: "5000 usually
+    # means incompatible context binaries").
+    load_errors: ClassVar[tuple[tuple[LoadErrorKind, str], ...]] = (
+        ("transient", "Error code: 5005"),
+        ("transient", "Error code: 1002"),
+        ("transient", "subsystem restart"),
+        ("artifact", "Error code: 5000"),
+        ("artifact", "Error code: 5001"),
+        ("artifact", "Error code: 5002"),
+        ("artifact", "Error code: 5003"),
+        ("artifact", "Error code: 5004"),
+        *ExecutionProvider.load_errors,
+    )
 
-            verdict = C.get_model_compatibility_for_ep_devices(devices, info)
-        except Exception:  # noqa: BLE001
-            # On x86 QNN raises (it wants an NPU device); on a device this check is authoritative.
-            return None
-        name = str(verdict).rsplit(".", 1)[-1]
-        if name in ("EP_UNSUPPORTED", "EP_SUPPORTED_PREFER_RECOMPILATION"):
-            return f"ONNX Runtime reports the context as {name} on this device"
-        return None
+    def compatibility(self, info: str) -> tuple[Verdict, str]:
+        if self._plugin is None:
+            return "unknown", "QNN built into onnxruntime: no compatibility check"
+        devices = self.devices()
+        # QNN 2.7 answers only for NPU devices and raises otherwise ("only supports
+        # OrtHardwareDeviceType_NPU", measured here); worse, the same call SEGFAULTS when made after a
+        # compile in the same process. So ask only where there is an NPU to ask about (the loader also
+        # skips it right after a compile: a fresh context is fine).
+        npus = [d for d in devices if str(d.device.type).endswith("NPU")]
+        if not npus:
+            return "unknown", "QNN answers only for NPU devices, and this machine has none"
+        return ort_verdict(npus, info)

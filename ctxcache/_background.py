@@ -1,0 +1,145 @@
+"""Compiles that run in a separate, detached process: the first launch gets a working session at once.
+
+On a device without a prebuilt entry, a compile takes tens of seconds to tens of minutes. With
+``on_miss="background"`` the load serves the original model on the ``meanwhile`` providers (outcome
+``pending``) and starts ``python -m ctxcache._worker`` detached from the app (its own session, no
+inherited terminal or pipes), so the compile finishes even if the app quits a second later. The worker is
+an ordinary load with ``on_miss="compile"``: it compiles under the key's lock and publishes through the
+one-rename commit, so ten launches start one compile and the next launch after it is a plain hit.
+
+A guard file ``locks/<key>.bg`` says a worker was started (pid, time, attempts). A launch starts no second
+worker while the key's lock is held or the last worker is still starting; a worker that died (the user
+logged off, a crash) is started again at a later launch, and after :data:`MAX_ATTEMPTS` deaths the key is
+remembered as not compilable (``negative_ttl``), as a foreground compile failure would be.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from . import _fs, _negative
+from ._locking import release, try_lock
+from ._spawn import child_env, python_command, unavailable_reason
+from ._store import Store
+
+log = logging.getLogger("ctxcache")
+
+MAX_ATTEMPTS = 3
+#: A worker that has not taken the key's lock this long after its start is judged dead (it takes it in
+#: well under a second: a Python start and an import).
+_STARTING = 60.0
+
+Started = Literal["started", "running", "unavailable", "given_up"]
+
+
+def guard_path(store: Store, key: str) -> Path:
+    return store.locks_dir / f"{key}.bg"
+
+
+def _read_guard(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_fs.read_small(path, 4096))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def running(store: Store, key: str) -> bool:
+    """Whether a compile of ``key`` is under way: its lock is held, or a worker was started a moment ago."""
+    handle = try_lock(store.lock_path(key))
+    if handle is None:
+        return True
+    release(handle)
+    guard = _read_guard(guard_path(store, key))
+    if guard is None:
+        return False
+    started = guard.get("started")
+    pid = guard.get("pid")
+    return (isinstance(started, (int, float)) and abs(time.time() - started) < _STARTING
+            and isinstance(pid, int) and _fs.pid_alive(pid))
+
+
+def start(store: Store, key: str, job: dict[str, Any], *, negative_ttl: float) -> tuple[Started, str]:
+    """Start a detached worker for ``job`` unless one is running; ``(what happened, detail)``."""
+    if running(store, key):
+        return "running", "a compile of this model is already running"
+    why = unavailable_reason()
+    cmd = python_command()
+    if why is not None or cmd is None:
+        return "unavailable", f"no background process can be started here ({why})"
+    path = guard_path(store, key)
+    previous = _read_guard(path)
+    attempts = int(previous.get("attempts", 0)) if previous is not None and isinstance(previous.get("attempts"), int) else 0
+    if attempts >= MAX_ATTEMPTS:
+        _negative.remember(store.negative_dir, key, "compile_failed",
+                           f"its background compile died {attempts} times (crashed or killed) before it finished")
+        _fs.remove_file(path)
+        return "given_up", f"the background compile died {attempts} times"
+    kw: dict[str, Any] = {}
+    if sys.platform == "win32":  # pragma: no cover - Windows
+        kw["creationflags"] = 0x00000008 | 0x00000200  # DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP
+    else:
+        kw["start_new_session"] = True  # not in the app's process group: a Ctrl-C or a hang-up of it spares us
+    try:
+        proc = subprocess.Popen([*cmd, "-m", "ctxcache._worker", json.dumps(job)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                                env=child_env(), cwd=str(store.base), **kw)
+    except OSError as e:
+        return "unavailable", f"cannot start a background process: {e}"
+    try:
+        _fs.atomic_write(path, json.dumps({"pid": proc.pid, "started": time.time(), "attempts": attempts + 1}).encode(),
+                         durable=False)
+    except OSError:
+        pass
+    # Not waited for: the app may exit first. The child is reaped by init once we are gone; while we
+    # live, a finished child stays a zombie until Popen's own cleanup reaps it at the next Popen.
+    log.info("started a background compile of %s (pid %d)", key[:12], proc.pid)
+    return "started", f"compiling in a separate process (pid {proc.pid})"
+
+
+def finished(store: Store, key: str) -> None:
+    """The worker's last act: the guard goes (a compile that finished, or failed and was remembered)."""
+    _fs.remove_file(guard_path(store, key))
+
+
+class Waiter:
+    """What ``LoadResult.ready()`` and ``ContextCache.wait()`` poll: has the entry of ``key`` appeared?"""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self._store = store
+        self._key = key
+
+    def wait(self, timeout: float | None) -> bool:
+        """``True`` once the entry is committed; ``False`` when ``timeout`` passed, or the compile is no
+        longer running and left no entry (it failed: the next load says why)."""
+        from ._store import BrokenEntry
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                if self._store.lookup(self._key) is not None:
+                    return True
+            except BrokenEntry:
+                pass
+            if not running(self._store, self._key) and not _fs.exists(guard_path(self._store, self._key)):
+                try:
+                    return self._store.lookup(self._key) is not None
+                except BrokenEntry:
+                    return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
+
+
+def job_for(root: Path, settings: dict[str, Any], model: Path, providers: list[tuple[str, dict[str, str]]],
+            graph_optimization: str, key: str, mode: str = "compile") -> dict[str, Any]:
+    """What the worker needs to make the same key: the cache, its key settings, the model and providers."""
+    return {"root": str(root), "settings": settings, "model": str(model), "providers": [list(p) for p in providers],
+            "graph_optimization": graph_optimization, "key": key, "mode": mode, "parent": os.getpid()}
