@@ -211,6 +211,13 @@ class ContextCache:
                                provider_options=provider_options, sess_options=sess_options)
 
     # -- management ---------------------------------------------------------------------------
+    def verdicts(self) -> dict[str, str]:
+        """key -> the provider's compatibility verdict on each entry here (``optimal: ...``), asked once
+        per entry and environment."""
+        from . import _manage
+
+        return _manage.entry_verdicts(self._store, self._env, self.entries())
+
     def entries(self, *, include_broken: bool = False) -> list[_manage.EntryInfo]:
         """Every committed entry, with hit counts from the stats log; newest use first."""
         from . import _manage
@@ -289,7 +296,7 @@ class ContextCache:
         """Re-hash every artifact of every entry (``ctxcache verify``); ``fix`` quarantines what fails."""
         from . import _manage
 
-        return _manage.verify(self._store, fix=fix)
+        return _manage.verify(self._store, self._env, fix=fix)
 
     def plan_prune(self, *, max_size: int | None = None, older_than: float | None = None,
                    other_environments: bool = True) -> _manage.PrunePlan:

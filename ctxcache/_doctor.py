@@ -115,6 +115,14 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
     except OSError:
         free = None
     infos = cache.entries(include_broken=True)
+    verdicts = cache.verdicts()
+    counts: dict[str, int] = {}
+    for v in verdicts.values():
+        counts[v.split(":")[0]] = counts.get(v.split(":")[0], 0) + 1
+    data["verdicts"] = {"entries": counts, "detail": verdicts}
+    if counts.get("unsupported"):
+        problems.append(f"{counts['unsupported']} entries are UNSUPPORTED on this device (a driver or SDK update?): "
+                        "the next loads rebuild them; `ctxcache prune` removes them now")
     data["cache"] = {"dir": str(root), "source": source or (f"${ENV_DIR}" if os.environ.get(ENV_DIR) else "app-data default"),
                      "exists": root.exists(), "writable": writable, "free_bytes": free, "entries": len(infos),
                      "size": sum(i.size for i in infos)}

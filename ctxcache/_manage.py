@@ -20,7 +20,7 @@ from . import _fingerprint, _key, _markers, _negative, _stats, providers
 from ._inputs import ProvidersArg, context_target, resolve_model, resolve_providers
 from ._loader import Loader, Request
 from ._manifest import Entry
-from ._servable import entry_problem
+from ._servable import judge
 from ._store import BrokenEntry, Junk, Store
 from ._trust import Trust
 from ._types import ModelArg, Reason
@@ -187,6 +187,8 @@ class VerifyResult:
     size: int
     problem: Reason | None = None
     quarantined: bool = False
+    #: the provider's verdict here (``optimal: ...``, ``unknown: ...``)
+    compatibility: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -195,10 +197,11 @@ class VerifyResult:
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "model": self.model_name, "provider": self.provider, "size": self.size, "ok": self.ok,
                 "code": self.problem.code if self.problem else None,
-                "message": self.problem.message if self.problem else None, "quarantined": self.quarantined}
+                "message": self.problem.message if self.problem else None, "quarantined": self.quarantined,
+                "compatibility": self.compatibility}
 
 
-def verify(store: Store, *, fix: bool = False) -> list[VerifyResult]:
+def verify(store: Store, env: _key.Environment, *, fix: bool = False) -> list[VerifyResult]:
     """Re-hash every artifact of every entry (and check for dead loaders and the provider's verdict);
     with ``fix``, quarantine what fails (kept for a post-mortem)."""
     out: list[VerifyResult] = []
@@ -208,20 +211,54 @@ def verify(store: Store, *, fix: bool = False) -> list[VerifyResult]:
             raw = item.parts.get("ep_options")
             # The binary options the key recorded (QNN's backend_type turns back into the wheel's library).
             options = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-            problem = entry_problem(store, item, ep, digests="all", options=options)
+            problem, answer, detail = judge(store, item, ep, digests="all", options=options,
+                                            env=_env_digest(env, ep, options))
+            compatibility: str | None = f"{answer}: {detail}"
             key, name, prov, size, eid = item.key, item.model_name, item.provider, item.size, item.entry_id
         else:
             key, err = item
             problem, name, prov, size, eid = Reason(err.code, err.message), "?", "?", 0, None
+            compatibility = None
         quarantined = False
         if problem is not None and fix:
             quarantined = store.evict(key, problem.code, problem.message, expect_id=eid)
             if quarantined and problem.code == "crashed_during_load":
                 # The entry is gone; its markers would only mislead.
                 _markers.consume(store.markers_dir, _markers.dead_markers(store.markers_dir, key))
-        out.append(VerifyResult(key, name, prov, size, problem, quarantined))
+        out.append(VerifyResult(key, name, prov, size, problem, quarantined, compatibility))
     if fix:
         store.clean_staging()
+    return out
+
+
+def _env_digest(env: _key.Environment, ep: Any, options: dict[str, str]) -> str:
+    if ep is None:
+        return ""
+    try:
+        return env.digest(ep, ep.normalize_options(options))
+    except Exception:  # noqa: BLE001 - options this version refuses: the verdict is asked unremembered
+        return ""
+
+
+def entry_verdicts(store: Store, env: _key.Environment, infos: Sequence[EntryInfo]) -> dict[str, str]:
+    """key -> the provider's verdict on each entry here (``ls --format json``, ``doctor``)."""
+    from ._servable import verdict
+
+    out: dict[str, str] = {}
+    for info in infos:
+        if info.broken is not None:
+            continue
+        ep = _provider_or_none(info.provider)
+        try:
+            entry = store.lookup(info.key)
+        except BrokenEntry:
+            continue
+        if entry is None or ep is None:
+            continue
+        raw = info.parts.get("ep_options")
+        options = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        answer, detail = verdict(store, entry, ep, _env_digest(env, ep, options))
+        out[info.key] = f"{answer}: {detail}"
     return out
 
 
@@ -475,6 +512,8 @@ class Explanation:
     nearest: tuple[Nearest, ...] = ()
     other_entries: int = 0  # entries of other models (not compared)
     tiers: tuple[TierAnswer, ...] = ()
+    #: the provider's verdict on the entry a load would use (``optimal: ...``, ``unknown: ...``), if one exists
+    compatibility: str | None = None
 
     @property
     def hit(self) -> bool:
@@ -509,6 +548,7 @@ class Explanation:
                 "reason": {"code": self.reason.code, "message": self.reason.message} if self.reason else None,
                 "summary": self.summary(), "nearest": [n.as_dict() for n in self.nearest],
                 "other_entries": self.other_entries, "tiers": [t.as_dict() for t in self.tiers],
+                "compatibility": self.compatibility,
                 "served_by_tier": served.tier if served else None}
 
 
@@ -537,9 +577,13 @@ def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers
     except BrokenEntry as b:
         return Explanation(req.model.name, "fallback", key, digest, Reason(b.code, b.message))
     if entry is not None:
-        problem = entry_problem(store, entry, req.ep, digests="all" if loader.settings.verify == "content" else "changed",
-                                options=req.options)
-        return Explanation(req.model.name, "fallback" if problem else "hit", key, digest, problem)
+        problem, answer, detail = judge(store, entry, req.ep, digests="all" if loader.settings.verify == "content" else "changed",
+                                        options=req.options, env=loader.env.digest(req.ep, req.options))
+        if problem is not None and problem.code == "incompatible":
+            # As the load: never loaded, rebuilt at once (or fetched from a tier).
+            return Explanation(req.model.name, "miss", key, digest, problem, compatibility=f"{answer}: {detail}")
+        return Explanation(req.model.name, "fallback" if problem else "hit", key, digest, problem,
+                           compatibility=f"{answer}: {detail}")
     here = req.fingerprint.as_dict()
     candidates: list[Nearest] = []
     others = 0

@@ -227,7 +227,7 @@ def test_unsupported_is_never_loaded_and_is_rebuilt_in_the_same_launch(tmp_path:
     first = cache.load(rel_models[0], providers=qnn_providers)
     qnn_seam("unsupported")
     ex = cache.explain(rel_models[0], providers=qnn_providers)
-    assert (ex.verdict, ex.reason.code if ex.reason else None) == ("fallback", "incompatible")
+    assert (ex.verdict, ex.reason.code if ex.reason else None) == ("miss", "incompatible")  # as the load: rebuilt at once
     old_id = json.loads((first.entry_path / "manifest.json").read_text())["entry_id"]  # type: ignore[operator]
     verified: list[str] = []
     from ctxcache._seams import hooks
@@ -267,3 +267,24 @@ def test_prefer_recompilation_serves_now_and_rebuilds_for_the_next_launch(tmp_pa
     again = ctxcache.ContextCache(cache_dir).load(rel_models[1], providers=qnn_providers)
     assert again.outcome == "hit" and output_digest(again) == reference(rel_models[1])
     assert again.reason is None and not guard.exists()  # rebuilt once per environment, not at every launch
+
+
+def test_warm_detach_returns_at_once_and_the_warm_up_finishes(tmp_path: Path, rel_models: list[Path]) -> None:
+    """An installer step that must not block: `ctxcache warm --detach` returns, the entries appear."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cache_dir, log = tmp_path / "cache", tmp_path / "warm.log"
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "ctxcache", "warm", str(rel_models[0]), str(rel_models[1]), "--detach",
+                           "--log", str(log), "--cache-dir", str(cache_dir), "--format", "json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    started = json.loads(proc.stdout)
+    assert started["detached"] and started["log"] == str(log)
+    assert time.monotonic() - t < 30
+    deadline = time.monotonic() + 180
+    while len(ctxcache.ContextCache(cache_dir).entries()) < 2:
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.3)
+    bad = subprocess.run([sys.executable, "-m", "ctxcache", "warm", str(tmp_path / "missing.onnx"), "--detach",
+                          "--cache-dir", str(cache_dir)], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "not found" in bad.stderr  # bad input is said now, not in a log

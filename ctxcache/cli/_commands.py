@@ -40,7 +40,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     cache = open_cache(args)
     infos = cache.entries(include_broken=args.all)
     if args.format == "json":
-        emit_json({"cache_dir": str(cache.root), "entries": [e.as_dict() for e in infos]})
+        verdicts = cache.verdicts()
+        emit_json({"cache_dir": str(cache.root),
+                   "entries": [dict(e.as_dict(), compatibility=verdicts.get(e.key)) for e in infos]})
         return EXIT_OK
     if not infos:
         out(f"no entries in {cache.root}")
@@ -74,6 +76,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out(f"provider  {' / '.join(c.label() for c in configs)}")
     if ex.key:
         out(f"key       {ex.key}")
+    if ex.compatibility:
+        out(f"device    {ex.compatibility}")
     out(f"verdict   {ex.summary()}")
     if ex.verdict == "miss":
         if not ex.nearest:
@@ -110,8 +114,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for r in results:
             status = "ok" if r.problem is None else f"{r.problem.code}: {r.problem.message}"
             action = "quarantined" if r.quarantined else ("-" if r.ok or not args.fix else "left (being rebuilt)")
-            rows.append([r.model_name, r.key[:12], human_size(r.size), status, action])
-        out(table(["MODEL", "KEY", "SIZE", "STATUS", "ACTION"], rows, right=(2,)))
+            rows.append([r.model_name, r.key[:12], human_size(r.size), status, (r.compatibility or "-").split(":")[0], action])
+        out(table(["MODEL", "KEY", "SIZE", "STATUS", "DEVICE VERDICT", "ACTION"], rows, right=(2,)))
     if not bad:
         out(f"{len(results)} entr{'y' if len(results) == 1 else 'ies'} checked, all intact ({cache.root})")
         return EXIT_OK
@@ -231,6 +235,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     out(f"onnxruntime   {o['version']} at {o['path']}")
     out(f"              providers: {', '.join(o['available_providers'])}")
     q = data["onnxruntime_qnn"]
+    a = data.get("architecture", {})
+    out(f"architecture  Python {a.get('python')} on {a.get('native')}" + (" (EMULATED)" if a.get("emulated") else ""))
     out(f"onnxruntime-qnn {q['version']} (QNN SDK {q['qnn_sdk']}): {data['qnn']}" if q else
         "onnxruntime-qnn not installed (pip install 'ctxcache[qnn]')")
     devs = data["ep_devices"]
@@ -244,6 +250,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"{'writable' if c['writable'] else 'NOT writable'}, "
         f"{human_size(c['free_bytes']) if c['free_bytes'] is not None else '?'} free)")
     out(f"              {c['entries']} entries, {human_size(c['size'])}")
+    counts = data.get("verdicts", {}).get("entries", {})
+    if counts:
+        out("device        verdicts on the entries here: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for k in data["key_parts"]:
         if k["parts"] is None:
             out(f"key here      {k['provider']}: unavailable ({k['unavailable']})")

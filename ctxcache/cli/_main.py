@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
              """, _warm.cmd_warm)
     p.add_argument("models", nargs="*", metavar="MODEL", help="model files, globs (quote them; ** recurses) or folders")
     p.add_argument("--plan", metavar="FILE", help="a JSON or TOML plan: models x providers x options")
+    p.add_argument("--detach", action="store_true",
+                   help="return at once and warm in a detached process that outlives this one (installers that must not "
+                        "block); its output goes to --log")
+    p.add_argument("--log", metavar="FILE", help="with --detach: where the detached warm-up writes (default: a file in the "
+                                                 "temp folder, printed)")
     p.add_argument("-j", "--jobs", type=int, metavar="N",
                    help="compile N models at once, in N processes (0: one per CPU; default 1)")
     add_provider_flags(p, what="each one is a configuration to warm (default: --preset qnn-htp)")
@@ -148,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
     except SystemExit as e:  # argparse: --help / --version (0) or a usage error (2, message printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if not getattr(args, "func", None):

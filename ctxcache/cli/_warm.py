@@ -407,7 +407,32 @@ def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: i
     return True
 
 
+def _detach(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start this very warm-up (without --detach) in a process of its own session and return at once."""
+    import subprocess
+    import tempfile
+
+    log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ctxcache-warm-", suffix=".log")[1])
+    cmd = [sys.executable, "-m", "ctxcache", *argv]
+    kw: dict[str, Any] = {"start_new_session": True} if sys.platform != "win32" else {"creationflags": 0x00000008 | 0x00000200}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, **kw)
+    if args.format == "json":
+        emit_json({"detached": True, "pid": proc.pid, "log": str(log_path)})
+    else:
+        out(f"warming in the background (pid {proc.pid}); output: {log_path}")
+    return EXIT_OK
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
+    if args.detach:
+        # Validate here (bad input is exit 2 now, not a line in a log nobody reads), then go.
+        argv = [a for a in args.argv if a != "--detach"]
+        if not (args.models or args.plan):
+            raise UsageError("nothing to warm: give model paths (files, globs or folders) or --plan FILE")
+        if args.models:
+            expand_models(args.models)
+        return _detach(args, argv)
     pairs: list[tuple[Path, ProviderConfig]] = []
     settings: dict[str, Any] = {}
     if args.plan:
