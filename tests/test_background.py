@@ -64,6 +64,16 @@ def _wait_entry(cache_dir: Path, key: str, timeout: float = 120) -> bool:
     return ctxcache.ContextCache(cache_dir).wait(key, timeout)
 
 
+def _wait_worker_gone(cache_dir: Path, key: str, timeout: float = 60) -> None:
+    """The entry appears before the worker records its miss and removes its guard (its last act): counts
+    are read only after that, or a fast reader sees the entry but not yet the event."""
+    guard = Layout(cache_dir).locks_dir / f"{key}.bg"
+    deadline = time.monotonic() + timeout
+    while guard.exists():
+        assert time.monotonic() < deadline, "the worker did not finish"
+        time.sleep(0.05)
+
+
 def _worker_pid(cache_dir: Path, key: str) -> int:
     guard = Layout(cache_dir).locks_dir / f"{key}.bg"
     deadline = time.monotonic() + 30
@@ -93,6 +103,7 @@ def test_ten_concurrent_pending_launches_start_one_compile(tmp_path: Path, rel_m
     assert all(r["outcome"] in ("pending", "hit") for r in recs), recs
     key = recs[0]["key"]
     assert _wait_entry(cache_dir, key)
+    _wait_worker_gone(cache_dir, key)
     stats = ctxcache.ContextCache(cache_dir).stats()
     assert stats.misses == 1, stats  # one compile, by one worker
     assert _app(cache_dir, model)["outcome"] == "hit"
