@@ -33,6 +33,8 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "stampede": ([], ["--rounds", "5"]),
     "memory": ([], ["--rounds", "5", "--models", ",".join(c.MODEL_NAMES)]),
     "scale": ([], ["--rounds", "15"]),
+    "verify": ([], ["--rounds", "15"]),
+    "first_launch": ([], ["--rounds", "7"]),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

@@ -50,7 +50,8 @@ def test_bypass_with_a_working_session_and_an_empty_cache(provider: str, options
         (COREML, {"RequireStaticInputShapes": "yes"}, "RequireStaticInputShapes", "0 or 1"),
         (DML, {"performance_preferense": "default"}, "performance_preferense", "performance_preference"),
         (DML, {"device_filter": "cpu"}, "device_filter", "gpu, npu, any"),
-        (DML, {"device_id": "first"}, "device_id", "integer"),
+        (DML, {"device_id": "first"}, "device_id", "whole number from 0"),
+        (DML, {"device_id": -1}, "device_id", "from 0 to"),
     ],
 )
 def test_bad_options_are_refused(provider: str, options: dict[str, str], option: str, hint: str, conv_model: Path,

@@ -77,6 +77,8 @@ class ExecutionProvider:
     int_options: ClassVar[dict[str, tuple[int, int]]] = {}
     #: Options that are 0 / 1 (a bool, 0, 1, "0" or "1").
     flag_options: ClassVar[frozenset[str]] = frozenset()
+    #: Options that take one of a fixed set of words (as ORT spells them).
+    choice_options: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
@@ -111,8 +113,9 @@ class ExecutionProvider:
         return dict(sorted(out.items()))
 
     def _typed(self, key: str, value: Any) -> str:
-        """The option's value as ORT takes it (a string), checked against :attr:`int_options` and
-        :attr:`flag_options` first: the one rule for every provider's typed options."""
+        """The option's value as ORT takes it (a string), checked against :attr:`int_options`,
+        :attr:`flag_options` and :attr:`choice_options` first: the one rule for every provider's typed
+        options."""
         if key in self.int_options:
             low, high = self.int_options[key]
             text = value.strip() if isinstance(value, str) else value
@@ -134,7 +137,12 @@ class ExecutionProvider:
                 raise ProviderOptionError(f"{self.name} option {key!r} must be 0 or 1 (or a bool), got {value!r}.",
                                           provider=self.name, option=key)
             return flag
-        return option_str(self.name, key, value)
+        text = option_str(self.name, key, value)
+        allowed = self.choice_options.get(key)
+        if allowed is not None and text not in allowed:
+            raise ProviderOptionError(f"{self.name} option {key!r} must be one of {', '.join(allowed)}, got {value!r}.",
+                                      provider=self.name, option=key)
+        return text
 
     def validate_options(self, options: dict[str, str]) -> None:
         """Raise :class:`ProviderOptionError` for values the provider would reject or misread."""
@@ -198,6 +206,15 @@ class ExecutionProvider:
             return []
         self._ensure_registered()
         return [d for d in ort.get_ep_devices() if d.ep_name == self.name]
+
+    def _plugin_unavailable(self, package: str, no_device: str) -> str | None:
+        """The availability rule of a plugin EP: ``None`` when its library registers and lists a device."""
+        try:
+            if self.devices():
+                return None
+        except Exception as e:  # noqa: BLE001 - ORT raises its own Fail: report it, never raise
+            return f"{package} is installed but its library failed to register: {e}"
+        return f"{package} is installed but {no_device}"
 
     # -- sessions -----------------------------------------------------------------------------
     def configure(self, so: ort.SessionOptions, options: dict[str, str]) -> None:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..errors import ProviderOptionError
 from ._base import ExecutionProvider
 
-_CHOICES = {
+_CHOICES: dict[str, tuple[str, ...]] = {
     "ModelFormat": ("MLProgram", "NeuralNetwork"),
     "MLComputeUnits": ("CPUOnly", "CPUAndNeuralEngine", "CPUAndGPU", "ALL"),
     "SpecializationStrategy": ("Default", "FastPrediction"),
@@ -36,17 +35,5 @@ class CoreMLProvider(ExecutionProvider):
     known_options: ClassVar[frozenset[str] | None] = frozenset(
         {*_CHOICES, *_BOOLS, "ModelCacheDirectory", "coreml_flags"}
     )
-
-    def validate_options(self, options: dict[str, str]) -> None:
-        for key, allowed in _CHOICES.items():
-            if key in options and options[key] not in allowed:
-                raise ProviderOptionError(
-                    f"CoreML option {key!r} must be one of {', '.join(allowed)}, got {options[key]!r}.",
-                    provider=self.name,
-                    option=key,
-                )
-        for key in _BOOLS:
-            if key in options and options[key] not in ("0", "1"):
-                raise ProviderOptionError(
-                    f"CoreML option {key!r} must be 0 or 1, got {options[key]!r}.", provider=self.name, option=key
-                )
+    choice_options: ClassVar[dict[str, tuple[str, ...]]] = _CHOICES
+    flag_options: ClassVar[frozenset[str]] = frozenset(_BOOLS)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..errors import ProviderOptionError
 from ._base import ExecutionProvider
 
-_CHOICES = {
+_CHOICES: dict[str, tuple[str, ...]] = {
     "performance_preference": ("default", "high_performance", "minimum_power"),
     "device_filter": ("gpu", "npu", "any"),
 }
@@ -26,18 +25,5 @@ class DirectMLProvider(ExecutionProvider):
     known_options: ClassVar[frozenset[str] | None] = frozenset(
         {"device_id", *_CHOICES, "disable_metacommands", "enable_graph_capture"}
     )
-
-    def validate_options(self, options: dict[str, str]) -> None:
-        if "device_id" in options and not options["device_id"].isdigit():
-            raise ProviderOptionError(
-                f"DirectML option 'device_id' must be a non-negative integer, got {options['device_id']!r}.",
-                provider=self.name,
-                option="device_id",
-            )
-        for key, allowed in _CHOICES.items():
-            if key in options and options[key] not in allowed:
-                raise ProviderOptionError(
-                    f"DirectML option {key!r} must be one of {', '.join(allowed)}, got {options[key]!r}.",
-                    provider=self.name,
-                    option=key,
-                )
+    choice_options: ClassVar[dict[str, tuple[str, ...]]] = _CHOICES
+    int_options: ClassVar[dict[str, tuple[int, int]]] = {"device_id": (0, 2**31 - 1)}

@@ -139,6 +139,7 @@ class OpenVINOProvider(ExecutionProvider):
     name: ClassVar[str] = "OpenVINOExecutionProvider"
     known_options: ClassVar[frozenset[str] | None] = _KNOWN
     runtime_options: ClassVar[frozenset[str]] = _RUNTIME
+    choice_options: ClassVar[dict[str, tuple[str, ...]]] = {"precision": _PRECISIONS}
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
@@ -151,13 +152,8 @@ class OpenVINOProvider(ExecutionProvider):
         if self._builtin:
             return None
         if self._plugin is not None:
-            try:
-                if self.devices():
-                    return None
-            except Exception as e:  # noqa: BLE001 - ORT raises its own Fail: report it, never raise
-                return f"onnxruntime-ep-openvino is installed but its library failed to register: {e}"
             # Measured with 1.8.1: the plugin offers Intel CPUs, GPUs and NPUs only.
-            return "onnxruntime-ep-openvino is installed but offers no device here (it lists Intel hardware only)"
+            return self._plugin_unavailable("onnxruntime-ep-openvino", "offers no device here (it lists Intel hardware only)")
         return (
             "OpenVINO is not available: install onnxruntime-openvino (in its own venv: it replaces onnxruntime) "
             "or the onnxruntime-ep-openvino plugin"
@@ -189,13 +185,6 @@ class OpenVINOProvider(ExecutionProvider):
                 f"OpenVINO option 'device_type' must be CPU, GPU, GPU.<n>, NPU or AUTO:/HETERO:/MULTI:<devices>, got {device!r}.",
                 provider=self.name,
                 option="device_type",
-            )
-        precision = options.get("precision")
-        if precision is not None and precision not in _PRECISIONS:
-            raise ProviderOptionError(
-                f"OpenVINO option 'precision' must be one of {', '.join(_PRECISIONS)}, got {precision!r}.",
-                provider=self.name,
-                option="precision",
             )
         for key in ("num_of_threads", "num_streams"):
             if key in options and not options[key].isdigit():

@@ -103,6 +103,7 @@ class QNNProvider(ExecutionProvider):
     runtime_options: ClassVar[frozenset[str]] = _RUNTIME
     int_options: ClassVar[dict[str, tuple[int, int]]] = _INT_OPTIONS
     flag_options: ClassVar[frozenset[str]] = frozenset(_BOOL_OPTIONS)
+    choice_options: ClassVar[dict[str, tuple[str, ...]]] = {"backend_type": _BACKEND_TYPES}
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
@@ -111,12 +112,7 @@ class QNNProvider(ExecutionProvider):
     # -- availability -------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
         if self._plugin is not None:
-            try:
-                if self.devices():
-                    return None
-            except Exception as e:  # noqa: BLE001 - ORT raises its own Fail: report it, never raise
-                return f"onnxruntime-qnn is installed but its library failed to register: {e}"
-            return "onnxruntime-qnn is installed but ONNX Runtime lists no QNN device"
+            return self._plugin_unavailable("onnxruntime-qnn", "ONNX Runtime lists no QNN device")
         if self.name in ort.get_available_providers():
             return None
         return "QNN is not available: install onnxruntime-qnn (pip install 'ctxcache[qnn]')"
@@ -126,12 +122,6 @@ class QNNProvider(ExecutionProvider):
         if "backend_type" in options and "backend_path" in options:
             raise ProviderOptionError(
                 "QNN options 'backend_type' and 'backend_path' are mutually exclusive; pass one.",
-                provider=self.name,
-                option="backend_type",
-            )
-        if options.get("backend_type", "htp") not in _BACKEND_TYPES:
-            raise ProviderOptionError(
-                f"QNN option 'backend_type' must be one of {', '.join(_BACKEND_TYPES)}, got {options['backend_type']!r}.",
                 provider=self.name,
                 option="backend_type",
             )
