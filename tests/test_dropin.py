@@ -366,3 +366,23 @@ def test_a_bytearray_model_gets_ort_own_error(conv_model: Path, cache_dir: Path,
             ctxcache.InferenceSession(data, providers=providers, cache=ctxcache.ContextCache(cache_dir))
         assert str(ours.value) == str(plain.value)
     assert not cache_dir.exists()
+
+
+@pytest.mark.parametrize(("key", "value", "code"), [
+    ("ep.context_enable", "1", "session_settings"),
+    ("ep.share_ep_contexts", "1", "session_settings"),
+    ("optimization.disable_specified_optimizers", "ConstantFolding", "session_settings"),
+    ("session.load_model_format", "ORT", "ort_format"),
+])
+def test_config_entries_a_context_cannot_honour_make_a_silent_bypass(
+        conv_model: Path, cache_dir: Path, qnn_providers: list[Any], key: str, value: str, code: str) -> None:
+    so = ort.SessionOptions()
+    so.add_session_config_entry(key, value)
+    cache = ctxcache.ContextCache(cache_dir)
+    assert cache.key(conv_model, providers=qnn_providers, sess_options=so) is None
+    assert cache.explain(conv_model, providers=qnn_providers, sess_options=so).reason.code == code  # type: ignore[union-attr]
+    # (an .onnx file read as ORT format fails in ORT itself; ep.context_enable would write beside the model)
+    if key not in ("session.load_model_format", "ep.context_enable"):
+        r = cache.load(conv_model, providers=qnn_providers, sess_options=so)
+        assert r.outcome == "bypass" and r.reason is not None and r.reason.code == code
+    assert not cache_dir.exists()
