@@ -33,6 +33,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "stampede": ([], ["--rounds", "5"]),
     "memory": ([], ["--rounds", "5", "--models", ",".join(c.MODEL_NAMES)]),
     "scale": ([], ["--rounds", "15"]),
+    "bypass": ([], ["--rounds", "81"]),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
