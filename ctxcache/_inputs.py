@@ -23,6 +23,10 @@ ProvidersArg = Sequence[str | tuple[str, Mapping[str, Any]]] | None
 Chain = list[tuple[ExecutionProvider, dict[str, str]]]
 
 
+#: What ONNX Runtime's format flag looks like: a FlatBuffer whose file identifier (bytes 4-8) is ORTM.
+_ORT_FORMAT_ID = b"ORTM"
+
+
 class Model(NamedTuple):
     """The model a load is for: a file (absolute path) or bytes."""
 
@@ -37,6 +41,13 @@ class Model(NamedTuple):
     def name(self) -> str:
         return self.path.name if self.path is not None else "<bytes>"
 
+    @property
+    def ort_format(self) -> bool:
+        """An ORT-format model (a FlatBuffer, ``.ort``), which no provider compiles into an EP context."""
+        if self.path is not None:
+            return self.path.suffix.lower() == ".ort"
+        return self.data is not None and self.data[4:8] == _ORT_FORMAT_ID
+
     def digest(self, memo_dir: Path | None) -> ModelDigest:
         """The content digest of the model and its external data (``memo_dir``: the stat memo)."""
         if self.data is not None:
@@ -50,6 +61,8 @@ class Model(NamedTuple):
 
     def explain_failure(self, error: Exception) -> None:
         """Raise :class:`InvalidModelError` when ``error`` (ORT refusing the original model) is the model's fault."""
+        if self.ort_format:
+            return  # not ONNX: ORT's own error is the one to see
         try:
             if self.data is not None:
                 read_facts_from_bytes(self.data)
@@ -155,8 +168,6 @@ def context_target(chain: Chain) -> Reason | None:
     return None
 
 
-#: What ONNX Runtime's format flag looks like: a FlatBuffer whose file identifier (bytes 4-8) is ORTM.
-_ORT_FORMAT_ID = b"ORTM"
 #: Config entries that ask ONNX Runtime for work a cached context would undo (dump its own EP context,
 #: share contexts across sessions); ``optimization.*`` entries change the graph a context is compiled from.
 _ASKS_ORT = ("ep.context_enable", "ep.share_ep_contexts", "ep.stop_share_ep_contexts")
@@ -168,8 +179,7 @@ def cache_blocker(model: Model, so: ort.SessionOptions | None, kwargs: Mapping[s
     """Why a load with a compiling provider must not use a cached context (outcome ``bypass``, with
     nothing written), or ``None``: an ORT-format model, or session settings that a cached context would
     ignore or make meaningless. Cheap (no I/O): it runs at every load, hits included."""
-    if (model.path is not None and model.path.suffix.lower() == ".ort") or (
-            model.data is not None and model.data[4:8] == _ORT_FORMAT_ID):
+    if model.ort_format:
         return Reason("ort_format", f"{model.name} is an ORT-format model: no provider compiles it into an EP "
                                     "context (onnxruntime runs it as it is)")
     if kwargs:
