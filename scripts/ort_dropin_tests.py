@@ -29,12 +29,14 @@ import tempfile
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 DEFAULT_FILES = ("onnxruntime_test_python.py", "onnxruntime_test_float8.py")
 
 # Imported by pytest (-p) in the drop-in run, before the test module. Kept small and obvious: what is
 # measured is ctxcache.InferenceSession, not this forwarder.
 SHIM = textwrap.dedent('''
+    import atexit
     import os
     import threading
 
@@ -45,6 +47,13 @@ SHIM = textwrap.dedent('''
     _real = onnxruntime.InferenceSession
     _inside = threading.local()
     _cache = ctxcache.ContextCache(os.environ["CTXCACHE_DROPIN_CACHE"])
+    _calls = [0]
+
+
+    @atexit.register
+    def _count():  # proof that the tests went through the drop-in
+        with open(os.environ["CTXCACHE_DROPIN_COUNT"], "w") as f:
+            f.write(str(_calls[0]))
 
 
     class _Meta(type):
@@ -62,6 +71,7 @@ SHIM = textwrap.dedent('''
             if getattr(_inside, "active", False):
                 return _real(*args, **kwargs)
             _inside.active = True
+            _calls[0] += 1
             try:
                 return ctxcache.InferenceSession(*args, cache=_cache, **kwargs)
             finally:
@@ -94,7 +104,7 @@ def _files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def run(test_dir: Path, test_file: str, mode: str, work: Path, extra: list[str]) -> tuple[dict[str, tuple[str, str]], dict[str, list[str]]]:
+def run(test_dir: Path, test_file: str, mode: str, work: Path, extra: list[str]) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
     """Run one file in one mode; returns its outcomes and the files it left (cwd, cache)."""
     cwd = work / f"{mode}-{Path(test_file).stem}-cwd"
     cwd.mkdir()
@@ -112,6 +122,7 @@ def run(test_dir: Path, test_file: str, mode: str, work: Path, extra: list[str])
         env["PYTHONPATH"] = os.pathsep.join([str(shim_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["CTXCACHE_DROPIN_CACHE"] = str(cache)
         env["CTXCACHE_DIR"] = str(cache)  # anything reaching the default cache lands there too
+        env["CTXCACHE_DROPIN_COUNT"] = str(work / f"{mode}-{Path(test_file).stem}.count")
         args[3:3] = ["-p", "_ctxcache_dropin_shim"]
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     (work / f"{mode}-{Path(test_file).stem}.log").write_text(proc.stdout + proc.stderr)
@@ -119,7 +130,9 @@ def run(test_dir: Path, test_file: str, mode: str, work: Path, extra: list[str])
     if not outcomes:
         sys.stderr.write(f"{mode} {test_file}: pytest collected nothing (exit {proc.returncode}):\n"
                          f"{(proc.stdout + proc.stderr)[-3000:]}\n")
-    left = {"cwd": _files_under(cwd), "cache": _files_under(cache) if cache.exists() else []}
+    left: dict[str, Any] = {"cwd": _files_under(cwd), "cache": _files_under(cache) if cache.exists() else []}
+    count = work / f"{mode}-{Path(test_file).stem}.count"
+    left["dropin_sessions"] = int(count.read_text()) if count.exists() else 0
     return outcomes, left
 
 
@@ -152,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "ort_src": str(ns.ort_src), "files": {}}
     regressions = 0
     print(f"onnxruntime {onnxruntime.__version__}, ctxcache {ctxcache.__version__}, tests from {ns.ort_src}")
-    print(f"{'file':34} {'plain pass/fail/skip':>22} {'drop-in pass/fail/skip':>24} {'regressions':>12}")
+    print(f"{'file':34} {'plain pass/fail/skip':>22} {'drop-in pass/fail/skip':>24} {'regressions':>12} "
+          f"{'drop-in sessions':>17}")
     details: list[str] = []
     for name in ns.files:
         plain, plain_left = run(test_dir, name, "plain", work, extra)
@@ -161,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         regressions += len(lost)
         p, d = _count(plain), _count(dropin)
         print(f"{name:34} {p['passed']:>10}/{p['failed']}/{p['skipped']:<9} {d['passed']:>12}/{d['failed']}/{d['skipped']:<9} "
-              f"{len(lost):>6}")
+              f"{len(lost):>6} {dropin_left['dropin_sessions']:>16}")
+        if not dropin_left["dropin_sessions"] and dropin:
+            details.append(f"  {name}: no session went through the drop-in: the forwarder was not used")
+            regressions += 1
         for t in lost:
             details.append(f"  {name} {t}: {dropin.get(t, ('missing', ''))[1]}")
         new_cwd = sorted(set(dropin_left["cwd"]) - set(plain_left["cwd"]))
