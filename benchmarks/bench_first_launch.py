@@ -1,4 +1,4 @@
-"""Q9, a first launch that does not wait: blocking compile versus ``on_miss="background"``.
+"""Q10, a first launch that does not wait: blocking compile versus ``on_miss="background"``.
 
 Fresh processes, an empty cache each round, side by side (the three kinds alternate round by round):
 
@@ -102,7 +102,7 @@ def report(res: dict[str, Any]) -> str:
              f"{r['ready']['background'] / r['ready']['blocking']:.2f}x", c.verdict(r["ready_ok"])]
             for r in res["rows"]]
     return (
-        f"### 9. First launch on an empty cache: blocking compile vs background (seconds from spawn, fresh "
+        f"### 10. First launch on an empty cache: blocking compile vs background (seconds from spawn, fresh "
         f"processes, median of {res['rounds']})\n\n"
         + c.table(["model", "plain CPU session", "blocking: session (= entry ready)", "background: session (pending, CPU)",
                    "background / CPU", "target <= 1.10x", "blocking: of which compile", "background: entry ready",

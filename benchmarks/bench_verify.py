@@ -1,4 +1,4 @@
-"""Q8, content verification: what it costs a hit to re-hash every byte it serves, by context size.
+"""Q9, content verification: what it costs a hit to re-hash every byte it serves, by context size.
 
 Every hit (``verify="content"``, the default) re-hashes the entry's files on a thread while ONNX Runtime
 creates the session on them; the session is handed out only once the digests agree. Three loads
@@ -99,7 +99,7 @@ def report(res: dict[str, Any]) -> str:
              c.verdict(r["ok"]) if r["targeted"] else "(above 256 MB: reported)"]
             for r in res["rows"]]
     return (
-        f"### 8. Content verification on the hit (ms, median of {res['rounds']}; page cache warm)\n\n"
+        f"### 9. Content verification on the hit (ms, median of {res['rounds']}; page cache warm)\n\n"
         + c.table(["model", "entry MB", "raw session on ctx", "hit, verify=stat", "hit, verify=content (default)",
                    "content - stat (paired)", "content - raw (paired)", "waited for the hash",
                    "own time content / stat", "budget (2 % + 0.5 ms)", "target"], rows)

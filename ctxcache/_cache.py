@@ -17,7 +17,7 @@ import onnxruntime as ort
 from . import _fs, _key, _negative
 from ._config import resolve_cache_dir, resolve_strict
 from ._fingerprint import Fingerprint
-from ._inputs import ProvidersArg, context_target, resolve_model, resolve_providers
+from ._inputs import ProvidersArg, cache_blocker, check_kwargs, context_target, resolve_model, resolve_providers
 from ._loader import Loader, Request, Settings
 from ._manifest import Entry
 from ._store import Store
@@ -172,19 +172,22 @@ class ContextCache:
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
-             sess_options: ort.SessionOptions | None = None) -> LoadResult:
+             sess_options: ort.SessionOptions | None = None, **ort_kwargs: Any) -> LoadResult:
         """A session for ``model`` on ``providers``, from the cache when possible. Never raises a cache fault.
 
+        ``ort_kwargs``: ``onnxruntime.InferenceSession``'s own keyword arguments (``disabled_optimizers``,
+        ``enable_fallback``, ``read_config_from_model``), passed to every session of the load.
         Raises :class:`~ctxcache.errors.CtxCacheError` subclasses for bad input (missing model, not an
-        ONNX file, unknown provider, bad option), before anything in the cache changes.
+        ONNX file, unknown provider, bad option, unknown keyword), before anything in the cache changes.
         """
-        return self._loader.load(model, providers, provider_options, sess_options)
+        return self._loader.load(model, providers, provider_options, sess_options, kwargs=ort_kwargs)
 
     def key(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
-            sess_options: ort.SessionOptions | None = None) -> Fingerprint | None:
+            sess_options: ort.SessionOptions | None = None, **ort_kwargs: Any) -> Fingerprint | None:
         """The :class:`Fingerprint` a load would use (``None`` when the load would bypass the cache)."""
+        kwargs = check_kwargs(ort_kwargs)
         req = Request(resolve_model(model), resolve_providers(providers, provider_options), sess_options)
-        if context_target(req.chain) is not None:
+        if context_target(req.chain) is not None or cache_blocker(req.model, sess_options, kwargs) is not None:
             return None
         req.digest = req.model.digest(self._store.memo_dir)
         return self._loader.fingerprint(req)
@@ -347,21 +350,32 @@ def default_cache() -> ContextCache:
 
 
 def InferenceSession(
-    model: ModelArg,
+    path_or_bytes: ModelArg | None = None,
     sess_options: ort.SessionOptions | None = None,
     providers: ProvidersArg = None,
     provider_options: Sequence[Mapping[str, Any]] | None = None,
     *,
     cache: ContextCache | None = None,
+    **kwargs: Any,
 ) -> ort.InferenceSession:
     """Drop-in for ``onnxruntime.InferenceSession`` that compiles once and loads the cached context after.
 
-    Takes the same argument forms (provider names, ``(name, options)`` tuples, ``provider_options``)
-    and returns a real ``onnxruntime.InferenceSession``. Use :meth:`ContextCache.load` to learn whether
-    it was a hit, a miss, a fallback or a bypass.
+    Takes the same arguments (``path_or_bytes``, provider names, ``(name, options)`` tuples,
+    ``provider_options``, and onnxruntime's keyword arguments ``disabled_optimizers``,
+    ``enable_fallback``, ``read_config_from_model``) and returns a real ``onnxruntime.InferenceSession``.
+    ``model=`` is taken for ``path_or_bytes`` too (ctxcache 0.2). A misspelt keyword raises
+    :class:`~ctxcache.errors.UnknownArgumentError` (a ``TypeError``). Use :meth:`ContextCache.load` to
+    learn whether it was a hit, a miss, a fallback or a bypass.
     """
+    if "model" in kwargs:
+        if path_or_bytes is not None:
+            raise TypeError("InferenceSession() got both path_or_bytes and model; pass one")
+        path_or_bytes = kwargs.pop("model")
+    if path_or_bytes is None:
+        raise TypeError("InferenceSession() missing the model: pass path_or_bytes (a path or bytes)")
     c = cache if cache is not None else default_cache()
-    return c.load(model, providers=providers, provider_options=provider_options, sess_options=sess_options).session
+    return c.load(path_or_bytes, providers=providers, provider_options=provider_options, sess_options=sess_options,
+                  **kwargs).session
 
 
 def store_of(cache: ContextCache) -> Store:

@@ -12,15 +12,19 @@ from typing import Any, NamedTuple
 
 import onnxruntime as ort
 
-from . import providers
+from . import _sessopts, providers
 from ._hashing import ModelDigest, bytes_digest, model_digest
 from ._onnxproto import WireError, read_facts, read_facts_from_bytes
 from ._types import ModelArg, Reason
-from .errors import InvalidModelError, ModelNotFoundError, ProviderOptionError
+from .errors import InvalidModelError, ModelNotFoundError, ProviderOptionError, UnknownArgumentError
 from .providers import ExecutionProvider
 
 ProvidersArg = Sequence[str | tuple[str, Mapping[str, Any]]] | None
 Chain = list[tuple[ExecutionProvider, dict[str, str]]]
+
+
+#: What ONNX Runtime's format flag looks like: a FlatBuffer whose file identifier (bytes 4-8) is ORTM.
+_ORT_FORMAT_ID = b"ORTM"
 
 
 class Model(NamedTuple):
@@ -37,6 +41,13 @@ class Model(NamedTuple):
     def name(self) -> str:
         return self.path.name if self.path is not None else "<bytes>"
 
+    @property
+    def ort_format(self) -> bool:
+        """An ORT-format model (a FlatBuffer, ``.ort``), which no provider compiles into an EP context."""
+        if self.path is not None:
+            return self.path.suffix.lower() == ".ort"
+        return self.data is not None and self.data[4:8] == _ORT_FORMAT_ID
+
     def digest(self, memo_dir: Path | None) -> ModelDigest:
         """The content digest of the model and its external data (``memo_dir``: the stat memo)."""
         if self.data is not None:
@@ -50,6 +61,8 @@ class Model(NamedTuple):
 
     def explain_failure(self, error: Exception) -> None:
         """Raise :class:`InvalidModelError` when ``error`` (ORT refusing the original model) is the model's fault."""
+        if self.ort_format:
+            return  # not ONNX: ORT's own error is the one to see
         try:
             if self.data is not None:
                 read_facts_from_bytes(self.data)
@@ -66,8 +79,8 @@ class Model(NamedTuple):
 
 
 def resolve_model(model: ModelArg) -> Model:
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        return Model(None, bytes(model))
+    if isinstance(model, bytes):
+        return Model(None, model)
     if isinstance(model, (str, os.PathLike)):
         path = Path(os.path.abspath(os.fspath(model)))
         if not path.exists():
@@ -77,7 +90,33 @@ def resolve_model(model: ModelArg) -> Model:
             raise InvalidModelError(f"{path} is not a file. Pass the path of an .onnx model file.", path=str(path),
                                     detail="not a file")
         return Model(path, None)
-    raise TypeError(f"model must be a path or bytes, not {type(model).__name__}")
+    # Anything else (a bytearray, a memoryview): ONNX Runtime's own answer, not a second opinion.
+    ort.InferenceSession(model)  # raises its TypeError("Unable to load from type ...")
+    if isinstance(model, (bytearray, memoryview)):  # pragma: no cover - an ONNX Runtime that takes them
+        return Model(None, bytes(model))
+    raise TypeError(f"model must be a path or bytes, not {type(model).__name__}")  # pragma: no cover
+
+
+#: ``onnxruntime.InferenceSession``'s own keyword arguments (1.20-1.32), forwarded to every session
+#: ctxcache creates. ONNX Runtime ignores any other name silently; ctxcache refuses it (a typo).
+ORT_KWARGS = frozenset({"disabled_optimizers", "enable_fallback", "read_config_from_model"})
+
+
+def check_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` when every name is one of :data:`ORT_KWARGS`, else :class:`UnknownArgumentError`."""
+    for name in kwargs:
+        if name not in ORT_KWARGS:
+            import difflib
+
+            accepted = sorted(ORT_KWARGS)
+            close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise UnknownArgumentError(
+                f"InferenceSession() got an unexpected keyword argument {name!r}{hint} Besides sess_options, "
+                f"providers, provider_options and cache, it takes onnxruntime's own: {', '.join(accepted)} "
+                "(onnxruntime would have ignored the name silently).",
+                argument=name, accepted=accepted)
+    return dict(kwargs)
 
 
 def resolve_providers(providers_arg: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None) -> Chain:
@@ -129,9 +168,61 @@ def context_target(chain: Chain) -> Reason | None:
     return None
 
 
-# Session-config entries copied onto the sessions ctxcache creates. ORT has no way to list the entries
-# of a SessionOptions, so the useful documented ones are copied by name; ep.context_* are left out on
-# purpose (they would make ORT dump its own contexts beside ours).
+#: Config entries that ask ONNX Runtime for work a cached context would undo (dump its own EP context,
+#: share contexts across sessions); ``optimization.*`` entries change the graph a context is compiled from.
+_ASKS_ORT = ("ep.context_enable", "ep.share_ep_contexts", "ep.stop_share_ep_contexts")
+_CHANGES_GRAPH = "optimization."
+_LOAD_FORMAT = "session.load_model_format"
+
+
+def cache_blocker(model: Model, so: ort.SessionOptions | None, kwargs: Mapping[str, Any]) -> Reason | None:
+    """Why a load with a compiling provider must not use a cached context (outcome ``bypass``, with
+    nothing written), or ``None``: an ORT-format model, or session settings that a cached context would
+    ignore or make meaningless. Cheap (no I/O): it runs at every load, hits included."""
+    if model.ort_format:
+        return Reason("ort_format", f"{model.name} is an ORT-format model: no provider compiles it into an EP "
+                                    "context (onnxruntime runs it as it is)")
+    if kwargs:
+        if kwargs.get("disabled_optimizers"):
+            return Reason("session_settings", "disabled_optimizers changes the graph a context would be compiled from")
+        from_model = kwargs.get("read_config_from_model")
+    else:
+        from_model = None
+    if from_model is None:
+        from_model = os.environ.get("ORT_LOAD_CONFIG_FROM_MODEL") == "1"
+    if from_model is not True and from_model is not False:
+        from_model = int(from_model) == 1  # ORT's own reading of it
+    if from_model:
+        return Reason("session_settings", "read_config_from_model: the session options come from the model's "
+                                          "metadata, which a context model does not carry")
+    if so is None:
+        return None
+    if so.optimized_model_filepath:
+        return Reason("session_settings", f"optimized_model_filepath is set: onnxruntime writes the optimized model "
+                                          f"to {so.optimized_model_filepath}, which a cached context cannot give")
+    notes = _sessopts.notes(so)
+    if notes is None:
+        # Nothing set through the setters since `import ctxcache`. Probing entries one by one costs ~45 us
+        # each (ORT raises for every unset key): options configured before the import are not probed.
+        return None
+    if notes.calls:
+        return Reason("session_settings", f"the session options have {', '.join(sorted(notes.calls))}: settings "
+                                          "that a cached context cannot carry (onnxruntime cannot read them back)")
+    config = notes.config
+    if config.get(_LOAD_FORMAT, "").upper() == "ORT":
+        return Reason("ort_format", f"{_LOAD_FORMAT}=ORT: an ORT-format model is not compiled into an EP context")
+    for key in _ASKS_ORT:
+        if config.get(key) == "1":
+            return Reason("session_settings", f"{key}=1 asks onnxruntime itself for EP contexts")
+    for key, value in config.items():
+        if key.startswith(_CHANGES_GRAPH) and value:
+            return Reason("session_settings", f"{key} changes the graph a context would be compiled from")
+    return None
+
+
+# Session-config entries copied onto the sessions ctxcache creates when the options were configured
+# before ``import ctxcache`` (afterwards every entry is noted by _sessopts and copied). ep.context_* are
+# left out on purpose: they would make ORT dump its own contexts beside ours.
 _CONFIG_KEYS = (
     "session.disable_cpu_ep_fallback",
     "session.intra_op.allow_spinning",
@@ -146,7 +237,9 @@ _CONFIG_KEYS = (
     "session.qdq_matmulnbits_accuracy_level",
     "session.disable_aot_function_inlining",
     "session.dynamic_block_base",
+    "session.record_ep_graph_assignment_info",
 )
+_NOT_COPIED = ("ep.context", "ep.share_ep_contexts", "ep.stop_share_ep_contexts")
 _SO_ATTRS = (
     "enable_cpu_mem_arena",
     "enable_mem_pattern",
@@ -167,10 +260,12 @@ _SO_ATTRS = (
 
 
 def clone_session_options(src: ort.SessionOptions | None) -> ort.SessionOptions:
-    """A fresh SessionOptions with the user's settings.
+    """A fresh SessionOptions with the user's settings, for the sessions on a cached context.
 
     A plugin EP is added to a SessionOptions with ``add_provider_for_devices``, which ORT refuses to
-    do twice on one object; copying keeps the caller's object untouched and reusable.
+    do twice on one object; copying keeps the caller's object untouched and reusable. What cannot be
+    copied (initializers, free-dimension overrides...) never gets here: :func:`cache_blocker` makes
+    such a load a bypass on the caller's own object.
     """
     dst = ort.SessionOptions()
     if src is None:
@@ -181,11 +276,19 @@ def clone_session_options(src: ort.SessionOptions | None) -> ort.SessionOptions:
                 setattr(dst, attr, getattr(src, attr))
             except Exception:  # noqa: BLE001 - an attribute this ORT build refuses: keep ORT's default
                 pass
-    for key in _CONFIG_KEYS:
-        try:
-            dst.add_session_config_entry(key, src.get_session_config_entry(key))
-        except Exception:  # noqa: BLE001 - ORT raises when the entry is not set
-            pass
+    notes = _sessopts.notes(src)
+    if notes is not None:
+        entries = dict(notes.config)  # every entry set since `import ctxcache`
+    else:
+        entries = {}
+        for key in _CONFIG_KEYS:  # options configured before the import: the documented entries, by name
+            try:
+                entries[key] = src.get_session_config_entry(key)
+            except Exception:  # noqa: BLE001 - ORT raises when the entry is not set
+                pass
+    for key, value in entries.items():
+        if not key.startswith(_NOT_COPIED):
+            dst.add_session_config_entry(key, value)
     return dst
 
 
@@ -194,13 +297,33 @@ def chosen_by_policy(chain: Chain, so: ort.SessionOptions | None) -> bool:
     return not chain and so is not None and bool(getattr(so, "has_providers", lambda: False)())
 
 
-def session(source: str | bytes, chain: Chain, so: ort.SessionOptions | None, *, target: bool) -> ort.InferenceSession:
+class Raw(NamedTuple):
+    """The caller's own arguments, for sessions that must be exactly onnxruntime's."""
+
+    model: Any
+    providers: Any
+    provider_options: Any
+
+
+def plain_session(raw: Raw, so: ort.SessionOptions | None, kwargs: Mapping[str, Any]) -> ort.InferenceSession:
+    """``onnxruntime.InferenceSession`` with the caller's own arguments and SessionOptions object: what
+    a load that uses no context runs (ORT's warnings for names built for other platforms included)."""
+    return ort.InferenceSession(raw.model, sess_options=so, providers=raw.providers,
+                                provider_options=raw.provider_options, **kwargs)
+
+
+def session(source: str | bytes, chain: Chain, so: ort.SessionOptions | None, *, target: bool,
+            kwargs: Mapping[str, Any] | None = None, whole: bool = False) -> ort.InferenceSession:
     """A session on ``source``: with ``target``, ``chain[0]`` set up by its provider module (plugin EPs
-    need ``add_provider_for_devices``) and the rest after it; else the classic ``providers=`` list."""
+    need ``add_provider_for_devices``) and the rest after it, on a copy of the options (``whole``: on the
+    caller's own object, for a bypass whose settings cannot be copied); else the classic ``providers=``
+    list on the caller's options."""
+    kw = dict(kwargs or {})
     if target:
         ep, options = chain[0]
         rest = [(e.name, o) for e, o in chain[1:]]
-        return ep.session(source, clone_session_options(so), options, rest)
-    kw: dict[str, Any] = {"providers": [ep.name for ep, _ in chain], "provider_options": [o for _, o in chain]} if chain else {}
-    return ort.InferenceSession(source, sess_options=clone_session_options(so), **kw)
-
+        opts = (so if so is not None else ort.SessionOptions()) if whole else clone_session_options(so)
+        return ep.session(source, opts, options, rest, kw)
+    if chain:
+        kw.update(providers=[ep.name for ep, _ in chain], provider_options=[o for _, o in chain])
+    return ort.InferenceSession(source, sess_options=so, **kw)

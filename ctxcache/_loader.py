@@ -24,7 +24,20 @@ from . import _events, _fs, _key, _negative
 from ._compile import CompileFailed, NothingCompiled
 from ._fingerprint import Fingerprint
 from ._hashing import ModelDigest, forget_model, identity, model_digest
-from ._inputs import Chain, Model, ProvidersArg, chosen_by_policy, context_target, resolve_model, resolve_providers, session
+from ._inputs import (
+    Chain,
+    Model,
+    ProvidersArg,
+    Raw,
+    cache_blocker,
+    check_kwargs,
+    chosen_by_policy,
+    context_target,
+    plain_session,
+    resolve_model,
+    resolve_providers,
+    session,
+)
 from ._locking import KeyLock, LockStalled, release, try_lock
 from ._manifest import Entry, new_manifest
 from ._markers import clear as clear_marker
@@ -71,12 +84,21 @@ class Settings(NamedTuple):
 class Request:
     """One load: its inputs, and what the steps learn about it on the way (key, timings, tier)."""
 
-    __slots__ = ("chain", "digest", "fingerprint", "model", "note", "sess_options", "started", "tier", "times", "warm")
+    __slots__ = ("chain", "digest", "fingerprint", "kwargs", "model", "note", "raw", "sess_options", "silent", "started",
+                 "tier", "times", "warm")
 
-    def __init__(self, model: Model, chain: Chain, sess_options: ort.SessionOptions | None, *, warm: bool = False) -> None:
+    def __init__(self, model: Model, chain: Chain, sess_options: ort.SessionOptions | None, *, warm: bool = False,
+                 kwargs: Mapping[str, Any] | None = None, raw: Raw | None = None) -> None:
         self.model = model
         self.chain = chain
         self.sess_options = sess_options
+        #: onnxruntime's own keyword arguments (checked), passed to every session of this load
+        self.kwargs: dict[str, Any] = dict(kwargs) if kwargs else {}
+        #: the caller's arguments as given, for a session that must be exactly onnxruntime's
+        self.raw = raw if raw is not None else Raw(model.source, [e.name for e, _ in chain] or None,
+                                                   [o for _, o in chain] or None)
+        #: a bypass decided from the inputs alone: nothing is written, not even a stats event
+        self.silent = False
         self.started = time.perf_counter()
         self.warm = warm
         self.times: dict[str, float] = {}
@@ -117,8 +139,11 @@ class Loader:
 
     # ---- entry point -------------------------------------------------------------------------
     def load(self, model: ModelArg, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None,
-             sess_options: ort.SessionOptions | None, *, warm: bool = False) -> LoadResult:
-        req = Request(resolve_model(model), resolve_providers(providers, provider_options), sess_options, warm=warm)
+             sess_options: ort.SessionOptions | None, *, warm: bool = False,
+             kwargs: Mapping[str, Any] | None = None) -> LoadResult:
+        checked = check_kwargs(kwargs) if kwargs else None
+        req = Request(resolve_model(model), resolve_providers(providers, provider_options), sess_options, warm=warm,
+                      kwargs=checked, raw=Raw(model, providers, provider_options))
         result = self._run(req)
         self._report(req, result)
         return result
@@ -136,13 +161,20 @@ class Loader:
     # ---- the steps, top-down -----------------------------------------------------------------
     def _run(self, req: Request) -> LoadResult:
         if chosen_by_policy(req.chain, req.sess_options):
+            req.silent = True
             return self._policy(req)
         no_context = context_target(req.chain)
         if no_context is not None:
-            if no_context.code == "provider_unavailable":
-                # The app still gets the rest of its list, without the provider that is missing.
-                req.chain = [(e, o) for e, o in req.chain[1:] if e.unavailable_reason() is None]
-            return self._original(req, "bypass", no_context, target=False)
+            # Nothing to cache for this list: exactly onnxruntime.InferenceSession with the caller's own
+            # arguments (its warnings for names built for other platforms, its fallback), nothing written.
+            req.silent = True
+            return self._plain(req, no_context)
+        blocked = cache_blocker(req.model, req.sess_options, req.kwargs)
+        if blocked is not None:
+            # Settings a cached context cannot honour: the provider's session on the original model,
+            # with the caller's own SessionOptions object (what cannot be copied stays in it).
+            req.silent = True
+            return self._original(req, "bypass", blocked, whole=True)
         unusable = self._open_store()
         t = time.perf_counter()
         req.digest = req.model.digest(self.store.memo_dir if unusable is None else None)  # bad input raises here
@@ -252,7 +284,8 @@ class Loader:
         busy or short of memory) is retried with a bounded backoff and then reported as ``device_busy``."""
         for attempt, pause in enumerate((*_RETRY_PAUSES, None)):
             try:
-                return session(str(entry.context_path), req.chain, req.sess_options, target=True), None
+                return session(str(entry.context_path), req.chain, req.sess_options, target=True,
+                               kwargs=req.kwargs), None
             except Exception as e:  # noqa: BLE001 - ORT's exceptions derive from Exception only
                 text = f"{type(e).__name__}: {e}".strip()[:2000]
                 kind = req.ep.load_error_kind(text)
@@ -348,7 +381,7 @@ class Loader:
         from ._inputs import resolve_providers
 
         meanwhile = resolve_providers(list(self.settings.meanwhile), None)
-        sess = session(req.model.source, meanwhile, req.sess_options, target=False)
+        sess = session(req.model.source, meanwhile, req.sess_options, target=False, kwargs=req.kwargs)
         result = self._finish(req, sess, "pending", reason)
         return result._replace_waiter(waiter)
 
@@ -360,7 +393,8 @@ class Loader:
         import filelock
 
         req = Request(resolve_model(model), resolve_providers(providers, None), sess_options)
-        if context_target(req.chain) is not None or self._open_store() is not None:
+        if (context_target(req.chain) is not None or cache_blocker(req.model, sess_options, {}) is not None
+                or self._open_store() is not None):
             return
         req.digest = req.model.digest(self.store.memo_dir)
         req.fingerprint = self.fingerprint(req)
@@ -448,7 +482,7 @@ class Loader:
                 return self._original(req, "fallback", changed)
             if load_first:
                 try:
-                    session(str(staging / "ctx.onnx"), req.chain, req.sess_options, target=True)
+                    session(str(staging / "ctx.onnx"), req.chain, req.sess_options, target=True, kwargs=req.kwargs)
                 except Exception as e:  # noqa: BLE001 - the rebuilt context does not load: keep the old one
                     log.warning("rebuilt context of %s does not load (%s); keeping the current entry", req.key[:12], e)
                     return self._original(req, "fallback", Reason("load_failed", f"{type(e).__name__}: {e}"[:2000]))
@@ -517,21 +551,33 @@ class Loader:
             entry.compile_seconds if entry is not None and outcome == "hit" else 0.0,
         )
 
-    def _original(self, req: Request, outcome: Outcome, reason: Reason, *, target: bool = True) -> LoadResult:
+    def _original(self, req: Request, outcome: Outcome, reason: Reason, *, target: bool = True,
+                  whole: bool = False) -> LoadResult:
         """A session on the original model; ORT's own error if even that fails (not a cache fault)."""
         try:
-            sess = session(req.model.source, req.chain, req.sess_options, target=target and bool(req.chain))
+            sess = session(req.model.source, req.chain, req.sess_options, target=target and bool(req.chain),
+                           kwargs=req.kwargs, whole=whole)
         except Exception as e:
             req.model.explain_failure(e)
             raise
         return self._finish(req, sess, outcome, reason)
+
+    def _plain(self, req: Request, reason: Reason) -> LoadResult:
+        """``onnxruntime.InferenceSession`` with the caller's own arguments; ORT's own error if it fails
+        (an invalid model is still said to be one)."""
+        try:
+            sess = plain_session(req.raw, req.sess_options, req.kwargs)
+        except Exception as e:
+            req.model.explain_failure(e)
+            raise
+        return self._finish(req, sess, "bypass", reason)
 
     def _policy(self, req: Request) -> LoadResult:
         # The app let ORT choose (set_provider_selection_policy, e.g. PREFER_NPU) or added providers to
         # its SessionOptions itself. Neither can be read back, so the provider and device ORT will pick
         # cannot be keyed before it picks them: run the app's own options untouched (a copy would drop
         # the policy) and say which provider ORT chose.
-        sess = ort.InferenceSession(req.model.source, sess_options=req.sess_options)
+        sess = plain_session(req.raw, req.sess_options, req.kwargs)
         text = (f"the session options choose the provider (selection policy or providers added to them); "
                 f"ONNX Runtime picked {sess.get_providers()[0]}. Pass providers=[...] to cache its context")
         return self._finish(req, sess, "bypass", Reason("provider_policy", text))
@@ -610,6 +656,9 @@ class Loader:
         log.warning("cache fault for %s: %s", key[:12] if key else "-", reason)
 
     def _report(self, req: Request, result: LoadResult) -> None:
+        if req.silent:
+            log.debug("%s: %s (%s)", req.model.name, result.outcome, result.reason)
+            return
         try:
             _events.record(self.store.events_path, result.outcome, result.key,
                            result.reason.code if result.reason else None, result.timings.compile,

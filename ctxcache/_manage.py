@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import onnxruntime as ort
 
 from . import _fingerprint, _key, _markers, _negative, _stats, providers
-from ._inputs import ProvidersArg, context_target, resolve_model, resolve_providers
+from ._inputs import ProvidersArg, cache_blocker, context_target, resolve_model, resolve_providers
 from ._loader import Loader, Request
 from ._manifest import Entry
 from ._servable import judge
@@ -563,7 +563,7 @@ def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers
     """
     store = loader.store
     req = Request(resolve_model(model), resolve_providers(providers, provider_options), sess_options)
-    no_context = context_target(req.chain)
+    no_context = context_target(req.chain) or cache_blocker(req.model, sess_options, {})
     if no_context is not None:
         return Explanation(req.model.name, "bypass", reason=no_context)
     req.digest = req.model.digest(store.memo_dir)

@@ -21,6 +21,8 @@ ReasonCode = Literal[
     "nothing_to_compile",
     "provider_unavailable",
     "provider_policy",
+    "session_settings",
+    "ort_format",
     "not_compilable",
     "context_unloadable",
     "cache_unwritable",
@@ -56,9 +58,14 @@ ReasonCode = Literal[
 #: Every reason code, with the outcome it comes with and what it means. One table for the code, the
 #: README and the CLI.
 REASONS: dict[str, tuple[str, str]] = {
-    "nothing_to_compile": ("bypass", "no provider that compiles an EP context comes first in the list (CPU, Azure, none)"),
+    "nothing_to_compile": ("bypass", "no provider that compiles an EP context comes first in the list (CPU, Azure, CUDA, "
+                                     "DirectML, none): exactly onnxruntime.InferenceSession, nothing written"),
     "provider_unavailable": ("bypass", "the provider is not installed or lists no device here"),
     "provider_policy": ("bypass", "the session options let ONNX Runtime pick the provider (a selection policy)"),
+    "session_settings": ("bypass", "the session settings ask for what a cached context cannot give (optimized_model_filepath, "
+                                   "add_initializer, free-dimension overrides, disabled_optimizers, ep.context_enable...): "
+                                   "the provider's session on the original model, on the caller's own options"),
+    "ort_format": ("bypass", "an ORT-format model (.ort): no provider compiles it into an EP context"),
     "not_compilable": ("bypass", "the provider compiled no node of this model (remembered for negative_ttl)"),
     "context_unloadable": ("bypass", "a freshly compiled context of this key failed to load (remembered for negative_ttl)"),
     "cache_unwritable": ("bypass", "the cache folder cannot be created or written"),

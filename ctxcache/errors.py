@@ -65,6 +65,16 @@ class UnknownProviderError(CtxCacheError, ValueError):
         self.known = known
 
 
+class UnknownArgumentError(CtxCacheError, TypeError):
+    """A keyword argument that neither ctxcache nor ONNX Runtime's ``InferenceSession`` takes (ONNX Runtime
+    would silently ignore it). ``argument`` is the name given, ``accepted`` the names that are taken."""
+
+    def __init__(self, message: str, *, argument: str, accepted: list[str]) -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.accepted = accepted
+
+
 class ProviderOptionError(CtxCacheError, ValueError):
     """A provider option is misspelt, mistyped or out of range (raised before anything is written)."""
 

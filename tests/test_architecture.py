@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "ctxcache.providers": 1,
     "ctxcache.models": 1,
     "ctxcache._onnxproto": 0,
+    "ctxcache._sessopts": 0,
     "ctxcache._fs": 0,
     "ctxcache._locking": 0,
     "ctxcache._fingerprint": 0,

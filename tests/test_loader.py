@@ -252,9 +252,10 @@ def test_cpu_only_is_bypass(cache_dir: Path, conv_model: Path) -> None:
 def test_provider_not_installed_is_bypass_with_working_session(cache_dir: Path, conv_model: Path) -> None:
     assert "CUDAExecutionProvider" not in ort.get_available_providers()
     cache = ctxcache.ContextCache(cache_dir)
-    r = cache.load(conv_model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):  # onnxruntime's own warning, as plain ORT
+        r = cache.load(conv_model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert r.outcome == "bypass"
-    assert r.reason is not None and r.reason.code == "provider_unavailable"
+    assert r.reason is not None and r.reason.code == "nothing_to_compile"  # CUDA compiles no EP context
     assert r.session.run(None, models.random_input(r.session))[0].shape == (1, 16, 32, 32)
 
 
@@ -347,11 +348,11 @@ def test_stats_count_outcomes(cache_dir: Path, conv_model: Path, qnn_providers: 
     cache = ctxcache.ContextCache(cache_dir)
     cache.load(conv_model, providers=qnn_providers)
     cache.load(conv_model, providers=qnn_providers)
-    cache.load(conv_model, providers=["CPUExecutionProvider"])
+    cache.load(conv_model, providers=["CPUExecutionProvider"])  # a silent bypass: not counted (nothing written)
     s = cache.stats()
-    assert (s.misses, s.hits, s.bypasses, s.fallbacks) == (1, 1, 1, 0)
+    assert (s.misses, s.hits, s.bypasses, s.fallbacks) == (1, 1, 0, 0)
     assert s.compile_seconds > 0 and s.saved_seconds > 0
-    assert s.reasons == {"nothing_to_compile": 1}
+    assert s.reasons == {}
     [entry] = cache.entries()
     assert entry.hits == 1 and entry.model_name == "conv.onnx" and entry.provider == QNN
     cache.reset_stats()

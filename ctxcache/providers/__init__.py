@@ -34,12 +34,32 @@ def _provider_class(name: str) -> type[ExecutionProvider] | None:
     return found
 
 
+#: Provider names (current and earlier onnxruntime releases) that never produce an EP context: a load
+#: with one of them first is exactly onnxruntime's session, nothing written (see ``plain``).
+NO_CONTEXT = frozenset({
+    "ACLExecutionProvider",
+    "ArmNNExecutionProvider",
+    "AzureExecutionProvider",
+    "CUDAExecutionProvider",
+    "DnnlExecutionProvider",
+    "JsExecutionProvider",
+    "NnapiExecutionProvider",
+    "ROCMExecutionProvider",
+    "RknpuExecutionProvider",
+    "SNPEExecutionProvider",
+    "TvmExecutionProvider",
+    "VSINPUExecutionProvider",
+    "WebGpuExecutionProvider",
+    "WebNNExecutionProvider",
+    "XnnpackExecutionProvider",
+})
+
 # One instance per provider per process: QNN's plugin registration is process-wide state.
 _instances: dict[str, ExecutionProvider] = {}
 
 
 def known_names() -> list[str]:
-    names = set(ort.get_all_providers()) | set(_MODULES)
+    names = set(ort.get_all_providers()) | set(_MODULES) | NO_CONTEXT
     try:
         names |= {d.ep_name for d in ort.get_ep_devices()}
     except Exception:  # noqa: BLE001 - older ORT without the plugin-EP API
@@ -52,7 +72,11 @@ def get(name: str) -> ExecutionProvider:
     if inst is not None:
         return inst
     cls = _provider_class(name)
-    if cls is None:
+    if cls is None and name in NO_CONTEXT:
+        from .plain import PlainProvider
+
+        inst = PlainProvider(name)
+    elif cls is None:
         known = known_names()
         if name not in known:
             import difflib

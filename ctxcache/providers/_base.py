@@ -230,16 +230,21 @@ class ExecutionProvider:
         so: ort.SessionOptions,
         options: dict[str, str],
         rest: list[tuple[str, dict[str, str]]],
+        kwargs: Mapping[str, Any] | None = None,
     ) -> ort.InferenceSession:
-        """A session on ``model`` with this provider first and ``rest`` after it, as the user listed them."""
+        """A session on ``model`` with this provider first and ``rest`` after it, as the user listed them;
+        ``kwargs``: onnxruntime's own keyword arguments (``disabled_optimizers``...), passed through."""
+        kw = dict(kwargs or {})
         if self._plugin is not None:
             # A plugin EP lives in the session options (the classic providers= list would silently
             # run on CPU); ORT appends CPU itself, so a trailing CPUExecutionProvider needs nothing.
-            self.configure(so, options)
-            return ort.InferenceSession(model, sess_options=so)
+            # Options that already have it (the caller's own object, set up at an earlier bypass) keep it.
+            if not so.has_providers():
+                self.configure(so, options)
+            return ort.InferenceSession(model, sess_options=so, **kw)
         names = [self.name] + [n for n, _ in rest]
         opts = [options] + [o for _, o in rest]
-        return ort.InferenceSession(model, sess_options=so, providers=names, provider_options=opts)
+        return ort.InferenceSession(model, sess_options=so, providers=names, provider_options=opts, **kw)
 
     #: How a failed context load reads, per provider: (kind, substring) checked in order. ``transient``:
     #: the device was busy or short of memory, the entry is fine (retried, then the original model is

@@ -443,6 +443,7 @@ class TensorRTProvider(ExecutionProvider):
         so: ort.SessionOptions,
         options: dict[str, str],
         rest: list[tuple[str, dict[str, str]]],
+        kwargs: Mapping[str, Any] | None = None,
     ) -> ort.InferenceSession:
         options = {k: v for k, v in options.items() if k not in _EP_CONTEXT_OPTIONS}
-        return super().session(model, so, options, rest)
+        return super().session(model, so, options, rest, kwargs)
