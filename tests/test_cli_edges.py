@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, launch, layout
+from test_cli import cli, flip_byte
 
 from ctxcache import models
-from test_cli import cli, flip_byte
 
 EXIT_USAGE = 2
 
