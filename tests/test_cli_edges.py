@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -206,7 +207,7 @@ def test_stats_separates_warm_up_compiles_from_app_loads(two_models: tuple[Path,
     st = json.loads(proc.stdout)
     assert (st["app_loads"], st["app_hits"], st["app_misses"], st["warm_compiles"]) == (1, 1, 0, 2), st
     table = cli("stats", "--cache-dir", str(cache)).stdout
-    rows = {line[:24].strip(): line[24:].strip() for line in table.splitlines()}
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table.splitlines() if "  " in line.strip())
     assert (rows["app loads"], rows["hits"], rows["misses (compiled)"], rows["warm-up compiles"]) == ("1", "1", "0", "2"), table
 
 
