@@ -126,9 +126,16 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
     data["cache"] = {"dir": str(root), "source": source or (f"${ENV_DIR}" if os.environ.get(ENV_DIR) else "app-data default"),
                      "exists": root.exists(), "writable": writable, "free_bytes": free, "entries": len(infos),
                      "size": sum(i.size for i in infos)}
-    if not writable:
-        problems.append(f"the cache folder {root} is not writable: every load would bypass the cache; "
+    if not writable and infos:
+        # Read-only (a mount, a system image): its intact entries still serve hits; nothing can be added or changed.
+        problems.append(f"the cache folder {root} is read-only here: loads of its {len(infos)} entr"
+                        f"{'y' if len(infos) == 1 else 'ies'} hit, but a miss cannot compile into it (it loads the "
+                        "original model: outcome bypass, cache_unwritable) and nothing can change it (no stats "
+                        "recorded; prune, clear, verify --fix, warm and import cannot work); if that is not intended, "
                         "pass --cache-dir or set CTXCACHE_DIR to a writable folder")
+    elif not writable:
+        problems.append(f"the cache folder {root} is not writable and holds no entries: every load would bypass the "
+                        "cache; pass --cache-dir or set CTXCACHE_DIR to a writable folder")
     if free is not None and free < 512 << 20:
         problems.append(f"only {free >> 20} MiB free at {existing}: compiled contexts of big models may not fit")
     keys = []
@@ -146,5 +153,15 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
     except Exception as e:  # noqa: BLE001 - a tier that cannot even be opened is a problem to report
         data["tiers"] = []
         problems.append(f"tiers: {e}")
+    import importlib
+
+    for t in data["tiers"]:  # a remote tier whose client library is missing is refused at every miss
+        url = str(t.get("tier", "")).split(" ", 1)[-1]
+        need = "boto3" if url.startswith("s3://") else "fsspec" if t.get("kind") == "remote" else None
+        if need:
+            try:
+                importlib.import_module(need)
+            except ImportError:
+                problems.append(f"tier {url} needs {need}, which is not installed: pip install 'ctxcache[remote]'")
     data["problems"] = problems
     return Diagnosis(data, tuple(problems))

@@ -49,6 +49,8 @@ class Stats:
     warm_compiles: int = 0
     warm_loads: int = 0
     since: float | None = None
+    #: warm-up loads that hit (rare: `warm` checks for an intact entry without a load, so "already cached" is no load)
+    warm_hits: int = 0
 
     @property
     def loads(self) -> int:
@@ -57,6 +59,15 @@ class Stats:
     @property
     def app_loads(self) -> int:
         return self.loads - self.warm_loads
+
+    @property
+    def app_hits(self) -> int:
+        return self.hits - self.warm_hits
+
+    @property
+    def app_misses(self) -> int:
+        """Compiles an application's load waited for (a warm-up's compiles are ``warm_compiles``)."""
+        return self.misses - self.warm_compiles
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -67,8 +78,11 @@ class Stats:
             "fallbacks": self.fallbacks,
             "bypasses": self.bypasses,
             "pendings": self.pendings,
+            "app_hits": self.app_hits,
+            "app_misses": self.app_misses,
             "warm_loads": self.warm_loads,
             "warm_compiles": self.warm_compiles,
+            "warm_hits": self.warm_hits,
             "compile_seconds": round(self.compile_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
             "reasons": dict(sorted(self.reasons.items())),
@@ -77,7 +91,7 @@ class Stats:
         }
 
 
-_COUNTS = ("hits", "misses", "fallbacks", "bypasses", "pendings", "warm_compiles", "warm_loads")
+_COUNTS = ("hits", "misses", "fallbacks", "bypasses", "pendings", "warm_compiles", "warm_loads", "warm_hits")
 _SECONDS = ("compile_seconds", "saved_seconds")
 _TABLES = ("reasons", "per_key_hits", "tier_hits")
 _OUTCOME_FIELD = {"hit": "hits", "miss": "misses", "fallback": "fallbacks", "bypass": "bypasses", "pending": "pendings"}
@@ -138,6 +152,8 @@ class _Tally:
             self.counts["warm_loads"] += 1
             if field_name == "misses":
                 self.counts["warm_compiles"] += 1
+            elif field_name == "hits":
+                self.counts["warm_hits"] += 1
         if field_name == "hits":
             if isinstance(ev.get("k"), str):
                 self.bump("per_key_hits", ev["k"])
@@ -164,7 +180,7 @@ class _Tally:
         return Stats(c["hits"], c["misses"], c["fallbacks"], c["bypasses"], c["pendings"], s["compile_seconds"],
                      s["saved_seconds"],
                      dict(t["reasons"]), dict(t["per_key_hits"]), dict(t["tier_hits"]), c["warm_compiles"],
-                     c["warm_loads"], self.since)
+                     c["warm_loads"], self.since, c["warm_hits"])
 
     def to_json(self, folded: list[str]) -> dict[str, Any]:
         return {**self.counts, **self.seconds, **self.tables, "since": self.since, "folded": folded}

@@ -86,11 +86,12 @@ def _verified(cache: ContextCache, entries: Sequence[Entry]) -> tuple[list[Entry
     return good, skipped
 
 
-def _destination(dest: str | os.PathLike[str], overwrite: bool) -> Path:
+def _destination(dest: str | os.PathLike[str], overwrite: bool | None) -> Path:
+    """``overwrite=None``: the writer cannot replace (a model package): the message says so."""
     out = Path(os.path.abspath(os.fspath(dest)))
     if os.path.lexists(out) and not overwrite:
-        raise BundleError(f"{out} already exists; choose another path, or replace it (--overwrite).",
-                          path=str(out), code="exists")
+        how = "replace it (overwrite=True)" if overwrite is not None else "remove it first"
+        raise BundleError(f"{out} already exists; choose another path, or {how}.", path=str(out), code="exists")
     return out
 
 
@@ -141,7 +142,7 @@ def export_model_package(cache: ContextCache, dest: str | os.PathLike[str], *,
     from .tiers.package import write_package
 
     signers = resolve_signing_keys(signing_key)
-    out = _destination(dest, False)
+    out = _destination(dest, None)
     good, skipped = _verified(cache, _selected(cache, models, provider, options, keys))
     if not good:
         raise _nothing(cache, out, skipped)

@@ -233,7 +233,7 @@ def generate_signing_key(path: str | os.PathLike[str], *, overwrite: bool = Fals
     """
     dest = Path(os.path.abspath(os.fspath(path)))
     if os.path.lexists(dest) and not overwrite:
-        raise SigningKeyError(f"{dest} already exists; keep it, or replace it with overwrite=True (--force): the old "
+        raise SigningKeyError(f"{dest} already exists; keep it, or replace it with overwrite=True: the old "
                               "key's signatures stay valid only where its public key stays trusted", path=str(dest))
     if not dest.parent.is_dir():
         raise SigningKeyError(f"the folder of {dest} does not exist; create it first", path=str(dest))
@@ -258,7 +258,7 @@ def generate_signing_key(path: str | os.PathLike[str], *, overwrite: bool = Fals
         # O_EXCL + 0o600 at creation: the key is never readable by others, not even for a moment.
         fd = os.open(target, flags, 0o600)
     except FileExistsError:
-        raise SigningKeyError(f"{dest} already exists; keep it, or replace it with overwrite=True (--force)",
+        raise SigningKeyError(f"{dest} already exists; keep it, or replace it with overwrite=True",
                               path=str(dest)) from None
     except OSError as e:
         raise SigningKeyError(f"cannot create {dest}: {e.strerror or e}", path=str(dest)) from None

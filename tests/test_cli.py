@@ -90,9 +90,9 @@ def test_no_command_and_unknown_flag_are_usage_errors(capsys: pytest.CaptureFixt
     [
         (["warm", "{missing}"], "model not found"),
         (["warm", "{models}/*.nothing"], "no file matches"),
-        (["warm", "{models}", "--provider", "qnnn"], "unknown execution provider 'qnnn'"),
+        (["warm", "{models}", "--provider", "qnnn"], "unknown execution provider 'qnnn'; did you mean qnn"),
         (["warm", "{models}", "--preset", "qnn-htp", "-o", "soc_modell=60"], "did you mean 'soc_model'"),
-        (["warm", "{models}", "-o", "soc_model=60"], "must follow --provider"),
+        (["warm", "{models}", "-o", "soc_modell=60"], "did you mean 'soc_model'"),  # -o alone: the default preset's
         (["warm", "{models}", "--provider", "cpu"], "compiles no context"),
         (["warm"], "nothing to warm"),
         (["warm", "--plan", "{missing}"], "cannot read plan"),
@@ -168,13 +168,14 @@ def test_warm_console_script_json_is_clean_and_failure_exit_code(warm_models: Pa
     cache = tmp_path / "c"
     proc = cli("warm", str(folder), "-j", "2", "--cache-dir", str(cache), "--format", "json")
     summary = json.loads(proc.stdout)  # native libraries' chatter must not reach stdout
-    assert proc.returncode == 1, proc.stderr
-    assert (summary["compiled"], summary["failed"], summary["exit_code"]) == (3, 1, 1)
+    # A file that is not a model is bad input (exit 2, as `explain` says of it), not a failed compile (1).
+    assert proc.returncode == 2, proc.stderr
+    assert (summary["compiled"], summary["failed"], summary["exit_code"]) == (3, 1, 2)
     failed = [r for r in summary["results"] if r["status"] == "failed"]
     assert Path(failed[0]["model"]).name == "broken.onnx" and "InvalidModelError" in failed[0]["reason"]
     # The others are cached regardless, and plain output says so line by line.
     plain = cli("warm", str(folder), "--cache-dir", str(cache))
-    assert plain.returncode == 1
+    assert plain.returncode == 2
     lines = plain.stdout.strip().splitlines()
     assert sum(line.startswith("cached ") for line in lines) == 3
     assert sum(line.startswith("failed ") for line in lines) == 1

@@ -8,7 +8,8 @@ tests run a launch in a separate interpreter:
   launch must be a fallback with right outputs (on an Intel host it may be a miss, then a hit).
 - ``$CTXCACHE_OPENVINO_PLUGIN_PYTHON`` (default ``.venv-openvino-plugin/bin/python``, then
   ``/tmp/venv-ov/bin/python``): onnxruntime 1.32 + the onnxruntime-ep-openvino plugin, which offers no
-  device on AMD hardware: a bypass that names why.
+  device on AMD hardware: a bypass that names why. On an Intel Xeon it compiles (miss, then hit), and its
+  outputs are 0.03 off the CPU EP's but equal to a plain OpenVINO JIT session's: the reference there.
 
 ``.ci/run`` creates both venvs (best effort: if PyPI cannot be reached the real tests skip, saying so).
 """
@@ -60,13 +61,40 @@ expected = ref.run(None, feeds)[0]
 cache = ctxcache.ContextCache({cache!r})
 # True reaches the EP as "true": as "1" ORT would silently drop the EP and run on CPU
 providers = [("OpenVINOExecutionProvider", {{"device_type": "CPU", "enable_qdq_optimizer": True}})]
-runs = []
+runs, outs = [], []
 for _ in range(2):
     r = cache.load(model, providers=providers)
     out = r.session.run(None, feeds)[0]
+    outs.append(out)
     runs.append({{"outcome": r.outcome, "reason": r.reason.code if r.reason else None,
                  "message": r.reason.message if r.reason else None, "providers": r.providers,
                  "maxdiff": float(np.abs(out - expected).max())}})
+
+# What the app gets without ctxcache: a plain JIT session on the same EP and options (OpenVINO may compute
+# in lower precision than the CPU EP, e.g. bf16 on Xeons with AMX: its own outputs are the reference then).
+def jit_session():
+    opts = {{"device_type": "CPU", "enable_qdq_optimizer": "true"}}
+    try:
+        import onnxruntime_ep_openvino as plugin
+    except ImportError:
+        s = ort.InferenceSession(str(model), providers=[("OpenVINOExecutionProvider", opts)])
+        return s if s.get_providers()[0] == "OpenVINOExecutionProvider" else None
+    try:
+        ort.register_execution_provider_library("OpenVINOExecutionProvider", plugin.get_library_path())
+    except Exception:
+        pass  # ctxcache registered it already
+    devs = [d for d in ort.get_ep_devices() if d.ep_name == "OpenVINOExecutionProvider"]
+    if not devs:
+        return None
+    so = ort.SessionOptions()
+    so.add_provider_for_devices(devs[:1], opts)
+    return ort.InferenceSession(str(model), sess_options=so)
+
+jit = jit_session()
+if jit is not None:
+    jit_out = jit.run(None, feeds)[0]
+for run, out in zip(runs, outs):
+    run["jit_maxdiff"] = float(np.abs(out - jit_out).max()) if jit is not None else None
 fp = cache.key(model, providers=providers)
 print(json.dumps({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
                   "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}}))
@@ -136,6 +164,14 @@ def test_cpu_identity_names_the_instruction_set() -> None:
 
 
 # -- real OpenVINO, in its own venvs --------------------------------------------------------------
+def _right(run: dict[str, Any]) -> bool:
+    """The outputs a launch served are right: the CPU EP's, or on OpenVINO the plain OpenVINO JIT session's
+    (OpenVINO's CPU plugin may compute in lower precision, measured 0.03 off the CPU EP on an Intel Xeon)."""
+    if run["maxdiff"] < 1e-3:
+        return True
+    return run["providers"][0] == OV and run["jit_maxdiff"] is not None and run["jit_maxdiff"] < 1e-3
+
+
 def test_onnxruntime_openvino_real_compile_then_fallback(tmp_path: Path) -> None:
     python = _interpreter("CTXCACHE_OPENVINO_PYTHON", ".venv-openvino", "/tmp/venv-ovc/bin/python")
     if python is None:
@@ -147,7 +183,7 @@ def test_onnxruntime_openvino_real_compile_then_fallback(tmp_path: Path) -> None
     assert parts["ep_versions"]["openvino"].count(".") >= 2 and parts["ep_versions"]["onnxruntime-openvino"] == res["ort"]
     assert any(d.get("type") == "CPU" and d.get("model") for d in parts["devices"])
     for run in runs:
-        assert run["maxdiff"] < 1e-3, run  # whatever the cache did, the app got right outputs
+        assert _right(run), run  # whatever the cache did, the app got right outputs
         assert run["providers"][0] == OV
     if runs[0]["outcome"] == "fallback":
         # Measured on AMD hosts: the compiled context never loads ("Unhandled exception type: 1").
@@ -166,7 +202,7 @@ def test_openvino_plugin_without_a_device_is_a_bypass(tmp_path: Path) -> None:
     res = _run_in(python, LAUNCHES.format(model=str(tmp_path / "m" / "conv.onnx"), cache=str(tmp_path / "cache")))
     runs = res["runs"]
     for run in runs:
-        assert run["maxdiff"] < 1e-3, run
+        assert _right(run), run
     if runs[0]["outcome"] == "bypass":
         assert runs[0]["reason"] == "provider_unavailable" and "offers no device" in runs[0]["message"]
         assert runs[0]["providers"] == ["CPUExecutionProvider"]

@@ -1,34 +1,113 @@
-"""README's Python examples run as written (the ones that build their own model with ctxcache.models)."""
+"""README runs as written: every ```python block in a fresh interpreter against the real QNN provider,
+in an empty folder of its own, with the repository on ``PYTHONPATH`` and ``CTXCACHE_DIR`` a fresh folder.
+
+A block names the files it needs in a comment, ``# needs: model.onnx``, and gets exactly those (small
+models made by ``ctxcache.models``), nothing else. A need the test cannot provide (a server, the
+installer's bundle) skips that block with the need as the reason. The blocks' own scratch folder,
+``/tmp/ctxcache-readme``, is mapped to the test's temporary folder. Also: README's links work on a
+package index page, its commands are the ones CI runs, and its reason-code table is the code.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_python
+from conftest import ROOT
 
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-RUNNABLE = [b for b in BLOCKS if "ctxcache.models" in b or "from ctxcache import models" in b]
+from ctxcache import models
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+SCRATCH = "/tmp/ctxcache-readme"
 
 
-def test_readme_has_runnable_examples() -> None:
-    assert RUNNABLE, "README lost its runnable examples"
+def needs(block: str) -> list[str]:
+    """``# needs: a.onnx, b.onnx (note)`` -> ``["a.onnx", "b.onnx"]`` (the parenthesised note is for readers)."""
+    found: list[str] = []
+    for line in re.findall(r"^#\s*needs:\s*(.*)$", block, flags=re.M):
+        line = re.sub(r"\([^)]*\)", "", line)
+        found += [n.strip() for n in line.split(",") if n.strip()]
+    return found
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[f"block{i}" for i in range(len(RUNNABLE))])
-def test_readme_example_runs(block: str, tmp_path: Path) -> None:
-    code = block.replace("/tmp/ctxcache-readme", str(tmp_path))
-    run_python(code)  # raises with the example's output when it fails
+def test_readme_has_python_examples() -> None:
+    assert len(BLOCKS) >= 5, "README lost its examples"
+
+
+def test_few_examples_are_skipped() -> None:
+    skipped = [b for b in BLOCKS if any(not n.endswith(".onnx") for n in needs(b))]
+    assert len(skipped) <= 1, skipped
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_readme_example_runs_as_written(index: int, tmp_path: Path) -> None:
+    block = BLOCKS[index]
+    other = [n for n in needs(block) if not n.endswith(".onnx")]
+    if other:
+        pytest.skip(f"README block {index} needs {', '.join(other)}: not available to the tests")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in needs(block):
+        models.conv_net(work / name, layers=3, channels=16, seed=len(name))
+    code = block.replace(SCRATCH, str(tmp_path / "scratch"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CTXCACHE_DIR=str(tmp_path / "default-cache"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, f"README block {index} failed:\n{block}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
+    # Each shows its outcome: a print, or ctxcache's own log lines.
+    assert proc.stdout.replace("# LIBNATIVE", "").strip() or "ctxcache" in proc.stderr, f"block {index} shows nothing"
+
+
+def test_the_first_example_shows_the_outcome() -> None:
+    block = BLOCKS[0]
+    assert needs(block) == ["model.onnx"]
+    assert "logging.basicConfig(level=logging.INFO)" in block or "print(" in block
+
+
+def test_the_quiet_example_leaves_one_line_on_stdout_and_no_ort_warning(tmp_path: Path) -> None:
+    """README, "Native log noise": what it promises an app, checked on the real provider."""
+    (block,) = [b for b in BLOCKS if "native_stdout_to_stderr" in b]
+    models.conv_net(tmp_path / "model.onnx", layers=3, channels=16, seed=5)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CTXCACHE_DIR=str(tmp_path / "cache"))
+    for outcome in ("miss", "hit"):
+        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, env=env,
+                              timeout=300, check=True)
+        assert proc.stdout == f'{{"outcome": "{outcome}"}}\n', proc.stdout
+        assert "W:onnxruntime" not in proc.stderr, proc.stderr
+
+
+def test_links_work_on_a_package_index_page() -> None:
+    """PyPI renders README without the repository around it: a relative link to a file is a dead link
+    there. Links are absolute (http...) or in-page anchors."""
+    links = re.findall(r"\]\(([^)]+)\)", README)
+    relative = [link for link in links if not link.startswith(("http://", "https://", "#"))]
+    assert not relative, relative
+
+
+def test_readme_test_command_is_what_ci_runs_and_says_how_long_and_how_to_see_skips() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = "python -m pip install --quiet -e '.[test]' && python -m pytest -q"
+    assert command in ci
+    assert "pip install -q -e '.[test]' && python -m pytest -q" in README
+    section = README.split("**Tests**", 1)[1].split("## Installing", 1)[0]
+    assert re.search(r"the tests \d+-\d+ minutes", section) and "-rs" in section
+
+
+def test_installing_says_what_works_before_a_release() -> None:
+    section = README.split("## Installing", 1)[1].split("\n## ", 1)[0]
+    assert "pip install ctxcache" in section and "not on PyPI yet" in section
+    assert "pip install '.[qnn]'" in section and "git+" in section
 
 
 def test_readme_reason_table_is_the_code() -> None:
-    import re
-
     import ctxcache
 
-    text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- reasons:begin -->")[1].split("<!-- reasons:end -->")[0]
+    block = README.split("<!-- reasons:begin -->")[1].split("<!-- reasons:end -->")[0]
     rows = {m.group(1): (m.group(2).strip(), m.group(3).strip())
             for m in re.finditer(r"^\| `([a-z_]+)` \| ([a-z]+) \| (.*) \|$", block, re.M)}
     assert rows == {k: (o, t) for k, (o, t) in ctxcache.REASONS.items()}

@@ -23,8 +23,10 @@ from ._common import (
     open_cache,
     out,
     providers_or_default,
+    read_only,
     seconds,
     table,
+    why_not_removed,
 )
 
 
@@ -105,22 +107,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cache = open_cache(args)
     results = cache.verify_entries(fix=args.fix)
     bad = [r for r in results if not r.ok]
+    kept = [r for r in bad if args.fix and not r.quarantined]  # --fix asked, and the entry is still there
     if args.format == "json":
         emit_json({"cache_dir": str(cache.root), "checked": len(results), "damaged": len(bad), "fixed": args.fix,
+                   "quarantined": sum(1 for r in bad if r.quarantined), "not_quarantined": len(kept),
                    "entries": [r.as_dict() for r in results]})
         return EXIT_FAILED if bad else EXIT_OK
     if results:
         rows = []
         for r in results:
             status = "ok" if r.problem is None else f"{r.problem.code}: {r.problem.message}"
-            action = "quarantined" if r.quarantined else ("-" if r.ok or not args.fix else "left (being rebuilt)")
+            action = "quarantined" if r.quarantined else ("-" if r.ok or not args.fix else "NOT quarantined")
             rows.append([r.model_name, r.key[:12], human_size(r.size), status, (r.compatibility or "-").split(":")[0], action])
         out(table(["MODEL", "KEY", "SIZE", "STATUS", "DEVICE VERDICT", "ACTION"], rows, right=(2,)))
     if not bad:
         out(f"{len(results)} entr{'y' if len(results) == 1 else 'ies'} checked, all intact ({cache.root})")
         return EXIT_OK
-    hint = "quarantined; the next load recompiles them" if args.fix else "run `ctxcache verify --fix` to quarantine them"
-    out(f"{len(bad)} of {len(results)} entries damaged: {hint}")
+    if not args.fix:
+        out(f"{len(bad)} of {len(results)} entries damaged: run `ctxcache verify --fix` to quarantine them")
+    elif not kept:
+        out(f"{len(bad)} of {len(results)} entries damaged: quarantined; the next load recompiles them")
+    else:
+        out(f"{len(bad)} of {len(results)} entries damaged: {len(bad) - len(kept)} quarantined, {len(kept)} NOT "
+            f"({why_not_removed(cache.root)}); loads still refuse a damaged entry and use the original model")
     return EXIT_FAILED
 
 
@@ -147,8 +156,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     n = len(report.items) if report.dry_run else len(report.removed)
     out(f"{'would remove' if report.dry_run else 'removed'} {n} entr{'y' if n == 1 else 'ies'}, {verb} "
         f"{human_size(report.freed)}; {human_size(report.size_after)} left in {cache.root}")
+    why = why_not_removed(cache.root) if report.failed else ""
     for item in report.failed:
-        err(f"not removed: {item.key[:12]} ({item.model_name}): being rebuilt, replaced since the plan, or refused by the OS")
+        err(f"not removed: {item.key[:12]} ({item.model_name}): {why}")
     return EXIT_FAILED if report.failed else EXIT_OK
 
 
@@ -168,10 +178,15 @@ def cmd_clear(args: argparse.Namespace) -> int:
         err("nothing removed")
         return EXIT_OK
     n = cache.clear()
+    left = cache.entries(include_broken=True)
+    freed = max(0, size - sum(e.size for e in left))
     if args.format == "json":
-        emit_json({"cache_dir": str(cache.root), "removed": n, "freed": size})
+        emit_json({"cache_dir": str(cache.root), "removed": n, "freed": freed, "not_removed": len(left)})
     else:
-        out(f"removed {n} entries ({human_size(size)}) from {cache.root}")
+        out(f"removed {n} entr{'y' if n == 1 else 'ies'} ({human_size(freed)}) from {cache.root}")
+    if left:
+        err(f"not removed: {len(left)} entr{'y' if len(left) == 1 else 'ies'} ({why_not_removed(cache.root)})")
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -184,11 +199,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         emit_json({"cache_dir": str(cache.root), **data, "reset": args.reset})
     else:
         reasons = ", ".join(f"{k} {v}" for k, v in data["reasons"].items()) or "-"
+        # The application's launches first; what `ctxcache warm` (or ContextCache.warm) did apart, so that
+        # the warm-up's compiles do not read as launches that waited for one.
         rows: list[list[Any]] = [
-            ["loads", st.loads],
-            ["hits", st.hits],
-            ["  fetched from a tier", ", ".join(f"{k} {v}" for k, v in data["tier_hits"].items()) or "-"],
-            ["misses (compiled)", st.misses],
+            ["app loads", st.app_loads],
+            ["  hits", st.app_hits],
+            ["    fetched from a tier", ", ".join(f"{k} {v}" for k, v in data["tier_hits"].items()) or "-"],
+            ["  misses (compiled)", st.app_misses],
+            ["  pending (background)", st.pendings],
+            ["warm-up compiles", st.warm_compiles],  # an intact entry costs a warm-up no load, so no count
             ["fallbacks", st.fallbacks],
             ["bypasses", st.bypasses],
             ["reasons", reasons],
@@ -200,6 +219,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         out(f"({cache.root})")
     if args.reset:
         cache.reset_stats()
+        if cache.stats().loads and read_only(cache.root):  # a load counted meanwhile is no failure; a refusal is
+            err(f"counters NOT reset: the cache folder is read-only ({cache.root})")
+            return EXIT_FAILED
         if args.format != "json":
             out("counters reset")
     return EXIT_OK
@@ -209,19 +231,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _doctor_data(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     cache = open_cache(args)
     source = "--cache-dir" if args.cache_dir else None
-    d = ctxcache.diagnose(cache, [c.as_tuple() for c in _doctor_providers(args)], source=source)
-    for k, cfg in zip(d.data["key_parts"], _doctor_providers(args), strict=False):
+    configs, missing = _doctor_providers(args)
+    d = ctxcache.diagnose(cache, [c.as_tuple() for c in configs], source=source)
+    for k, cfg in zip(d.data["key_parts"], configs, strict=False):
         k["provider"] = cfg.label()
-    return d.data, list(d.problems)
+    problems = list(d.problems)
+    if missing:
+        problems.insert(0, missing)
+        d.data["problems"] = problems
+    return d.data, problems
 
 
-def _doctor_providers(args: argparse.Namespace) -> list[Any]:
+def _doctor_providers(args: argparse.Namespace) -> tuple[list[Any], str | None]:
+    """The configurations to show key parts for, and the problem when the default preset cannot run."""
     if args.providers:
-        return list(args.providers)
+        return list(args.providers), None
     try:
-        return providers_or_default(None)
-    except UsageError:
-        return []  # no onnxruntime-qnn: nothing to show a key for by default
+        return providers_or_default(None), None
+    except UsageError as e:  # no onnxruntime-qnn: what `warm` and `explain` use without --provider cannot run
+        return [], f"the default preset (qnn-htp, used when no --provider is given) cannot run: {e}"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem: a model failed to warm, damage found, a miss...
 EXIT_USAGE = 2  # bad arguments or input: unknown provider, misspelt option, missing model (argparse uses 2 too)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, as a tool killed by it reports
 
 #: Set to 1 to see a traceback with an error.
 ENV_DEBUG = "CTXCACHE_DEBUG"
@@ -41,9 +42,12 @@ EXIT_CODES = """\
 exit codes:
   0    success (warm: every model cached; verify: all intact; explain: the load would hit)
   1    the command ran and found a problem (warm: a model failed to compile, the others are cached;
-       verify: damaged entries; explain: the load would not hit; demo: not the expected sequence)
-  2    bad usage: unknown command or flag, missing model, unknown provider, misspelt option
+       verify: damaged entries; explain: the load would not hit; demo: not the expected sequence;
+       doctor: a problem; clear, prune, verify --fix, stats --reset: could not change the cache, e.g. read-only)
+  2    bad usage or input: unknown command or flag, a missing model or a file that is not one, unknown
+       provider, misspelt option, a cache folder that is a file, an export destination that exists
   130  interrupted (Ctrl-C); no partial entry is left behind
+  141  the reader of the output went away (`ctxcache ls | head`); nothing is printed about it
 
 Set CTXCACHE_DEBUG=1 to see a traceback with an error."""
 
@@ -86,13 +90,38 @@ ALIASES = {
     "migraphx": "MIGraphXExecutionProvider",
 }
 
+DEFAULT_PRESET = "qnn-htp"
 PRESETS = {
     "qnn-htp": "QNN HTP (Snapdragon NPU, soc_model 60 / htp_arch 73, fp16) with onnxruntime-qnn's own HTP backend",
 }
 
 
+def _known_providers() -> list[str]:
+    return sorted(set(ALIASES.values()) | set(ctxcache.known_providers()))
+
+
 def provider_name(name: str) -> str:
-    return ALIASES.get(name.lower(), name)
+    """An alias or a provider name in any case -> ONNX Runtime's name (``QnnExecutionProvider`` -> ``QNNExecutionProvider``).
+
+    A name close to an alias or a known provider but none of them is a :class:`UsageError` with the
+    suggestion (``qnnn`` -> ``qnn``); any other name passes through, for the library to judge (a plugin EP
+    the process registers is not known here)."""
+    low = name.strip().lower()
+    if low in ALIASES:
+        return ALIASES[low]
+    known = _known_providers()
+    for full in known:
+        if full.lower() in (low, low + "executionprovider"):
+            return full
+    import difflib
+
+    by_lower = {a: a for a in ALIASES} | {k.lower(): k for k in known}
+    close = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.75)
+    if close:
+        alias = close[0]
+        hint = f"{alias} ({ALIASES[alias]})" if alias in ALIASES else by_lower[alias]
+        raise UsageError(f"unknown execution provider {name!r}; did you mean {hint}?")
+    return name.strip()
 
 
 def preset(name: str) -> tuple[str, dict[str, str]]:
@@ -140,7 +169,10 @@ class _ProviderAction(argparse.Action):
         if option_string == "--preset":
             items.append(ProviderConfig(*_preset_or_exit(parser, str(values)), preset=str(values)))
         else:
-            items.append(ProviderConfig(provider_name(str(values))))
+            try:
+                items.append(ProviderConfig(provider_name(str(values))))
+            except UsageError as e:
+                parser.error(str(e))
         ns.providers = items
 
 
@@ -148,8 +180,8 @@ class _OptionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         items: list[ProviderConfig] = list(getattr(ns, "providers", None) or [])
-        if not items:
-            parser.error(f"{option_string} {values} must follow --provider or --preset (it sets that provider's option)")
+        if not items:  # before any provider flag: an option of the default preset
+            items.append(ProviderConfig(*_preset_or_exit(parser, DEFAULT_PRESET), preset=DEFAULT_PRESET))
         key, sep, value = str(values).partition("=")
         if not sep or not key:
             parser.error(f"{option_string} takes KEY=VALUE, got {values!r}")
@@ -170,7 +202,8 @@ def add_provider_flags(p: argparse.ArgumentParser, *, what: str) -> None:
     g.add_argument("-p", "--provider", action=_ProviderAction, metavar="NAME", dest="providers", default=None,
                    help="execution provider: a full name (QNNExecutionProvider) or an alias (qnn, tensorrt, openvino, ...)")
     g.add_argument("-o", "--option", action=_OptionAction, metavar="KEY=VALUE", dest="providers",
-                   help="an option of the provider given just before (repeatable), e.g. -o soc_model=60")
+                   help="an option of the provider given just before (repeatable), e.g. -o soc_model=60; "
+                        "before any provider flag, an option of the default preset")
     g.add_argument("--preset", action=_ProviderAction, metavar="NAME", dest="providers",
                    help="a ready-made provider configuration: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
                    + ". Later -o flags override its options. Default when no provider is given: qnn-htp")
@@ -179,8 +212,8 @@ def add_provider_flags(p: argparse.ArgumentParser, *, what: str) -> None:
 def providers_or_default(configs: list[ProviderConfig] | None) -> list[ProviderConfig]:
     if configs:
         return configs
-    name, options = preset("qnn-htp")
-    return [ProviderConfig(name, options, preset="qnn-htp")]
+    name, options = preset(DEFAULT_PRESET)
+    return [ProviderConfig(name, options, preset=DEFAULT_PRESET)]
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:
@@ -239,6 +272,25 @@ def open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
     if getattr(args, "trusted_dir", None):
         kw["trusted_dirs"] = [os.path.abspath(os.path.expanduser(d)) for d in args.trusted_dir]
     return ctxcache.ContextCache(cache_dir_arg(args), app_name=args.app_name, app_author=args.app_author, **kw)
+
+
+def read_only(root: Path) -> bool:
+    """Whether the cache folder refuses writes, by really creating a file: permission bits say nothing
+    for root or a read-only mount. A folder that does not exist yet is not read-only."""
+    import tempfile
+
+    if not root.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            return False
+    except OSError:
+        return True
+
+
+def why_not_removed(root: Path) -> str:
+    return ("the cache folder is read-only" if read_only(root)
+            else "being rebuilt by another process, replaced meanwhile, or refused by the OS")
 
 
 def add_format_flag(p: argparse.ArgumentParser) -> None:

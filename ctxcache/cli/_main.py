@@ -12,6 +12,7 @@ import ctxcache
 
 from ._common import (
     ENV_DEBUG,
+    EXIT_BROKEN_PIPE,
     EXIT_CODES,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"ctxcache {ctxcache.__version__}")
+    # -v before the command counts too (a command's own -v would overwrite a shared dest, hence its own).
+    parser.add_argument("-v", "--verbose", action="count", default=0, dest="global_verbose",
+                        help="log what the cache does (-vv: debug); also accepted after the command")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     p = add_command(subs, "demo", "run 5 real launches on the QNN compiler: miss, hit, damage -> fallback, miss, hit",
@@ -118,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(p)
     add_format_flag(p)
 
-    p = add_command(subs, "stats", "hits, misses, fallbacks (with reasons), bypasses, compile seconds spent and saved",
+    p = add_command(subs, "stats", "app loads (hits, misses, fallbacks with reasons, bypasses) apart from warm-up "
+                    "compiles; compile seconds spent and saved",
              "ctxcache stats\nctxcache stats --format json --reset", _commands.cmd_stats)
     p.add_argument("--reset", action="store_true", help="zero the counters (after showing them)")
     add_cache_flags(p)
@@ -149,6 +154,14 @@ def _attach_logging(verbose: int) -> logging.Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # in --help, or in the error line of a failing command
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     debug = (os.environ.get(ENV_DEBUG) or "").strip().lower() in ("1", "true", "yes", "on")
     parser = build_parser()
     try:
@@ -159,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    args.verbose += args.global_verbose
     handler = _attach_logging(args.verbose)
     try:
         if args.verbose < 2:
@@ -170,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctxcache: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`ctxcache ls | head`): stop quietly, as other command-line tools do. Point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise
@@ -187,6 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     finally:
         logging.getLogger("ctxcache").removeHandler(handler)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _exit_code(e: BaseException) -> int:

@@ -28,6 +28,7 @@ from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_USAGE,
     ProviderConfig,
     UsageError,
     cache_dir_arg,
@@ -235,8 +236,10 @@ def warm_one(cache: ctxcache.ContextCache, model: str, name: str, options: dict[
     try:
         return cache.warm(model, providers=[(name, options)], sess_options=so).as_dict()
     except Exception as e:  # noqa: BLE001 - a worker reports, it never dies on one model
+        bad_input = isinstance(e, (ctxcache.errors.InvalidModelError, ctxcache.errors.ModelNotFoundError))
         return {"model": model, "status": "failed", "outcome": None, "key": None, "compile_seconds": 0.0,
-                "reason": f"{type(e).__name__}: {e}"[:2000], "seconds": time.perf_counter() - start, "replaced": None}
+                "reason": f"{type(e).__name__}: {e}"[:2000], "seconds": time.perf_counter() - start, "replaced": None,
+                "bad_input": bad_input}
 
 
 # -- progress ---------------------------------------------------------------------------------------
@@ -484,7 +487,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
     counts = {s: sum(1 for t in tasks if t.result.get("status") == s) for s in ("compiled", "cached", "failed")}
     if not completed:
         return EXIT_INTERRUPTED
-    code = EXIT_FAILED if counts["failed"] else EXIT_OK
+    # A file that is not a model is bad input, as for every command (exit 2); the other models are still warmed.
+    bad_input = any(t.result.get("bad_input") for t in tasks)
+    code = EXIT_USAGE if bad_input else EXIT_FAILED if counts["failed"] else EXIT_OK
     if args.format == "json":
         emit_json({
             "cache_dir": str(root),

@@ -119,10 +119,13 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
 
 # -- commands ---------------------------------------------------------------------------------------
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if os.path.lexists(args.file) and not args.force:  # the library's message names overwrite=True, not the flag
+        raise UsageError(f"{os.path.abspath(args.file)} already exists; keep it, or replace it with --force: the old "
+                         "key's signatures stay valid only where its public key stays trusted")
     try:
         key = ctxcache.generate_signing_key(args.file, overwrite=args.force)
     except ctxcache.errors.SigningKeyError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(str(e).replace("overwrite=True", "--force")) from None
     if args.format == "json":
         emit_json({"private_key_file": str(key.path), "public_key": key.public_key, "key_id": key.key_id})
         return EXIT_OK
@@ -149,8 +152,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             b = ctxcache.export_bundle(cache, args.dest, keys=keys, signing_key=_signing_key(args), overwrite=args.overwrite)
             exported, skipped, signed, signed_by = list(b.keys), b.skipped, b.signed, b.signed_by
     except ctxcache.errors.BundleError as e:
-        if e.code == "exists":
-            raise UsageError(str(e)) from None
+        if e.code == "exists":  # bad input, as everywhere (exit 2), phrased as the flag
+            how = "remove it first (--overwrite does not apply to --package)" if args.package else "replace it (--overwrite)"
+            raise UsageError(f"{e.path} already exists; choose another path, or {how}") from None
         raise CommandFailed(str(e)) from None
     by_key = {e.key: e for e in entries}
     if args.format == "json":

@@ -81,7 +81,8 @@ def get(name: str) -> ExecutionProvider:
         if name not in known:
             import difflib
 
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            # Names are case-sensitive in ONNX Runtime: a name that differs only in case gets that name.
+            close = [k for k in known if k.lower() == name.lower()] or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else f". Known providers: {', '.join(known)}"
             raise UnknownProviderError(
                 f"unknown execution provider {name!r}{hint}", provider=name, known=known
