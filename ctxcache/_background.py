@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +108,43 @@ def start(store: Store, key: str, job: dict[str, Any], *, negative_ttl: float) -
 def finished(store: Store, key: str) -> None:
     """The worker's last act: the guard goes (a compile that finished, or failed and was remembered)."""
     _fs.remove_file(guard_path(store, key))
+
+
+class EarlySession:
+    """The ``meanwhile`` session, created on a thread while the load works out the key (the library and
+    model digests, the lock, the worker's start): on a first launch that ends ``pending`` the app's
+    session is then ready about when a plain onnxruntime session would be. Started only where a miss is
+    near certain (the model's bytes were just hashed: this cache has not seen the file); if the load
+    ends otherwise (a hit from another path's entry, a tier), the session is dropped: one CPU session
+    created for nothing, on a launch that is rare by construction. ONNX Runtime releases the GIL while it
+    creates a session, and the caller's SessionOptions is only read."""
+
+    __slots__ = ("_done", "_error", "_session")
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        import threading
+
+        self._session: Any = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        # Not a daemon: an app that exits at once waits for ORT to finish rather than tearing the
+        # interpreter down under a thread inside native code.
+        threading.Thread(target=self._run, args=(make,), name="ctxcache-meanwhile").start()
+
+    def _run(self, make: Callable[[], Any]) -> None:
+        try:
+            self._session = make()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised in its thread
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self) -> Any:
+        """The session, or the very error its creation raised (as a direct creation would raise it)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._session
 
 
 class Waiter:

@@ -84,8 +84,8 @@ class Settings(NamedTuple):
 class Request:
     """One load: its inputs, and what the steps learn about it on the way (key, timings, tier)."""
 
-    __slots__ = ("chain", "digest", "fingerprint", "kwargs", "model", "note", "raw", "sess_options", "silent", "started",
-                 "tier", "times", "warm")
+    __slots__ = ("chain", "digest", "early", "fingerprint", "kwargs", "model", "note", "raw", "sess_options", "silent",
+                 "started", "tier", "times", "warm")
 
     def __init__(self, model: Model, chain: Chain, sess_options: ort.SessionOptions | None, *, warm: bool = False,
                  kwargs: Mapping[str, Any] | None = None, raw: Raw | None = None) -> None:
@@ -108,6 +108,8 @@ class Request:
         #: why a load that ends as a plain hit or miss took another way on the way (an UNSUPPORTED entry
         #: replaced, a rebuild started, a background compile not possible): reported in LoadResult.reason
         self.note: Reason | None = None
+        #: on_miss="background", a model new to this cache: the meanwhile session, already being created
+        self.early: Any = None
 
     @property
     def ep(self) -> ExecutionProvider:
@@ -182,6 +184,8 @@ class Loader:
         if unusable is not None:
             self._fault(None, unusable)
             return self._original(req, "bypass", unusable)
+        if self.settings.on_miss == "background" and not req.digest.memo_hit and not req.warm and req.model.path:
+            req.early = self._early(req)  # a first launch: its session is made while the key is worked out
         req.fingerprint = self.fingerprint(req)
         assert req.key is not None
         remembered = _negative.remembered(self.store.negative_dir, req.key, self.settings.negative_ttl)
@@ -380,10 +384,21 @@ class Loader:
         """A session on the original model with the ``meanwhile`` providers (outcome ``pending``)."""
         from ._inputs import resolve_providers
 
-        meanwhile = resolve_providers(list(self.settings.meanwhile), None)
-        sess = session(req.model.source, meanwhile, req.sess_options, target=False, kwargs=req.kwargs)
+        if req.early is not None:
+            sess = req.early.result()
+        else:
+            meanwhile = resolve_providers(list(self.settings.meanwhile), None)
+            sess = session(req.model.source, meanwhile, req.sess_options, target=False, kwargs=req.kwargs)
         result = self._finish(req, sess, "pending", reason)
         return result._replace_waiter(waiter)
+
+    def _early(self, req: Request) -> Any:
+        from ._background import EarlySession
+        from ._inputs import resolve_providers
+
+        meanwhile = resolve_providers(list(self.settings.meanwhile), None)
+        source, so, kwargs = req.model.source, req.sess_options, req.kwargs
+        return EarlySession(lambda: session(source, meanwhile, so, target=False, kwargs=kwargs))
 
     def rebuild(self, model: ModelArg, providers: ProvidersArg, sess_options: ort.SessionOptions | None) -> None:
         """Recompile ``model``'s entry and replace it once the new context loads (the background worker's

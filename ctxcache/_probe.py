@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import subprocess
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +43,10 @@ print(json.dumps({"providers": session.get_providers()}), flush=True)
 
 def probe(context: Path, ep_name: str, options: dict[str, str], *, timeout: float = TIMEOUT) -> tuple[Verdict, str]:
     """Load ``context`` on ``ep_name`` in a child process; the verdict and a one-line detail."""
+    # Imported here: a probe runs only after a crash, and subprocess costs every launch ~3 ms to import.
+    import signal
+    import subprocess
+
     cmd = python_command()
     if cmd is None:
         return "unavailable", "no child process can be started here"

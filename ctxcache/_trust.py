@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import os
 import re
@@ -60,6 +59,8 @@ Scheme = Literal["hmac-sha256", "ed25519"]
 
 def key_id(public: bytes) -> str:
     """The short name of a public key (16 hex digits of its SHA-256), as signatures and revocations carry it."""
+    import hashlib  # here: OpenSSL's _hashlib costs every launch ~3 ms to import, and hits never sign
+
     return hashlib.sha256(public).hexdigest()[:16]
 
 

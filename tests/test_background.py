@@ -165,6 +165,36 @@ def test_a_long_running_app_learns_when_the_context_is_ready(tmp_path: Path, rel
     assert swapped.ready() and cache.wait(r.key, 0)
 
 
+def test_a_model_new_to_the_cache_whose_entry_exists_is_still_a_hit(tmp_path: Path, rel_models: list[Path],
+                                                                    qnn_providers: list[Any],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first launch's session is made while the key is worked out, when the model's bytes were just
+    hashed; a copy of a cached model at a new path is that case and still a hit (the early session is
+    dropped), with the context's outputs."""
+    import shutil
+
+    from ctxcache import _background
+
+    started: list[object] = []
+    real_init = _background.EarlySession.__init__
+
+    def counting(self: Any, make: Any) -> None:
+        started.append(self)
+        real_init(self, make)
+
+    monkeypatch.setattr(_background.EarlySession, "__init__", counting)
+    cache = ctxcache.ContextCache(tmp_path / "cache", on_miss="background")
+    first = cache.load(rel_models[0], providers=qnn_providers)
+    assert first.outcome == "pending" and first.ready(120)
+    copy = tmp_path / "elsewhere" / "model.onnx"
+    copy.parent.mkdir()
+    shutil.copyfile(rel_models[0], copy)
+    again = ctxcache.ContextCache(tmp_path / "cache", on_miss="background").load(copy, providers=qnn_providers)
+    assert again.outcome == "hit" and again.providers[0] == QNN
+    assert output_digest(again) == reference(rel_models[0])
+    assert len(started) == 2  # both launches began the early session; the second dropped it
+
+
 def test_where_no_process_can_be_started_the_miss_compiles_in_the_foreground(tmp_path: Path, rel_models: list[Path]) -> None:
     """A frozen app (PyInstaller, Briefcase): sys.executable is the app itself and must not be started."""
     code = r"""

@@ -6,7 +6,6 @@ The rest of ctxcache talks to providers only through :class:`ExecutionProvider`;
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -100,6 +99,8 @@ class ExecutionProvider:
                     f"{self.name} option names must be strings, got {key!r}.", provider=self.name, option=str(key)
                 )
             if self.known_options is not None and key not in self.known_options:
+                import difflib  # only for the error message
+
                 close = difflib.get_close_matches(key, sorted(self.known_options), n=1, cutoff=0.8)
                 if close:
                     raise ProviderOptionError(
