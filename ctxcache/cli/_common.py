@@ -60,8 +60,10 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_command(
-    subs: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, example: str, func: Command
+    subs: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, example: str, func: Command,
+    *, cache: bool = True,
 ) -> argparse.ArgumentParser:
+    """A subcommand with what every command has: ``-v``, ``--format`` and (``cache``) the cache location."""
     p = subs.add_parser(
         name,
         help=summary,
@@ -72,6 +74,9 @@ def add_command(
     )
     p.set_defaults(func=func)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log what the cache does (-vv: debug)")
+    add_format_flag(p)
+    if cache:
+        add_cache_flags(p)
     return p
 
 
@@ -291,6 +296,12 @@ def read_only(root: Path) -> bool:
 def why_not_removed(root: Path) -> str:
     return ("the cache folder is read-only" if read_only(root)
             else "being rebuilt by another process, replaced meanwhile, or refused by the OS")
+
+
+def add_confirm_flags(p: argparse.ArgumentParser, dry_run: str) -> None:
+    """``--dry-run`` and ``--yes`` of a command that removes things (what :func:`confirm` asks about)."""
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
 
 def add_format_flag(p: argparse.ArgumentParser) -> None:

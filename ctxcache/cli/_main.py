@@ -21,9 +21,8 @@ from ._common import (
     CommandFailed,
     Formatter,
     UsageError,
-    add_cache_flags,
     add_command,
-    add_format_flag,
+    add_confirm_flags,
     add_key_flags,
     add_provider_flags,
     add_tier_flag,
@@ -49,10 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     p = add_command(subs, "demo", "run 5 real launches on the QNN compiler: miss, hit, damage -> fallback, miss, hit",
-             "ctxcache demo\nctxcache demo --dir /tmp/ctxcache-demo --format json", _demo.cmd_demo)
+             "ctxcache demo\nctxcache demo --dir /tmp/ctxcache-demo --format json", _demo.cmd_demo, cache=False)
     p.add_argument("--dir", help="work in this folder and keep its files (default: a temporary folder, removed after)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    add_format_flag(p)
 
     p = add_command(subs, "warm", "precompile models before the first launch (idempotent; parallel with --jobs)",
              """
@@ -78,13 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile N models at once, in N processes (0: one per CPU; default 1)")
     add_provider_flags(p, what="each one is a configuration to warm (default: --preset qnn-htp)")
     add_key_flags(p)
-    add_cache_flags(p)
-    add_format_flag(p)
 
     p = add_command(subs, "ls", "list cached entries", "ctxcache ls\nctxcache ls --all --format json", _commands.cmd_ls)
     p.add_argument("--all", action="store_true", help="include damaged entries")
-    add_cache_flags(p)
-    add_format_flag(p)
 
     p = add_command(subs, "explain", "would loading MODEL hit? if not, which key parts differ from the entries of that model",
              "ctxcache explain model.onnx --preset qnn-htp -o soc_model=69 -o htp_arch=79 --tier /opt/app/ctx.tar\n"
@@ -93,15 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="the model file the application loads")
     add_provider_flags(p, what="the providers list the application passes, in order (default: --preset qnn-htp)")
     add_key_flags(p)
-    add_cache_flags(p)
     add_tier_flag(p)
-    add_format_flag(p)
 
     p = add_command(subs, "verify", "re-hash every entry (all digests); --fix quarantines what fails",
              "ctxcache verify\nctxcache verify --fix", _commands.cmd_verify)
     p.add_argument("--fix", action="store_true", help="quarantine damaged entries (the next load recompiles them)")
-    add_cache_flags(p)
-    add_format_flag(p)
 
     p = add_command(subs, "prune", "remove damaged entries and entries built for another environment, then by age / size (LRU)",
              "ctxcache prune --dry-run\nctxcache prune --max-size 2G --older-than 30d --yes", _commands.cmd_prune)
@@ -110,31 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", type=parse_duration, metavar="AGE", help="remove entries unused for AGE (30d, 12h, 45m)")
     p.add_argument("--keep-other-env", action="store_true",
                    help="keep entries of other onnxruntime / EP versions unless a limit needs the room (a cache shared by apps)")
-    p.add_argument("--dry-run", action="store_true", help="only show what would go and how much is freed")
-    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    add_cache_flags(p)
-    add_format_flag(p)
+    add_confirm_flags(p, "only show what would go and how much is freed")
 
     p = add_command(subs, "clear", "remove every entry (and remembered compile failures)",
              "ctxcache clear --dry-run\nctxcache clear --yes", _commands.cmd_clear)
-    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
-    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    add_cache_flags(p)
-    add_format_flag(p)
+    add_confirm_flags(p, "only show what would be removed")
 
     p = add_command(subs, "stats", "app loads (hits, misses, fallbacks with reasons, bypasses) apart from warm-up "
                     "compiles; compile seconds spent and saved",
              "ctxcache stats\nctxcache stats --format json --reset", _commands.cmd_stats)
     p.add_argument("--reset", action="store_true", help="zero the counters (after showing them)")
-    add_cache_flags(p)
-    add_format_flag(p)
 
     p = add_command(subs, "doctor", "packages, versions, EP devices, the cache folder, and what a key contains here",
              "ctxcache doctor\nctxcache doctor --provider qnn -o backend_type=htp --format json", _commands.cmd_doctor)
     add_provider_flags(p, what="show the key parts for these providers (default: --preset qnn-htp)")
-    add_cache_flags(p)
     add_tier_flag(p)
-    add_format_flag(p)
 
     from . import tiers  # export / import / push / pull
 

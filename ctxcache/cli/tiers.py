@@ -22,9 +22,7 @@ from ._common import (
     CommandFailed,
     ProviderConfig,
     UsageError,
-    add_cache_flags,
     add_command,
-    add_format_flag,
     add_key_flags,
     add_provider_flags,
     add_trust_flags,
@@ -239,11 +237,10 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
              ctxcache keygen build/ctx-signing.pem
              ctxcache export app/ctx-bundle.tar --signing-key-file build/ctx-signing.pem
              # devices: ContextCache(trusted_keys=["ed25519:..."]) or CTXCACHE_TRUSTED_KEYS=ed25519:...
-             """, cmd_keygen)
+             """, cmd_keygen, cache=False)
     p.add_argument("file", metavar="FILE", help="where to write the private key (PEM, owner-only)")
     p.add_argument("--force", action="store_true", help="replace an existing key file (its signatures stay valid "
                                                         "only where its public key stays trusted)")
-    add_format_flag(p)
 
     p = add_command(subparsers, "export",
                     "write cached entries to a bundle folder, a .tar / .tar.gz archive, or an ORT model package",
@@ -261,8 +258,6 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_selection_flags(p)
     _add_signing_flag(p, "sign the index (or each package record)")
     add_key_flags(p)
-    add_cache_flags(p)
-    add_format_flag(p)
 
     p = add_command(subparsers, "import", "install a bundle (folder or archive) or an ORT model package into the cache, verified",
              "ctxcache import /opt/myapp/ctx-bundle.tar --cache-dir ~/.local/share/myapp/ctxcache", cmd_import)
@@ -270,8 +265,6 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--force", action="store_true", help="replace entries already in the cache")
     _add_checking_flags(p)
     add_key_flags(p)
-    add_cache_flags(p)
-    add_format_flag(p)
 
     p = add_command(subparsers, "push", "upload cached entries to an S3-compatible store (needs ctxcache[remote])",
              "ctxcache push s3://builds/ctxcache --model net.onnx --endpoint-url http://minio:9000", cmd_push)
@@ -280,8 +273,6 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_selection_flags(p)
     _add_signing_flag(p, "sign records")
     add_key_flags(p)
-    add_cache_flags(p)
-    add_format_flag(p)
 
     p = add_command(subparsers, "pull",
                     "install entries from an S3-compatible store into the cache, verified (needs ctxcache[remote])",
@@ -290,5 +281,3 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("-k", "--key", action="append", metavar="PREFIX", help="only keys starting with PREFIX (repeatable)")
     p.add_argument("--force", action="store_true", help="replace entries already in the cache")
     _add_checking_flags(p)
-    add_cache_flags(p)
-    add_format_flag(p)

@@ -164,15 +164,8 @@ class ExecutionProvider:
         return []
 
     # -- compiling ----------------------------------------------------------------------------
-    def compile_context(
-        self,
-        so: ort.SessionOptions,
-        source: str | bytes,
-        out: Path,
-        options: dict[str, str],
-        level: ort.GraphOptimizationLevel,
-        embed: bool,
-    ) -> bool:
+    def compile_context(self, so: ort.SessionOptions, source: str | bytes, out: Path, options: dict[str, str],
+                        level: ort.GraphOptimizationLevel, embed: bool) -> bool:
         """Write the EP-context model ``out`` (and its binaries beside it) another way than ``ModelCompiler``.
 
         Returns ``False`` (the default) to let ctxcache use ONNX Runtime's compile API with
@@ -225,14 +218,8 @@ class ExecutionProvider:
         else:
             so.add_provider(self.name, options)
 
-    def session(
-        self,
-        model: str | bytes,
-        so: ort.SessionOptions,
-        options: dict[str, str],
-        rest: list[tuple[str, dict[str, str]]],
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> ort.InferenceSession:
+    def session(self, model: str | bytes, so: ort.SessionOptions, options: dict[str, str],
+                rest: list[tuple[str, dict[str, str]]], kwargs: Mapping[str, Any] | None = None) -> ort.InferenceSession:
         """A session on ``model`` with this provider first and ``rest`` after it, as the user listed them;
         ``kwargs``: onnxruntime's own keyword arguments (``disabled_optimizers``...), passed through."""
         kw = dict(kwargs or {})

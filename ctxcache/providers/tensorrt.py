@@ -410,15 +410,8 @@ class TensorRTProvider(ExecutionProvider):
         )
         return opts
 
-    def compile_context(
-        self,
-        so: ort.SessionOptions,
-        source: str | bytes,
-        out: Path,
-        options: dict[str, str],
-        level: ort.GraphOptimizationLevel,
-        embed: bool,
-    ) -> bool:
+    def compile_context(self, so: ort.SessionOptions, source: str | bytes, out: Path, options: dict[str, str],
+                        level: ort.GraphOptimizationLevel, embed: bool) -> bool:
         opts = self.compile_options(options, out, embed)
         table = self._calibration_table(options)
         if table is not None and not Path(options["trt_int8_calibration_table_name"]).is_absolute():
@@ -437,13 +430,7 @@ class TensorRTProvider(ExecutionProvider):
         return True
 
     # -- sessions -----------------------------------------------------------------------------
-    def session(
-        self,
-        model: str | bytes,
-        so: ort.SessionOptions,
-        options: dict[str, str],
-        rest: list[tuple[str, dict[str, str]]],
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> ort.InferenceSession:
+    def session(self, model: str | bytes, so: ort.SessionOptions, options: dict[str, str],
+                rest: list[tuple[str, dict[str, str]]], kwargs: Mapping[str, Any] | None = None) -> ort.InferenceSession:
         options = {k: v for k, v in options.items() if k not in _EP_CONTEXT_OPTIONS}
         return super().session(model, so, options, rest, kwargs)
