@@ -177,7 +177,9 @@ class Waiter:
 
 
 def job_for(root: Path, settings: dict[str, Any], model: Path, providers: list[tuple[str, dict[str, str]]],
-            graph_optimization: str, key: str, mode: str = "compile") -> dict[str, Any]:
-    """What the worker needs to make the same key: the cache, its key settings, the model and providers."""
+            graph_optimization: str, config: dict[str, str], key: str, mode: str = "compile") -> dict[str, Any]:
+    """What the worker needs to make the same key: the cache, its key settings, the model, providers, and
+    the session settings that are key parts (graph optimization level, session-config entries)."""
     return {"root": str(root), "settings": settings, "model": str(model), "providers": [list(p) for p in providers],
-            "graph_optimization": graph_optimization, "key": key, "mode": mode, "parent": os.getpid()}
+            "graph_optimization": graph_optimization, "config": config, "key": key, "mode": mode,
+            "parent": os.getpid()}

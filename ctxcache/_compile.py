@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnxruntime as ort
@@ -30,10 +31,14 @@ def compile_into(
     level: ort.GraphOptimizationLevel,
     embed: bool,
     log_severity: int,
+    config: Mapping[str, str] | None = None,
 ) -> float:
-    """Compile ``source`` for ``provider`` into ``staging/ctx.onnx`` (+ binaries); returns seconds."""
+    """Compile ``source`` for ``provider`` into ``staging/ctx.onnx`` (+ binaries); returns seconds.
+    ``config``: the app's session-config entries that may change the result (they are in the key too)."""
     so = ort.SessionOptions()
     so.log_severity_level = log_severity
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
     start = time.perf_counter()
     try:
         # Providers that SessionOptions.add_provider does not take write the context their own way.

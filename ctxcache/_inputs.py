@@ -220,6 +220,41 @@ def cache_blocker(model: Model, so: ort.SessionOptions | None, kwargs: Mapping[s
     return None
 
 
+#: Session-config entries that only steer how a session runs (threads, spinning, allocators, denormals,
+#: prepacking, the CPU fallback check at session creation, diagnostics): neither keyed nor given to the
+#: compile. Every other entry an app sets may change what a compile produces (QDQ handling, partitioning,
+#: function inlining, validation...), so it is part of the key and the compile gets it too: a context
+#: compiled under one setting is never served under another.
+_RUN_TIME_CONFIG = frozenset({
+    "session.intra_op.allow_spinning",
+    "session.inter_op.allow_spinning",
+    "session.force_spinning_stop",
+    "session.dynamic_block_base",
+    "session.intra_op_thread_affinities",
+    "session.use_env_allocators",
+    "session.use_device_allocator_for_initializers",
+    "session.disable_prepacking",
+    "session.set_denormal_as_zero",
+    "session.disable_cpu_ep_fallback",
+    "session.record_ep_graph_assignment_info",
+    "session.load_model_format",
+})
+
+
+def compile_config(so: ort.SessionOptions | None) -> dict[str, str]:
+    """The session-config entries set on ``so`` that may change a compiled context (see
+    :data:`_RUN_TIME_CONFIG`): a key part, and the compile's own options. Entries set before ``import
+    ctxcache`` are not seen (README, "Differences from onnxruntime.InferenceSession"); probing them by
+    name would cost every hit ~45 us per entry."""
+    if so is None:
+        return {}
+    notes = _sessopts.notes(so)
+    if notes is None or not notes.config:
+        return {}
+    return {k: v for k, v in sorted(notes.config.items())
+            if k not in _RUN_TIME_CONFIG and not k.startswith(_NOT_COPIED) and not k.startswith(_CHANGES_GRAPH)}
+
+
 # Session-config entries copied onto the sessions ctxcache creates when the options were configured
 # before ``import ctxcache`` (afterwards every entry is noted by _sessopts and copied). ep.context_* are
 # left out on purpose: they would make ORT dump its own contexts beside ours.

@@ -86,8 +86,12 @@ def fingerprint(
     graph_optimization: str,
     embed: bool,
     extra: str | None,
+    session_config: Mapping[str, str] | None = None,
 ) -> Fingerprint:
-    """The key of a context: every part, named and in a fixed order."""
+    """The key of a context: every part, named and in a fixed order. ``session_config`` (the app's
+    session-config entries that may change a compile) is a part only when there is one, so a load that
+    sets none keeps the key it always had."""
+    config = [("session_config", dict(session_config))] if session_config else []
     return _fingerprint.build(
         [
             ("format", env["format"]),
@@ -101,6 +105,7 @@ def fingerprint(
             ("graph_optimization", graph_optimization),
             ("embed_mode", int(embed)),
             ("host", env["host"]),
+            *config,
             ("extra", extra),
         ]
     )

@@ -32,6 +32,7 @@ from ._inputs import (
     cache_blocker,
     check_kwargs,
     chosen_by_policy,
+    compile_config,
     context_target,
     plain_session,
     resolve_model,
@@ -157,7 +158,7 @@ class Loader:
         return _key.fingerprint(
             model_digest=req.digest.digest, ep=req.ep, options=req.options, env=self.env.parts(req.ep, req.options),
             graph_optimization=_key.graph_level_name(so.graph_optimization_level if so is not None else None),
-            embed=self.settings.embed, extra=self.settings.extra_key,
+            embed=self.settings.embed, extra=self.settings.extra_key, session_config=compile_config(so),
         )
 
     # ---- the steps, top-down -----------------------------------------------------------------
@@ -275,11 +276,7 @@ class Loader:
 
         if req.model.path is None or entry.manifest.get("rebuilt_for") == env or entry.origin is not None:
             return
-        so = req.sess_options
-        job = _background.job_for(self.store.base, self.settings.for_worker(), req.model.path,
-                                  [(req.ep.name, req.options)],
-                                  _key.graph_level_name(so.graph_optimization_level if so is not None else None),
-                                  entry.key, mode="rebuild")
+        job = self._job(req, entry.key, mode="rebuild")
         state, why = _background.start(self.store, entry.key, job, negative_ttl=self.settings.negative_ttl)
         req.note = Reason("prefer_recompilation", f"{detail}; {why}" if state == "started" else f"{detail}; not rebuilt: {why}")
 
@@ -368,10 +365,7 @@ class Loader:
                     hooks.published(entry)
                     self._after_publish(entry)
                 return self._serve(req, entry, "hit")
-        so = req.sess_options
-        job = _background.job_for(self.store.base, self.settings.for_worker(), req.model.path,
-                                  [(req.ep.name, req.options)],
-                                  _key.graph_level_name(so.graph_optimization_level if so is not None else None), req.key)
+        job = self._job(req, req.key)
         state, detail = _background.start(self.store, req.key, job, negative_ttl=self.settings.negative_ttl)
         if state == "unavailable":
             req.note = Reason("background_unavailable", f"{detail}; compiled in the foreground instead")
@@ -379,6 +373,17 @@ class Loader:
         if state == "given_up":
             return self._original(req, "bypass", Reason("not_compilable", f"remembered: {detail}"))
         return self._meanwhile(req, Reason("compiling_in_background", detail), _background.Waiter(self.store, req.key))
+
+    def _job(self, req: Request, key: str, mode: str = "compile") -> dict[str, Any]:
+        """What a background worker needs to make the same key as this load, and compile it."""
+        from . import _background
+
+        assert req.model.path is not None
+        so = req.sess_options
+        return _background.job_for(self.store.base, self.settings.for_worker(), req.model.path,
+                                   [(req.ep.name, req.options)],
+                                   _key.graph_level_name(so.graph_optimization_level if so is not None else None),
+                                   compile_config(so), key, mode)
 
     def _meanwhile(self, req: Request, reason: Reason, waiter: object) -> LoadResult:
         """A session on the original model with the ``meanwhile`` providers (outcome ``pending``)."""
@@ -477,7 +482,7 @@ class Loader:
             severity = so.log_severity_level if so is not None else 2
             try:
                 req.times["compile"] = hooks.compile(staging, req.model.source, req.ep, req.options, level,
-                                                    self.settings.embed, severity)
+                                                    self.settings.embed, severity, config=compile_config(so))
             except NothingCompiled as e:
                 _negative.remember(self.store.negative_dir, req.key, "not_compilable", str(e))
                 return self._original(req, "bypass", Reason("not_compilable", f"{req.ep.name} compiled no node of this model"))

@@ -18,6 +18,8 @@ def main(argv: list[str]) -> int:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, job["graph_optimization"])
+    for k, v in job.get("config", {}).items():  # after import ctxcache: noted, so the key is the app's
+        so.add_session_config_entry(k, v)
     providers = [(name, options) for name, options in job["providers"]]
     try:
         if job["mode"] == "rebuild":

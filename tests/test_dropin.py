@@ -184,6 +184,54 @@ def test_harmless_settings_still_hit_and_reach_the_context_session(
     assert got.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_config_entries_that_may_change_a_compile_are_keyed_and_given_to_the_compile(
+        conv_model: Path, cache: ctxcache.ContextCache, qnn_providers: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context compiled under one setting is never served under another: an entry that is not known to
+    steer only the run (threads, allocators...) is a key part, and the compile gets it."""
+    from ctxcache._seams import hooks
+
+    seen: list[dict[str, str]] = []
+    real = hooks.compile
+
+    def recording(*a: Any, **k: Any) -> float:
+        seen.append(dict(k.get("config") or {}))
+        return real(*a, **k)
+
+    monkeypatch.setattr(hooks, "compile", recording)
+
+    def options(**entries: str) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        for key, value in entries.items():
+            so.add_session_config_entry(key.replace("__", "."), value)
+        return so
+
+    plain = cache.load(conv_model, providers=qnn_providers, sess_options=options())
+    qdq = cache.load(conv_model, providers=qnn_providers, sess_options=options(session__disable_quant_qdq="1"))
+    assert (plain.outcome, qdq.outcome) == ("miss", "miss") and plain.key != qdq.key
+    assert seen == [{}, {"session.disable_quant_qdq": "1"}]
+    again = cache.load(conv_model, providers=qnn_providers, sess_options=options(session__disable_quant_qdq="1"))
+    assert again.outcome == "hit" and again.key == qdq.key
+    spinning = cache.load(conv_model, providers=qnn_providers,
+                          sess_options=options(session__intra_op__allow_spinning="0"))
+    assert spinning.outcome == "hit" and spinning.key == plain.key  # run-time only: the same context
+    assert len(seen) == 2
+
+
+def test_a_background_worker_makes_the_key_of_the_apps_session_config(
+        conv_model: Path, tmp_path: Path, qnn_providers: list[Any]) -> None:
+    """The detached worker must compile under the app's keyed settings, or it publishes under another key
+    and every launch stays pending."""
+    cache = ctxcache.ContextCache(tmp_path / "bg-cache", on_miss="background")
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    first = cache.load(conv_model, providers=qnn_providers, sess_options=so)
+    assert first.outcome == "pending" and first.key
+    assert cache.wait(first.key, 120)  # the worker published under the app's own key
+    so2 = ort.SessionOptions()
+    so2.add_session_config_entry("session.disable_quant_qdq", "1")
+    assert cache.load(conv_model, providers=qnn_providers, sess_options=so2).outcome == "hit"
+
+
 # -- 2. onnxruntime's keyword arguments ------------------------------------------------------------
 def test_ort_keyword_arguments_are_forwarded_and_take_effect(tmp_path: Path, cache: ctxcache.ContextCache) -> None:
     model = _foldable_model(tmp_path / "fold.onnx")
