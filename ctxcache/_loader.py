@@ -387,23 +387,20 @@ class Loader:
 
     def _meanwhile(self, req: Request, reason: Reason, waiter: object) -> LoadResult:
         """A session on the original model with the ``meanwhile`` providers (outcome ``pending``)."""
-        from ._inputs import resolve_providers
-
-        if req.early is not None:
-            sess = req.early.result()
-        else:
-            meanwhile = resolve_providers(list(self.settings.meanwhile), None)
-            sess = session(req.model.source, meanwhile, req.sess_options, target=False, kwargs=req.kwargs)
+        sess = req.early.result() if req.early is not None else self._meanwhile_session(req)()
         result = self._finish(req, sess, "pending", reason)
         return result._replace_waiter(waiter)
 
     def _early(self, req: Request) -> Any:
         from ._background import EarlySession
-        from ._inputs import resolve_providers
 
+        return EarlySession(self._meanwhile_session(req))
+
+    def _meanwhile_session(self, req: Request) -> Callable[[], ort.InferenceSession]:
+        """What makes the ``meanwhile`` session (now, or on the early thread)."""
         meanwhile = resolve_providers(list(self.settings.meanwhile), None)
         source, so, kwargs = req.model.source, req.sess_options, req.kwargs
-        return EarlySession(lambda: session(source, meanwhile, so, target=False, kwargs=kwargs))
+        return lambda: session(source, meanwhile, so, target=False, kwargs=kwargs)
 
     def rebuild(self, model: ModelArg, providers: ProvidersArg, sess_options: ort.SessionOptions | None) -> None:
         """Recompile ``model``'s entry and replace it once the new context loads (the background worker's
