@@ -6,6 +6,7 @@ medians and ratios: the machine is shared, so absolute times drift while ratios 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,29 @@ def context_model(cache: Path) -> Path:
     if len(entries) != 1:
         raise RuntimeError(f"expected one entry in {cache}, found {len(entries)}")
     return entries[0] / "ctx.onnx"
+
+
+def qnn_session(model: Path | str, devices: list[Any], opts: dict[str, str]) -> Any:
+    """Plain onnxruntime on ``model`` with the QNN plugin EP on ``devices``: the floor a cached load is
+    compared with (callers time it and check ``get_providers()`` after)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_provider_for_devices(devices, opts)
+    return ort.InferenceSession(str(model), sess_options=so)
+
+
+def per_model_main(argv: list[str] | None, doc: str | None, models: str, rounds: int,
+                   bench: Callable[[str, int], dict[str, Any]], report: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """The command line of a benchmark that runs ``bench(model, rounds)`` per model and prints ``report``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=models)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    args = ap.parse_args(argv)
+    res: dict[str, Any] = {"rows": [bench(m, args.rounds) for m in args.models.split(",")], "rounds": args.rounds}
+    res["markdown"] = report(res)
+    print(res["markdown"], flush=True)
+    return res
 
 
 def qnn_options() -> dict[str, str]:

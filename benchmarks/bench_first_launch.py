@@ -15,7 +15,6 @@ Times are from just before the spawn, so they include interpreter start and impo
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import textwrap
@@ -114,14 +113,7 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="resnet50,transformer")
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args(argv)
-    res = {"rows": [bench(m, args.rounds) for m in args.models.split(",")], "rounds": args.rounds}
-    res["markdown"] = report(res)
-    print(res["markdown"], flush=True)
-    return res
+    return c.per_model_main(argv, __doc__, "resnet50,transformer", 5, bench, report)
 
 
 if __name__ == "__main__":

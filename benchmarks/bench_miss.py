@@ -56,9 +56,7 @@ def run(models: list[str], rounds: int) -> list[dict[str, Any]]:
                               graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                               flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED).compile_to_file(str(out))
             t_compiled = time.perf_counter()
-            so = ort.SessionOptions()
-            so.add_provider_for_devices(devices, opts)
-            s = ort.InferenceSession(str(out), sess_options=so)
+            s = c.qnn_session(out, devices, opts)
             dt = time.perf_counter() - t
             assert c.QNN in s.get_providers()
             return dt, {"compile": t_compiled - t}

@@ -16,7 +16,6 @@ file once for both the hash and ONNX Runtime (the same pages), so the hash adds 
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -66,9 +65,7 @@ def bench(name: str, rounds: int) -> dict[str, Any]:
 
     def raw() -> float:
         t = time.perf_counter()
-        so = ort.SessionOptions()
-        so.add_provider_for_devices(devices, opts)
-        s = ort.InferenceSession(str(ctx), sess_options=so)
+        s = c.qnn_session(ctx, devices, opts)
         dt = time.perf_counter() - t
         assert c.QNN in s.get_providers()
         return dt
@@ -111,14 +108,7 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="conv,transformer,ctx150,ctx230,ctx530")
-    ap.add_argument("--rounds", type=int, default=9)
-    args = ap.parse_args(argv)
-    res = {"rows": [bench(m, args.rounds) for m in args.models.split(",")], "rounds": args.rounds}
-    res["markdown"] = report(res)
-    print(res["markdown"], flush=True)
-    return res
+    return c.per_model_main(argv, __doc__, "conv,transformer,ctx150,ctx230,ctx530", 9, bench, report)
 
 
 if __name__ == "__main__":
