@@ -220,6 +220,15 @@ def qnn_session(model: Path | str, devices: list[Any], opts: dict[str, str]) -> 
     return ort.InferenceSession(str(model), sess_options=so)
 
 
+def raw_seconds(model: Path | str, devices: list[Any], opts: dict[str, str]) -> float:
+    """Seconds to create :func:`qnn_session` on ``model`` (the provider checked outside the timing)."""
+    t = time.perf_counter()
+    s = qnn_session(model, devices, opts)
+    dt = time.perf_counter() - t
+    assert QNN in s.get_providers()
+    return dt
+
+
 def per_model_main(argv: list[str] | None, doc: str | None, models: str, rounds: int,
                    bench: Callable[[str, int], dict[str, Any]], report: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
     """The command line of a benchmark that runs ``bench(model, rounds)`` per model and prints ``report``."""

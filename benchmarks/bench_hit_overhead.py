@@ -55,11 +55,7 @@ def hit_overhead(models: list[str], rounds: int) -> list[dict[str, Any]]:
             return dt
 
         def raw() -> float:
-            t = time.perf_counter()
-            s = c.qnn_session(ctx, devices, opts)
-            dt = time.perf_counter() - t
-            assert c.QNN in s.get_providers()
-            return dt
+            return c.raw_seconds(ctx, devices, opts)
 
         times: dict[Any, list[float]] = {hit: [], raw: []}
         for i in range(rounds + 1):  # round 0 warms the page cache and the allocator; not counted
