@@ -288,6 +288,11 @@ class ContextCache:
     def size(self) -> int:
         return sum(e.size for e in self.entries())
 
+    def read_only(self) -> bool:
+        """Whether the cache folder exists and refuses writes (a read-only mount, a system image): its
+        entries still hit; nothing can be compiled into it, removed or counted."""
+        return _fs.is_folder(self.root) and not _fs.can_write(self.root)
+
     def environment(self, provider: str, options: Mapping[str, Any] | None = None) -> dict[str, Any] | str:
         """The machine-side key parts a load with this provider configuration would use here (``doctor``),
         or why the provider cannot run here."""

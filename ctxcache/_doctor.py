@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
-from . import _manage, providers
+from . import _fs, _manage, providers
 from ._cache import ContextCache
 from ._config import ENV_DIR
 
@@ -45,15 +43,6 @@ def _packages() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return found
-
-
-def _can_write(folder: Path) -> bool:
-    """Really create a file: permission bits say nothing for root, read-only mounts or /proc."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[str, Mapping[str, Any]]] = (),
@@ -109,7 +98,7 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
     existing = root
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
-    writable = _can_write(existing)
+    writable = _fs.can_write(existing)
     try:
         free: int | None = shutil.disk_usage(existing).free
     except OSError:

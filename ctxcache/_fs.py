@@ -166,6 +166,18 @@ def lstat(path: Path) -> os.stat_result:
     return os.lstat(path)
 
 
+def can_write(folder: Path) -> bool:
+    """Whether a file can really be created in ``folder``: permission bits say nothing for root, a
+    read-only mount or /proc. The file is anonymous (created with O_EXCL, gone when closed)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def is_folder(path: Path) -> bool:
     """A real folder (a link to one is not)."""
     try:

@@ -153,9 +153,6 @@ class Store:
         except _fs.UnsafeFolder as e:
             raise InsecureCache(*e.args) from None
 
-    def writable(self) -> bool:
-        return os.access(self.root, os.W_OK) if _fs.is_folder(self.root) else os.access(self.base.parent, os.W_OK)
-
     def lock_path(self, key: str) -> Path:
         return self.locks_dir / f"{key}.lock"
 

@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, launch, layout
 from test_cli import cli, flip_byte
 
+import ctxcache
 from ctxcache import models
 
 EXIT_USAGE = 2
@@ -250,6 +251,10 @@ def test_doctor_on_a_read_only_cache_says_hits_yes_compiles_no(read_only_cache: 
     other = models.conv_net(ro.parent / "other.onnx", layers=3, channels=8, seed=23)
     r = launch(ro, other)
     assert (r["outcome"], r["reason"]) == ("bypass", "cache_unwritable")
+    # the library's own answer, which the CLI's messages use
+    assert ctxcache.ContextCache(ro).read_only()
+    assert not ctxcache.ContextCache(ro.parent / "src").read_only()
+    assert not ctxcache.ContextCache(ro.parent / "not-made-yet").read_only()
 
 
 def test_clear_prune_verify_fix_and_reset_on_a_read_only_cache_fail_and_say_so(read_only_cache: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ from ._common import (
     open_cache,
     out,
     providers_or_default,
-    read_only,
     seconds,
     table,
     why_not_removed,
@@ -129,7 +128,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         out(f"{len(bad)} of {len(results)} entries damaged: quarantined; the next load recompiles them")
     else:
         out(f"{len(bad)} of {len(results)} entries damaged: {len(bad) - len(kept)} quarantined, {len(kept)} NOT "
-            f"({why_not_removed(cache.root)}); loads still refuse a damaged entry and use the original model")
+            f"({why_not_removed(cache)}); loads still refuse a damaged entry and use the original model")
     return EXIT_FAILED
 
 
@@ -156,7 +155,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     n = len(report.items) if report.dry_run else len(report.removed)
     out(f"{'would remove' if report.dry_run else 'removed'} {n} entr{'y' if n == 1 else 'ies'}, {verb} "
         f"{human_size(report.freed)}; {human_size(report.size_after)} left in {cache.root}")
-    why = why_not_removed(cache.root) if report.failed else ""
+    why = why_not_removed(cache) if report.failed else ""
     for item in report.failed:
         err(f"not removed: {item.key[:12]} ({item.model_name}): {why}")
     return EXIT_FAILED if report.failed else EXIT_OK
@@ -185,7 +184,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
     else:
         out(f"removed {n} entr{'y' if n == 1 else 'ies'} ({human_size(freed)}) from {cache.root}")
     if left:
-        err(f"not removed: {len(left)} entr{'y' if len(left) == 1 else 'ies'} ({why_not_removed(cache.root)})")
+        err(f"not removed: {len(left)} entr{'y' if len(left) == 1 else 'ies'} ({why_not_removed(cache)})")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -219,7 +218,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         out(f"({cache.root})")
     if args.reset:
         cache.reset_stats()
-        if cache.stats().loads and read_only(cache.root):  # a load counted meanwhile is no failure; a refusal is
+        if cache.stats().loads and cache.read_only():  # a load counted meanwhile is no failure; a refusal is
             err(f"counters NOT reset: the cache folder is read-only ({cache.root})")
             return EXIT_FAILED
         if args.format != "json":

@@ -279,22 +279,8 @@ def open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
     return ctxcache.ContextCache(cache_dir_arg(args), app_name=args.app_name, app_author=args.app_author, **kw)
 
 
-def read_only(root: Path) -> bool:
-    """Whether the cache folder refuses writes, by really creating a file: permission bits say nothing
-    for root or a read-only mount. A folder that does not exist yet is not read-only."""
-    import tempfile
-
-    if not root.is_dir():
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=root):
-            return False
-    except OSError:
-        return True
-
-
-def why_not_removed(root: Path) -> str:
-    return ("the cache folder is read-only" if read_only(root)
+def why_not_removed(cache: ctxcache.ContextCache) -> str:
+    return ("the cache folder is read-only" if cache.read_only()
             else "being rebuilt by another process, replaced meanwhile, or refused by the OS")
 
 
