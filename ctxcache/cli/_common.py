@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import ctxcache
+from ctxcache.providers import ALIASES, nearest  # the one alias table and "did you mean" rule
 
 # Exit codes (documented in README "Command line" and in `ctxcache --help`).
 EXIT_OK = 0
@@ -80,21 +81,7 @@ def add_command(
     return p
 
 
-# -- providers --------------------------------------------------------------------------------------
-ALIASES = {
-    "qnn": "QNNExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "nv": "NvTensorRTRTXExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "vitisai": "VitisAIExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-}
-
+# -- providers ----------------------------------------------------------------------------------------
 DEFAULT_PRESET = "qnn-htp"
 PRESETS = {
     "qnn-htp": "QNN HTP (Snapdragon NPU, soc_model 60 / htp_arch 73, fp16) with onnxruntime-qnn's own HTP backend",
@@ -112,21 +99,14 @@ def provider_name(name: str) -> str:
     suggestion (``qnnn`` -> ``qnn``); any other name passes through, for the library to judge (a plugin EP
     the process registers is not known here)."""
     low = name.strip().lower()
-    if low in ALIASES:
-        return ALIASES[low]
     known = _known_providers()
-    for full in known:
-        if full.lower() in (low, low + "executionprovider"):
-            return full
-    import difflib
-
-    by_lower = {a: a for a in ALIASES} | {k.lower(): k for k in known}
-    close = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.75)
-    if close:
-        alias = close[0]
-        hint = f"{alias} ({ALIASES[alias]})" if alias in ALIASES else by_lower[alias]
-        raise UsageError(f"unknown execution provider {name!r}; did you mean {hint}?")
-    return name.strip()
+    found = nearest(name, known)
+    if found is None:
+        return name.strip()
+    full, alias = found
+    if alias == low or full.lower() in (low, low + "executionprovider"):
+        return full  # an alias, or the name in another case: what the user meant, no question
+    raise UsageError(f"unknown execution provider {name!r}; did you mean {f'{alias} ({full})' if alias else full}?")
 
 
 def preset(name: str) -> tuple[str, dict[str, str]]:
