@@ -39,6 +39,8 @@ _LAZY = {
     "ExportResult": ".tiers.bundle",
     "GeneratedKey": "._trust",
     "generate_signing_key": "._trust",
+    "signing_key_info": "._trust",
+    "nearest_provider": ".providers",
     "ImportResult": "._transfer",
     "ModelPackageTier": ".tiers.package",
     "PackageExport": ".tiers.package",
@@ -78,7 +80,8 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
     )
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
-    from ._trust import GeneratedKey, generate_signing_key
+    from ._trust import GeneratedKey, generate_signing_key, signing_key_info
+    from .providers import nearest_provider
     from .tiers.bundle import Bundle, ExportResult
     from .tiers.package import ModelPackageTier, PackageExport
     from .tiers.remote import RemoteTier
@@ -122,6 +125,8 @@ __all__ = [
     "generate_signing_key",
     "import_bundle",
     "known_providers",
+    "nearest_provider",
     "pull",
     "push",
+    "signing_key_info",
 ]

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import ctxcache
-from ctxcache.providers import ALIASES, nearest  # the one alias table and "did you mean" rule
 
 # Exit codes (documented in README "Command line" and in `ctxcache --help`).
 EXIT_OK = 0
@@ -88,8 +87,6 @@ PRESETS = {
 }
 
 
-def _known_providers() -> list[str]:
-    return sorted(set(ALIASES.values()) | set(ctxcache.known_providers()))
 
 
 def provider_name(name: str) -> str:
@@ -99,8 +96,7 @@ def provider_name(name: str) -> str:
     suggestion (``qnnn`` -> ``qnn``); any other name passes through, for the library to judge (a plugin EP
     the process registers is not known here)."""
     low = name.strip().lower()
-    known = _known_providers()
-    found = nearest(name, known)
+    found = ctxcache.nearest_provider(name)  # the library's own "did you mean", aliases included
     if found is None:
         return name.strip()
     full, alias = found

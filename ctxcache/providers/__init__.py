@@ -70,14 +70,15 @@ ALIASES: dict[str, str] = {
 }
 
 
-def nearest(name: str, known: list[str]) -> tuple[str, str | None] | None:
+def nearest_provider(name: str, known: list[str] | None = None) -> tuple[str, str | None] | None:
     """The provider a mistyped ``name`` most likely means, as ``(full name, alias or None)``: an alias
     (``cpu``), the same name in another case or without ``ExecutionProvider``, or a close spelling of
-    either (``qnnn``, ``QNNExecutionProvidr``). ``None``: nothing close. The one rule behind both the
-    library's "did you mean" and the command line's."""
+    either (``qnnn``, ``QNNExecutionProvidr``), among ``known`` (default: every name known here).
+    ``None``: nothing close. The one rule behind both the library's "did you mean" and the command line's."""
     low = name.strip().lower()
     if low in ALIASES:
         return ALIASES[low], low
+    known = sorted(set(known_names() if known is None else known) | set(ALIASES.values()))
     for full in known:
         if full.lower() in (low, low + "executionprovider"):
             return full, None
@@ -114,8 +115,9 @@ def get(name: str) -> ExecutionProvider:
         known = known_names()
         if name not in known:
             # Names are case-sensitive in ONNX Runtime: a name that differs only in case gets that name.
-            close = nearest(name, known)
-            hint = f"; did you mean {close[0]!r}?" if close else f". Known providers: {', '.join(known)}"
+            close = nearest_provider(name, known)
+            hint = (f"; did you mean {close[0]!r}?" if close and close[0] != name
+                    else f". Known providers: {', '.join(known)}")
             raise UnknownProviderError(
                 f"unknown execution provider {name!r}{hint}", provider=name, known=known
             )
@@ -126,4 +128,4 @@ def get(name: str) -> ExecutionProvider:
     return inst
 
 
-__all__ = ["ALIASES", "ExecutionProvider", "get", "known_names", "nearest"]
+__all__ = ["ALIASES", "ExecutionProvider", "get", "known_names", "nearest_provider"]

@@ -20,6 +20,7 @@ a link, a device, an absolute or '..' path, a duplicate, or any name outside the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -65,6 +66,12 @@ CONTEXT = "bundle-index"
 BUNDLE_KIND = "ctxcache-bundle"
 BUNDLE_FORMAT = 1
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Archive names a user may reach for that ctxcache does not write: refused rather than turned into a folder
+# that looks like an archive (`export out.zip` used to write a folder named out.zip).
+_OTHER_ARCHIVES = (".zip", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".7z", ".rar", ".gz",
+                   ".bz2", ".xz", ".zst")
+#: Called with a byte count as a bundle's files are read (import progress) or written (export progress).
+ByteHook = Callable[[int], None]
 _MAX_INDEX = 16 << 20
 _MAX_MEMBERS = 100_000
 _MEMBER_RE = re.compile(
@@ -74,6 +81,34 @@ _MEMBER_RE = re.compile(
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).lower().endswith(_ARCHIVE_SUFFIXES)
+
+
+def unsupported_archive(path: str | os.PathLike[str]) -> str | None:
+    """The archive suffix of ``path`` that a bundle cannot be (``.zip``, ``.tar.xz`` ...), else ``None``."""
+    name = os.path.basename(os.fspath(path).rstrip("/\\")).lower()
+    if name.endswith(_ARCHIVE_SUFFIXES):
+        return None
+    return next((s for s in _OTHER_ARCHIVES if name.endswith(s)), None)
+
+
+class _Counted:
+    """A read-only file that reports each chunk read to ``hook`` (progress; the bytes are untouched)."""
+
+    def __init__(self, f: IO[bytes], hook: ByteHook) -> None:
+        self._f = f
+        self._hook = hook
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data:
+            self._hook(len(data))
+        return data
+
+
+@contextmanager
+def _counted(cm: Any, hook: ByteHook | None) -> Iterator[Any]:
+    with cm as f:
+        yield f if hook is None else _Counted(f, hook)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -119,6 +154,7 @@ class _Reader:
     index: dict[str, Any]
     open_member: Callable[[str], Any]
     signer: Signer = UNSIGNED
+    on_read: ByteHook | None = None
 
     @property
     def records(self) -> dict[str, Any]:
@@ -126,7 +162,7 @@ class _Reader:
 
     def opener(self, key: str) -> Opener:
         def open_file(name: str) -> Any:
-            return self.open_member(f"entries/{key}/{name}")
+            return _counted(self.open_member(f"entries/{key}/{name}"), self.on_read)
 
         return open_file
 
@@ -233,6 +269,8 @@ class Bundle(LocalTier):
     """
 
     kind = "bundle"
+    #: Called with each chunk's size as entry files are read (``import_bundle``'s progress); not a setting.
+    on_read: ByteHook | None = None
 
     def describe(self) -> str:
         return f"bundle {self.location}"
@@ -245,12 +283,12 @@ class Bundle(LocalTier):
             if not os.path.isfile(self.location):
                 raise TierError(f"bundle archive {self.location} does not exist", code="tier_unreachable")
             with _open_archive(self.location, keys, trust) as r:
-                yield r
+                yield dataclasses.replace(r, on_read=self.on_read)
         else:
             if not os.path.isdir(self.location):
                 raise TierError(f"bundle folder {self.location} does not exist", code="tier_unreachable")
             with _open_folder(self.location, keys, trust) as r:
-                yield r
+                yield dataclasses.replace(r, on_read=self.on_read)
 
     def index_signer(self, trust: Trust) -> Signer:
         """Who signed the whole index (``doctor``): a bundle's entries are signed together."""
@@ -306,8 +344,9 @@ def signer_names(keys: Sequence[SigningKey]) -> tuple[str, ...]:
 
 
 def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence[SigningKey], version: str,
-                 skipped: dict[str, str], overwrite: bool) -> ExportResult:
-    """Write verified ``entries`` as a bundle folder or archive at ``dest``; it appears by one rename."""
+                 skipped: dict[str, str], overwrite: bool, on_write: ByteHook | None = None) -> ExportResult:
+    """Write verified ``entries`` as a bundle folder or archive at ``dest``; it appears by one rename.
+    ``on_write`` is told the bytes of each entry copied and, for an archive, of each chunk archived."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     tmp.mkdir(mode=0o755)
@@ -324,6 +363,8 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence
                 continue
             records[entry.key] = make_record(entry, files)
             keys.append(entry.key)
+            if on_write is not None:
+                on_write(sum(int(f["size"]) for f in files.values()))
         if not records:
             return ExportResult(dest, (), skipped, False)
         secret = hmac_secret(signing_keys)
@@ -338,7 +379,7 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence
         if overwrite and os.path.lexists(dest):
             _fs.remove_tree(dest)
         if is_archive(dest):
-            _write_archive(tmp, dest, records)
+            _write_archive(tmp, dest, records, on_write)
         else:
             os.rename(tmp, dest)
         _fs.fsync_dir(dest.parent)
@@ -347,7 +388,7 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence
     return ExportResult(dest, tuple(keys), skipped, bool(signing_keys), signer_names(signing_keys))
 
 
-def _write_archive(tmp: Path, dest: Path, records: dict[str, Any]) -> None:
+def _write_archive(tmp: Path, dest: Path, records: dict[str, Any], on_write: ByteHook | None = None) -> None:
     import tarfile
 
     part = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.part")
@@ -359,7 +400,10 @@ def _write_archive(tmp: Path, dest: Path, records: dict[str, Any]) -> None:
                     tf.add(tmp / name, arcname=name, filter=_tar_filter)
             for k in sorted(records):
                 for fname in sorted(records[k]["files"]):
-                    tf.add(tmp / "entries" / k / fname, arcname=f"entries/{k}/{fname}", filter=_tar_filter)
+                    src = tmp / "entries" / k / fname
+                    info = _tar_filter(tf.gettarinfo(src, arcname=f"entries/{k}/{fname}"))
+                    with open(src, "rb") as f:  # our own staging copy, written just above
+                        tf.addfile(info, f if on_write is None else _Counted(f, on_write))
         _fs.fsync_file(part)
         os.replace(part, dest)
     finally:

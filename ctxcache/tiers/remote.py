@@ -44,6 +44,7 @@ from ._base import (
     check_signature,
     make_record,
     parse_json,
+    read_signer,
     read_signer_or_refuse,
     resolve_signing_keys,
     sha256_file,
@@ -400,20 +401,15 @@ class RemoteTier:
         keys = resolve_signing_keys(signing_key if signing_key is not None else self._signing_key)
         if not overwrite and self.has(entry.key):
             return False
-        files: dict[str, dict[str, Any]] = {}
         b = self._backend
         with self._guard(f"pushing {entry.key[:12]}"):
-            for art in entry.artifacts:
-                path = entry.path / art["name"]
-                files[art["name"]] = {"size": art["size"], "sha256": sha256_file(path)}
-                from .. import _fs
+            from .. import _fs
 
-                with open(_fs.open_regular(path), "rb", closefd=True) as f:
+            for art in entry.artifacts:
+                with open(_fs.open_regular(entry.path / art["name"]), "rb", closefd=True) as f:
                     b.put(self._obj(entry.key, "files", art["name"]), f)
-            manifest = portable(entry)
-            files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
-            b.put(self._obj(entry.key, "files", MANIFEST), manifest)
-            raw = json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
+            b.put(self._obj(entry.key, "files", MANIFEST), portable(entry))
+            raw = self.record_bytes(entry)
             secret = hmac_secret(keys)
             if secret is not None:
                 b.put(self._obj(entry.key, RECORD_SIG), sign(raw, secret))
@@ -427,6 +423,49 @@ class RemoteTier:
                 b.put(self._obj("portable", portable_key(parts), entry.key), entry.key.encode())
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
+
+    def sign_present(self, entry: Entry, *, signing_key: SigningKeyArg = None) -> str:
+        """Add the signing keys' signatures to this remote's record of ``entry`` (verified by the caller):
+        ``present`` when it needs none (no key, or already signed by each), ``signed`` when added,
+        ``differs`` when the remote record is not exactly the one ``entry`` would upload (nothing signed)."""
+        keys = resolve_signing_keys(signing_key if signing_key is not None else self._signing_key)
+        if not keys:
+            return "present"
+        b = self._backend
+        with self._guard(f"signing {entry.key[:12]}"):
+            raw = b.get(self._obj(entry.key, RECORD), _MAX_RECORD)
+            if raw is None:
+                return "differs"
+            blob = b.get(self._obj(entry.key, RECORD_ED25519), _MAX_SIG) or b""
+            secret = hmac_secret(keys)
+            own = ed25519_keys(keys)
+            missing = [k for k in own if read_signer(raw, blob, CONTEXT, Trust(), own=(k,)).status != "trusted"]
+            need_hmac = secret is not None and (b.get(self._obj(entry.key, RECORD_SIG), 4096) or b"").strip() != sign(raw, secret)
+            if not missing and not need_hmac:
+                return "present"
+            if raw != self.record_bytes(entry):  # only bytes verified here get this key's word
+                return "differs"
+            if need_hmac and secret is not None:
+                b.put(self._obj(entry.key, RECORD_SIG), sign(raw, secret))
+            if missing:
+                # Other keys' lines stay (a rotation); a stale line by one of these keys is replaced.
+                ids = {k.key_id for k in missing}
+                kept = [ln.strip() for ln in blob.decode("ascii", "replace").splitlines()
+                        if ln.strip() and [*ln.split(":"), ""][1].lower() not in ids]
+                lines = "".join(ln + "\n" for ln in kept[:15]).encode()
+                b.put(self._obj(entry.key, RECORD_ED25519), lines + sign_ed25519(raw, missing, CONTEXT))
+        log.info("signed %s on %s", entry.key[:12], self.describe())
+        return "signed"
+
+    @staticmethod
+    def record_bytes(entry: Entry) -> bytes:
+        """The exact record :meth:`push` uploads for ``entry`` (sizes and SHA-256 of its files, key parts)."""
+        files: dict[str, dict[str, Any]] = {}
+        for art in entry.artifacts:
+            files[art["name"]] = {"size": art["size"], "sha256": sha256_file(entry.path / art["name"])}
+        manifest = portable(entry)
+        files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
+        return json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
 
     def keys(self) -> list[str]:
         """Every key with an entry folder in the remote store."""
