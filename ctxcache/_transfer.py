@@ -74,6 +74,8 @@ class PushResult:
     ``signed`` (already there; the signing keys' signatures were added), or ``failed: <why>``."""
 
     results: dict[str, str] = field(default_factory=dict)
+    #: the Ed25519 key ids that signed what was pushed or signed (``hmac-sha256`` for an HMAC); empty: unsigned
+    signed_by: tuple[str, ...] = ()
 
     @property
     def failed(self) -> dict[str, str]:
@@ -302,8 +304,10 @@ def push(cache: ContextCache, remote: RemoteTier, *, models: Sequence[str | os.P
     bytes verified here. A record that differs (another build) is left alone (``failed``; ``overwrite``
     replaces it)."""
     from .tiers._base import resolve_signing_keys
+    from .tiers.bundle import signer_names
 
     signers = resolve_signing_keys(signing_key) if signing_key is not None else None
+    effective = signers if signers is not None else remote.signing_keys()  # a bad key fails before any upload
     good, skipped = _verified(cache, _selected(cache, models, provider, options, keys))
     out = {k: f"failed: {why}" for k, why in skipped.items()}
     for entry in good:
@@ -318,7 +322,7 @@ def push(cache: ContextCache, remote: RemoteTier, *, models: Sequence[str | os.P
                               "--overwrite replaces it with this one, signed") if done == "differs" else done
         except TierError as e:
             out[entry.key] = f"failed: {e}"
-    return PushResult(out)
+    return PushResult(out, signer_names(effective))
 
 
 def pull(cache: ContextCache, remote: RemoteTier, keys: Sequence[str] | None = None, *, force: bool = False) -> ImportResult:

@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from .._key import portable_key
 from .._manifest import MANIFEST, Entry, is_key, portable
-from .._trust import SigningKeyArg, Trust, ed25519_keys, hmac_secret
+from .._trust import SigningKey, SigningKeyArg, Trust, ed25519_keys, hmac_secret
 from ..errors import TierError
 from ._base import (
     Match,
@@ -423,6 +423,10 @@ class RemoteTier:
                 b.put(self._obj("portable", portable_key(parts), entry.key), entry.key.encode())
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
+
+    def signing_keys(self) -> tuple[SigningKey, ...]:
+        """What this tier signs uploads with (its ``signing_key``, else ``$CTXCACHE_SIGNING_KEY``)."""
+        return resolve_signing_keys(self._signing_key)
 
     def sign_present(self, entry: Entry, *, signing_key: SigningKeyArg = None) -> str:
         """Add the signing keys' signatures to this remote's record of ``entry`` (verified by the caller):
