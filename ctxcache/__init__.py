@@ -41,6 +41,7 @@ _LAZY = {
     "generate_signing_key": "._trust",
     "signing_key_info": "._trust",
     "nearest_provider": ".providers",
+    "plan_remove": "._remove",
     "ImportResult": "._transfer",
     "ModelPackageTier": ".tiers.package",
     "PackageExport": ".tiers.package",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
         check_providers,
         known_providers,
     )
+    from ._remove import plan_remove
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
     from ._trust import GeneratedKey, generate_signing_key, signing_key_info
@@ -126,6 +128,7 @@ __all__ = [
     "import_bundle",
     "known_providers",
     "nearest_provider",
+    "plan_remove",
     "pull",
     "push",
     "signing_key_info",

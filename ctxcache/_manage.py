@@ -270,7 +270,7 @@ def _provider_or_none(name: str) -> Any:
 
 
 # -- prune -----------------------------------------------------------------------------------------------
-PruneWhy = Literal["junk", "broken", "other_environment", "older_than", "over_size"]
+PruneWhy = Literal["junk", "broken", "other_environment", "older_than", "over_size", "requested"]
 
 
 @dataclass(frozen=True)

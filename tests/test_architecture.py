@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "ctxcache": 6,
     "ctxcache._doctor": 6,
     "ctxcache._transfer": 6,
+    "ctxcache._remove": 6,
     "ctxcache._cache": 5,
     "ctxcache._manage": 4,
     "ctxcache._loader": 3,

@@ -209,7 +209,8 @@ def test_stats_separates_warm_up_compiles_from_app_loads(two_models: tuple[Path,
     assert (st["app_loads"], st["app_hits"], st["app_misses"], st["warm_compiles"]) == (1, 1, 0, 2), st
     table = cli("stats", "--cache-dir", str(cache)).stdout
     rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table.splitlines() if "  " in line.strip())
-    assert (rows["app loads"], rows["hits"], rows["misses (compiled)"], rows["warm-up compiles"]) == ("1", "1", "0", "2"), table
+    assert (rows["app loads"], rows["hits"], rows["misses (compiled)"], rows["warm-up loads"], rows["compiled"]) == \
+        ("1", "1", "0", "2", "2"), table
 
 
 # -- read-only caches ---------------------------------------------------------------------------------

@@ -243,7 +243,22 @@ def cache_dir_arg(args: argparse.Namespace) -> str | None:
     return os.path.abspath(os.path.expanduser(args.cache_dir)) if args.cache_dir else None
 
 
-def open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
+def open_cache(args: argparse.Namespace, *, must_exist: bool = False, **kw: Any) -> ctxcache.ContextCache:
+    """The cache the arguments name. ``must_exist``: a command that only reads or changes what is there
+    (ls, verify, stats, prune, clear, rm, export, push) refuses a folder that does not exist, as bad input
+    (a mistyped --cache-dir used to read as "0 entries checked, all intact")."""
+    cache = _open_cache(args, **kw)
+    if must_exist and not os.path.isdir(cache.root):
+        if args.cache_dir:
+            raise UsageError(f"the cache folder {cache.root} (--cache-dir) does not exist; check the path")
+        if os.environ.get("CTXCACHE_DIR"):
+            raise UsageError(f"the cache folder {cache.root} ($CTXCACHE_DIR) does not exist; check the path")
+        raise UsageError(f"the cache folder {cache.root} does not exist: nothing has been cached here yet "
+                         "(`ctxcache warm MODEL` or the app's first load creates it)")
+    return cache
+
+
+def _open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
     if getattr(args, "tier", None):
         kw["tiers"] = list(args.tier)
     if getattr(args, "trusted_key", None) is not None:

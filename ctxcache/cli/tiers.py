@@ -43,8 +43,9 @@ def _signing_key(args: argparse.Namespace) -> list[Path] | None:
     return [Path(os.path.expanduser(p)) for p in paths] if paths else None
 
 
-def _cache(args: argparse.Namespace) -> ctxcache.ContextCache:
-    return open_cache(args, extra_key=getattr(args, "extra_key", None), embed=getattr(args, "embed", False))
+def _cache(args: argparse.Namespace, *, must_exist: bool = False) -> ctxcache.ContextCache:
+    return open_cache(args, must_exist=must_exist, extra_key=getattr(args, "extra_key", None),
+                      embed=getattr(args, "embed", False))
 
 
 def _filters(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -207,7 +208,7 @@ def _unsigned_note(signed_by: tuple[str, ...] | list[str], what: str, reader: st
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    cache = _cache(args)
+    cache = _cache(args, must_exist=True)
     entries = _select(cache, args)
     if not entries:
         raise CommandFailed(f"no entry of {cache.root} matches the selection (see `ctxcache ls`)")
@@ -273,7 +274,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    cache = _cache(args)
+    cache = _cache(args, must_exist=True)
     remote = _remote(args)
     entries = _select(cache, args)
     if not entries:
