@@ -43,9 +43,11 @@ exit codes:
   0    success (warm: every model cached; verify: all intact; explain: the load would hit)
   1    the command ran and found a problem (warm: a model failed to compile, the others are cached;
        verify: damaged entries; explain: the load would not hit; demo: not the expected sequence;
-       doctor: a problem; clear, prune, verify --fix, stats --reset: could not change the cache, e.g. read-only)
-  2    bad usage or input: unknown command or flag, a missing model or a file that is not one, unknown
-       provider, misspelt option, a cache folder that is a file, an export destination that exists
+       doctor: a problem; clear, prune, rm, verify --fix, stats --reset: could not change the cache, e.g.
+       read-only; export, push, rm: no entry matches; import, pull: entries refused)
+  2    bad usage or input: unknown command or flag, a missing model or a file that is not one (import: not a
+       bundle), unknown provider, misspelt option, a cache folder that is a file or does not exist, an
+       export destination that exists or an archive format not written (.zip)
   130  interrupted (Ctrl-C); no partial entry is left behind
   141  the reader of the output went away (`ctxcache ls | head`); nothing is printed about it
 

@@ -256,8 +256,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         res = ctxcache.import_bundle(cache, args.bundle, signing_key=_signing_key(args), force=args.force,
                                      require_signature=False if args.allow_unsigned else None, progress=progress)
     except ctxcache.errors.BundleError as e:
-        if e.code == "not_a_bundle" or (e.code == "tier_unreachable" and not os.path.lexists(args.bundle)):
-            raise UsageError(str(e)) from None  # not a bundle at all: bad input, exit 2
+        if e.code in ("not_a_bundle", "tier_unreachable"):  # missing, a model, no index, not an archive at all
+            raise UsageError(str(e)) from None  # bad input, exit 2 (a damaged or hostile bundle: 1, below)
         raise CommandFailed(str(e)) from None
     finally:
         progress.close()
