@@ -266,8 +266,7 @@ def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, sign
         ModelPackageTier(location, signing_key=signing_key, require_signature=require_signature)
         if is_model_package(location) else Bundle(location, signing_key=signing_key, require_signature=require_signature))
     try:
-        keys = tier.keys()
-        sizes = _record_sizes(tier, keys) if progress is not None else {}
+        keys, sizes = _keys_and_sizes(tier)
         meter = _Meter(progress, "import", sum(sizes.values())) if progress is not None else None
         if meter is not None and isinstance(tier, Bundle):
             tier.on_read = meter.add
@@ -276,20 +275,14 @@ def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, sign
         raise BundleError(f"cannot import {tier.location}: {e.message}", path=str(tier.location), code=e.code) from None
 
 
-def _record_sizes(tier: Any, keys: Sequence[str]) -> dict[str, int]:
-    """Each key's bytes as its bundle's index records them (untrusted: used for a progress total only)."""
+def _keys_and_sizes(tier: Any) -> tuple[list[str], dict[str, int]]:
+    """The tier's keys and, for a bundle, each key's recorded bytes (a progress total), from one opening."""
     from .tiers.bundle import Bundle
 
     if not isinstance(tier, Bundle):
-        return {}
-    out: dict[str, int] = {}
-    with tier.open() as r:
-        for key in keys:
-            files = r.records.get(key, {}).get("files") if isinstance(r.records.get(key), dict) else None
-            if isinstance(files, dict):
-                out[key] = sum(f["size"] for f in files.values()
-                               if isinstance(f, dict) and isinstance(f.get("size"), int) and f["size"] >= 0)
-    return out
+        return tier.keys(), {}
+    sizes = tier.sizes()
+    return sorted(sizes), sizes
 
 
 def push(cache: ContextCache, remote: RemoteTier, *, models: Sequence[str | os.PathLike[str]] | None = None,

@@ -296,8 +296,19 @@ class Bundle(LocalTier):
             return r.signer
 
     def keys(self) -> list[str]:
+        return sorted(self.sizes())
+
+    def sizes(self) -> dict[str, int]:
+        """Each key's bytes as the index records them (unverified: for a progress total, never a decision)."""
+        out: dict[str, int] = {}
         with self.open() as r:
-            return sorted(k for k in r.records if is_key(k))
+            for key, record in r.records.items():
+                if not is_key(key):
+                    continue
+                files = record.get("files") if isinstance(record, dict) else None
+                out[key] = sum(f["size"] for f in files.values() if isinstance(f, dict) and isinstance(f.get("size"), int)
+                               and f["size"] >= 0) if isinstance(files, dict) else 0
+        return out
 
     def lookup(self, key: str, parts: Parts = ()) -> Match | None:
         with self.open() as r:
