@@ -265,6 +265,8 @@ def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, sign
     tier: Bundle | ModelPackageTier = (
         ModelPackageTier(location, signing_key=signing_key, require_signature=require_signature)
         if is_model_package(location) else Bundle(location, signing_key=signing_key, require_signature=require_signature))
+    if progress is not None and isinstance(tier, Bundle):  # listing a .tar.gz reads it whole: say so
+        tier.on_scan = _scan_reporter(progress, tier.location)
     try:
         keys, sizes = _keys_and_sizes(tier)
         meter = _Meter(progress, "import", sum(sizes.values())) if progress is not None else None
@@ -273,6 +275,17 @@ def import_bundle(cache: ContextCache, location: str | os.PathLike[str], *, sign
         return _bring_in_all(cache, tier, keys, force=force, meter=meter, sizes=sizes)
     except TierError as e:
         raise BundleError(f"cannot import {tier.location}: {e.message}", path=str(tier.location), code=e.code) from None
+
+
+def _scan_reporter(progress: Progress | None, location: Path) -> Callable[[int], None] | None:
+    """``read`` progress over an archive's bytes, each time it is listed (for a progress line; never a decision)."""
+    try:
+        total = os.path.getsize(location) if os.path.isfile(location) else 0
+    except OSError:
+        total = 0
+    if progress is None or not total:
+        return None
+    return lambda pos: progress("read", min(pos, total), total)
 
 
 def _keys_and_sizes(tier: Any) -> tuple[list[str], dict[str, int]]:

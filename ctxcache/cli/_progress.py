@@ -14,7 +14,7 @@ from typing import IO
 
 from ._common import human_size
 
-_PHASES = {"verify": "verifying", "write": "writing", "import": "importing"}
+_PHASES = {"verify": "verifying", "write": "writing", "import": "importing", "read": "reading the archive"}
 
 
 class ProgressLine:

@@ -91,6 +91,32 @@ def unsupported_archive(path: str | os.PathLike[str]) -> str | None:
     return next((s for s in _OTHER_ARCHIVES if name.endswith(s)), None)
 
 
+#: Called with the position reached in an archive file as it is read (each opening lists its members).
+PositionHook = Callable[[int], None]
+
+
+class _Positioned:
+    """An archive file that reports how far it has been read (progress of listing a .tar.gz); bytes untouched."""
+
+    def __init__(self, f: IO[bytes], hook: PositionHook) -> None:
+        self._f = f
+        self._hook = hook
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._hook(self._f.tell())
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def __getattr__(self, name: str) -> Any:  # mode, name, closed... as the file has them
+        return getattr(self._f, name)
+
+
 class _Counted:
     """A read-only file that reports each chunk read to ``hook`` (progress; the bytes are untouched)."""
 
@@ -213,13 +239,29 @@ def _open_folder(location: Path, keys: tuple[SigningKey, ...], trust: Trust | No
 
 
 @contextmanager
-def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | None) -> Iterator[_Reader]:
+def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | None,
+                  on_scan: PositionHook | None = None) -> Iterator[_Reader]:
     import tarfile
 
     try:
-        tf = tarfile.open(location, "r:*")  # noqa: SIM115 - closed by the `with tf:` below, after the check
-    except (OSError, tarfile.TarError) as e:
+        raw = open(location, "rb")  # noqa: SIM115 - closed by the `with raw` below
+    except OSError as e:
         raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
+    with raw:
+        src: Any = raw if on_scan is None else _Positioned(raw, on_scan)
+        try:
+            tf = tarfile.open(str(location), "r:*", fileobj=src)  # noqa: SIM115 - closed by the `with tf:` below
+        except (OSError, tarfile.TarError) as e:
+            raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
+        with _archive_reader(location, tf, keys, trust) as r:
+            yield r
+
+
+@contextmanager
+def _archive_reader(location: Path, tf: tarfile.TarFile, keys: tuple[SigningKey, ...],
+                    trust: Trust | None) -> Iterator[_Reader]:
+    import tarfile
+
     with tf:
         try:
             members = check_tar_members(tf, str(location))
@@ -271,6 +313,8 @@ class Bundle(LocalTier):
     kind = "bundle"
     #: Called with each chunk's size as entry files are read (``import_bundle``'s progress); not a setting.
     on_read: ByteHook | None = None
+    #: Called with the position reached as an archive is listed (a .tar.gz is read whole to list it).
+    on_scan: PositionHook | None = None
 
     def describe(self) -> str:
         return f"bundle {self.location}"
@@ -282,7 +326,7 @@ class Bundle(LocalTier):
         if is_archive(self.location):
             if not os.path.isfile(self.location):
                 raise TierError(f"bundle archive {self.location} does not exist", code="tier_unreachable")
-            with _open_archive(self.location, keys, trust) as r:
+            with _open_archive(self.location, keys, trust, self.on_scan) as r:
                 yield dataclasses.replace(r, on_read=self.on_read)
         else:
             if not os.path.isdir(self.location):
