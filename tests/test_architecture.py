@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._negative": 1,
     "ctxcache._events": 1,
     "ctxcache._stats": 1,
+    "ctxcache._remote_store": 1,
     "ctxcache._probe": 1,
     "ctxcache._spawn": 0,
     "ctxcache._arch": 0,
