@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctxcache",
         description="Compile ONNX Runtime models for their NPU/GPU once per device (EP-context models), "
         "load them instantly after, and never break the app.",
-        epilog="examples:\n  ctxcache demo\n  ctxcache warm models/ --jobs 2\n  ctxcache ls\n\n" + EXIT_CODES,
+        epilog="examples:\n  ctxcache demo\n  ctxcache warm models/ --jobs 2\n  ctxcache ls --sort size --limit 10\n"
+               "  ctxcache rm models/net.onnx --dry-run\n\n" + EXIT_CODES,
         formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"ctxcache {ctxcache.__version__}")
