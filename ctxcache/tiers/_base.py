@@ -442,8 +442,7 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = (), *, re
     if free is not None and need + (16 << 20) > free:
         raise TierError(f"{offer.origin.get('location', '?')}: the entry needs {need} bytes, {free} are free in "
                         f"{store.staging_dir}; free some space", code="tier_unreachable")
-    staging = store.new_staging(key)
-    try:
+    with store.staging(key) as staging:
         for name, spec in sorted(files.items()):
             where = f"{offer.origin.get('location', '?')}:{key[:12]}/{name}"
             try:
@@ -470,8 +469,6 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = (), *, re
             return store.publish(staging, key, clean)
         except BrokenEntry as e:
             raise TierError(e.message, code="tier_record") from None
-    finally:
-        store.discard_staging(staging)
 
 
 def fill(store: Store, key: str, parts: Parts, tiers: Iterable[Tier], *, strict: bool,
