@@ -322,7 +322,7 @@ class ContextCache:
         """Re-hash every artifact of every entry (``ctxcache verify``); ``fix`` quarantines what fails."""
         from . import _manage
 
-        return _manage.verify(self._store, self._env, fix=fix)
+        return _manage.verify(self._store, self._env, fix=fix, trust=self.config.trust)
 
     def plan_prune(self, *, max_size: int | None = None, older_than: float | None = None,
                    other_environments: bool = True) -> _prune.PrunePlan:

@@ -17,6 +17,7 @@ from ._inputs import ProvidersArg, resolve_providers
 from ._manifest import Entry
 from ._servable import judge
 from ._store import BrokenEntry, Store
+from ._trust import Trust
 from ._types import Reason
 
 if TYPE_CHECKING:
@@ -195,8 +196,9 @@ class VerifyResult:
                 "compatibility": self.compatibility}
 
 
-def verify(store: Store, env: _key.Environment, *, fix: bool = False) -> list[VerifyResult]:
-    """Re-hash every artifact of every entry (and check for dead loaders and the provider's verdict);
+def verify(store: Store, env: _key.Environment, *, fix: bool = False, trust: Trust | None = None) -> list[VerifyResult]:
+    """Re-hash every artifact of every entry (and check for dead loaders, the provider's verdict, and that
+    an entry a tier brought in would still be admitted by ``trust``: a revoked key's entries fail);
     with ``fix``, quarantine what fails (kept for a post-mortem)."""
     out: list[VerifyResult] = []
     for item in store.iter_entries():
@@ -207,6 +209,11 @@ def verify(store: Store, env: _key.Environment, *, fix: bool = False) -> list[Ve
             options = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
             problem, answer, detail = judge(store, item, ep, digests="all", options=options,
                                             env=_env_digest(env, ep, options))
+            if problem is None and item.origin is not None and trust is not None:
+                from .tiers._base import still_admitted
+
+                refused = still_admitted(item.origin, trust)
+                problem = Reason("signer_revoked", refused) if refused is not None else None
             compatibility: str | None = f"{answer}: {detail}"
             key, name, prov, size, eid = item.key, item.model_name, item.provider, item.size, item.entry_id
         else:

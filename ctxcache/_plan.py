@@ -223,6 +223,14 @@ def of_entry(inputs: Inputs, store: Store, env: _key.Environment, config: Config
              entry: Entry, *, act: bool) -> Plan:
     """The plan for a committed ``entry`` of the load's key: the servability rule (``_servable.judge``), with
     what ``verify`` asks re-hashed. Also asked by a load that found the entry under the key's lock."""
+    origin = entry.origin
+    if origin is not None:
+        # From a tier: admitted by a signer or a folder the device may no longer trust (a revoked key).
+        from .tiers._base import still_admitted
+
+        refused = still_admitted(origin, config.trust)
+        if refused is not None:
+            return Fallback(fp, digest, entry, Reason("signer_revoked", refused))
     digests = _DIGESTS[config.verify]
     why, answer, detail = judge(store, entry, inputs.ep, digests=digests, consume_markers=act,
                                 options=inputs.options, env=env.digest(inputs.ep, inputs.options))

@@ -47,6 +47,7 @@ ReasonCode = Literal[
     "load_failed",
     "wrong_provider",
     "crashed_during_load",
+    "signer_revoked",
     # fallback: compiling or publishing did not produce an entry
     "compile_failed",
     "publish_failed",
@@ -92,6 +93,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "load_failed": ("fallback", "ONNX Runtime refused the context"),
     "wrong_provider": ("fallback", "the context session does not run on the requested provider"),
     "crashed_during_load": ("fallback", "a process died while loading this context"),
+    "signer_revoked": ("fallback", "a tier's entry whose signer (or install folder) this device no longer trusts: "
+                                   "a revoked or removed key reaches the entries it already brought in"),
     "compile_failed": ("fallback", "the provider failed to compile the model"),
     "publish_failed": ("fallback", "the compiled entry could not be written"),
     "source_changed": ("fallback", "the model changed while it was compiled (an updater?); nothing was published"),

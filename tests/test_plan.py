@@ -59,7 +59,7 @@ def test_empty_then_warm(tmp_path: Path, conv_model: Path, qnn: list[Any]) -> No
 def test_root_writable_by_others(tmp_path: Path, conv_model: Path, qnn: list[Any]) -> None:
     root = tmp_path / "c"
     agree(ctxcache.ContextCache(root), conv_model, qnn, expect="miss")
-    os.chmod(root, 0o777)  # noqa: S103 - the state under test
+    os.chmod(root, 0o777)
     agree(ctxcache.ContextCache(root), conv_model, qnn, expect="bypass", code="cache_insecure")
 
 
