@@ -25,9 +25,9 @@ from ._config import (
 )
 from ._fingerprint import Fingerprint
 from ._inputs import ProvidersArg, resolve_model
-from ._loader import Loader, make_inputs
+from ._loader import Loader, bypass_session, make_inputs
 from ._manifest import Entry
-from ._plan import Bypass, Plan
+from ._plan import Bypass, Plan, inputs_bypass
 from ._store import Store
 from ._trust import Trust
 from ._types import LoadResult, ModelArg
@@ -396,9 +396,15 @@ def InferenceSession(
         path_or_bytes = kwargs.pop("model")
     if path_or_bytes is None:
         raise TypeError("InferenceSession() missing the model: pass path_or_bytes (a path or bytes)")
-    c = cache if cache is not None else default_cache()
-    return c.load(path_or_bytes, providers=providers, provider_options=provider_options, sess_options=sess_options,
-                  **kwargs).session
+    inputs = make_inputs(path_or_bytes, providers, provider_options, sess_options, kwargs=kwargs)
+    if cache is None:
+        # Nothing to cache for these arguments (CPU first, a selection policy, settings a context cannot
+        # honour): decided from the arguments alone, before the default cache's folder is even looked up.
+        early = inputs_bypass(inputs)
+        if early is not None:
+            return bypass_session(inputs, early)
+        cache = default_cache()
+    return cache._loader.load(inputs).session
 
 
 def store_of(cache: ContextCache) -> Store:

@@ -50,6 +50,35 @@ def make_inputs(model: ModelArg, providers: ProvidersArg, provider_options: Sequ
                   Raw(model, providers, provider_options), warm)
 
 
+def bypass_session(inputs: Inputs, decided: Bypass) -> ort.InferenceSession:
+    """The session of a bypass decided from the inputs alone (no cache, no store, nothing written)."""
+    assert decided.silent
+    log.debug("%s: bypass (%s)", inputs.model.name, decided.reason.code)
+    if decided.session == "whole":
+        return original_session(inputs, whole=True)
+    return plain(inputs)
+
+
+def original_session(inputs: Inputs, *, target: bool = True, whole: bool = False) -> ort.InferenceSession:
+    """A session on the original model; ORT's own error if even that fails (not a cache fault)."""
+    try:
+        return session(inputs.model.source, inputs.chain, inputs.sess_options, target=target and bool(inputs.chain),
+                       kwargs=inputs.kwargs, whole=whole)
+    except Exception as e:
+        inputs.model.explain_failure(e)
+        raise
+
+
+def plain(inputs: Inputs) -> ort.InferenceSession:
+    """``onnxruntime.InferenceSession`` with the caller's own arguments; ORT's own error if it fails
+    (an invalid model is still said to be one)."""
+    try:
+        return plain_session(inputs.as_raw(), inputs.sess_options, inputs.kwargs)
+    except Exception as e:
+        inputs.model.explain_failure(e)
+        raise
+
+
 class Loader:
     """Runs loads against one store. ``tiers`` gives the tier objects (built at the first miss);
     ``after_publish`` gets every entry this loader published, after the key's lock is released."""
@@ -106,11 +135,11 @@ class Loader:
     # ---- the ways a load ends ----------------------------------------------------------------
     def bypass(self, inputs: Inputs, trace: Trace, decided: Bypass) -> LoadResult:
         if decided.session == "policy":
-            sess = self.plain(inputs)
+            sess = plain(inputs)
             reason = Reason("provider_policy", f"{decided.reason.message}; ONNX Runtime picked {sess.get_providers()[0]}")
             return self.finish(trace, sess, "bypass", reason)
         if decided.session == "plain":
-            return self.finish(trace, self.plain(inputs), "bypass", decided.reason)
+            return self.finish(trace, plain(inputs), "bypass", decided.reason)
         return self.original(inputs, trace, "bypass", decided.reason, whole=decided.session == "whole")
 
     def serve(self, inputs: Inputs, trace: Trace, entry: Entry, outcome: Outcome, *, answer: Verdict = "unknown",
@@ -201,23 +230,7 @@ class Loader:
 
     def original(self, inputs: Inputs, trace: Trace, outcome: Outcome, reason: Reason, *, target: bool = True,
                  whole: bool = False) -> LoadResult:
-        """A session on the original model; ORT's own error if even that fails (not a cache fault)."""
-        try:
-            sess = session(inputs.model.source, inputs.chain, inputs.sess_options, target=target and bool(inputs.chain),
-                           kwargs=inputs.kwargs, whole=whole)
-        except Exception as e:
-            inputs.model.explain_failure(e)
-            raise
-        return self.finish(trace, sess, outcome, reason)
-
-    def plain(self, inputs: Inputs) -> ort.InferenceSession:
-        """``onnxruntime.InferenceSession`` with the caller's own arguments; ORT's own error if it fails
-        (an invalid model is still said to be one)."""
-        try:
-            return plain_session(inputs.as_raw(), inputs.sess_options, inputs.kwargs)
-        except Exception as e:
-            inputs.model.explain_failure(e)
-            raise
+        return self.finish(trace, original_session(inputs, target=target, whole=whole), outcome, reason)
 
     def fallback(self, inputs: Inputs, trace: Trace, entry: Entry | None, reason: Reason) -> LoadResult:
         assert trace.key is not None
