@@ -19,7 +19,6 @@ from typing import Literal, get_args
 from . import _fs
 from ._manifest import Entry
 from ._markers import consume, dead_markers, deaths, note_death
-from ._probe import probe
 from ._store import Problem, Store
 from ._types import Reason
 from .providers import ExecutionProvider
@@ -133,6 +132,8 @@ def crash_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, opti
         # read-only image. Probing it would start a child process at every launch, for nothing.
         log.debug("ignoring %d crash marker(s) of %s in a read-only cache", len(dead), entry.key[:12])
         return None
+    from ._probe import probe  # a child process, only when a loader died: not on the hit path
+
     verdict, detail = ("unavailable", "no provider to probe with") if ep is None else probe(
         entry.context_path, ep.name, options or {})
     log.info("a loader of %s died during the context load; probe: %s (%s)", entry.key[:12], verdict, detail)
