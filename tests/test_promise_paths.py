@@ -74,7 +74,11 @@ def test_an_unsigned_bundle_entry_stops_serving_when_its_folder_is_no_longer_the
     own = ctxcache.ContextCache(device, tiers=[bundle.path], trusted_dirs=[tmp_path / "app"])
     assert own.load(conv_model, providers=qnn_providers).tier == "bundle"
     assert own.load(conv_model, providers=qnn_providers).outcome == "hit"
-    r = ctxcache.ContextCache(device).load(conv_model, providers=qnn_providers)  # trusted_dirs no longer given
+    # A process that names no trust policy at all keeps what was installed (there is nothing to ask again)...
+    assert ctxcache.ContextCache(device).load(conv_model, providers=qnn_providers).outcome == "hit"
+    # ...but once the app's own folder is another one, the old folder's unsigned entries are no longer the app's.
+    moved = ctxcache.ContextCache(device, trusted_dirs=[tmp_path / "app-v2"])
+    r = moved.load(conv_model, providers=qnn_providers)
     assert r.outcome == "fallback" and r.reason is not None and r.reason.code == "signer_revoked"
 
 

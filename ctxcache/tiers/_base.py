@@ -324,18 +324,22 @@ def still_admitted(origin: dict[str, Any], trust: Trust) -> str | None:
     """Why an entry a tier put into this cache would not be admitted today (``None``: it would be), from what
     its install recorded: the :func:`admit` rule again, with the signer's status as the device's trust says
     it now. Revoking or removing a leaked key must reach entries it already brought in, not only new
-    imports. Cheap: no file is read."""
+    imports: a revoked key's entries are refused everywhere; a key no longer among the device's trusted
+    keys (or a bundle folder no longer among its ``trusted_dirs``) is refused where the device names any.
+    Cheap: no file is read."""
     kid = origin.get("signed_by")
     recorded = origin.get("signature")
     admitted = origin.get("admitted")
     if isinstance(kid, str) and kid:
+        # A device that names no trusted key at all has no policy to ask again (the entry was admitted by
+        # whoever imported it, with theirs); a revoked key is refused everywhere, policy or not.
         status: SignerStatus = ("revoked" if trust.is_revoked(kid) else
-                                "trusted" if trust.public_key(kid) is not None else "untrusted")
+                                "trusted" if trust.public_key(kid) is not None or not trust.keys else "untrusted")
     else:
         status = "unsigned" if recorded not in ("hmac",) else "hmac"
     location = str(origin.get("location", ""))
     if admitted == "trusted_dir":
-        required = not trust.covers(location)
+        required = bool(trust.dirs) and not trust.covers(location)  # the app's folders moved elsewhere
     elif admitted == "not_required":
         required = False  # the tier itself said so (require_signature=False), at the app's request
     else:
