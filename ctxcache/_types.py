@@ -72,7 +72,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "cache_unwritable": ("bypass", "the cache folder cannot be created or written"),
     "cache_insecure": ("bypass", "a cache folder is owned or writable by another user; the cache is not used"),
     "lock_timeout": ("bypass", "another process held the key's lock past lock_timeout"),
-    "lock_stalled": ("bypass", "the holder of the key's lock made no progress for stall_timeout (stopped, frozen, blocked)"),
+    "lock_stalled": ("bypass", "the holder of the key's lock made no progress for stall_timeout (stopped, frozen, blocked); "
+                               "in background mode the launch keeps its meanwhile session (outcome pending)"),
     "device_busy": ("bypass", "the device refused the context for a transient reason (busy, out of memory) even after "
                               "retries: the original model is served and the entry kept"),
     "background_unavailable": ("miss", "on_miss='background', but no background process can be started here "
