@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._fill": 3,
     "ctxcache._plan": 2,
     "ctxcache._trace": 0,
+    "ctxcache._log": 0,
     "ctxcache._loader": 3,
     "ctxcache._servable": 2,
     "ctxcache._seams": 2,
