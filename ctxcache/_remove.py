@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._cache import ContextCache, store_of
-from ._manage import EntryInfo, PruneItem, PrunePlan
+from ._manage import EntryInfo
+from ._prune import PruneItem, PrunePlan
 
 
 def plan_remove(cache: ContextCache, entries: Sequence[EntryInfo]) -> PrunePlan:
