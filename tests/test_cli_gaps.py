@@ -369,3 +369,28 @@ def test_the_api_suggests_the_provider_name_as_the_cli_does(name: str, suggestio
     proc = cli("explain", str(tmp_path / "m.onnx"), "--provider", name + "x" if len(name) > 4 else name + "n",
                "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode == EXIT_USAGE and "did you mean" in proc.stderr and suggestion in proc.stderr, proc.stderr
+
+
+# -- one exit code for bad input ------------------------------------------------------------------------------
+BAD_INPUT = [
+    ["pull", "{remote}", "--cache-dir", "{cache}", "--signing-key-file", "{tmp}/missing.pem"],  # was 0: key never read
+    ["push", "{remote}", "--cache-dir", "{cache}", "--signing-key-file", "{tmp}/missing.pem"],
+    ["export", "{tmp}/x.tar", "--cache-dir", "{cache}", "--signing-key-file", "{tmp}/missing.pem"],
+    ["import", "{tmp}/notes.txt", "--cache-dir", "{cache}"],
+    ["demo", "--dir", "{tmp}/notes.txt"],  # was 1, a FileExistsError line
+    ["ls", "--cache-dir", "{cache}", "--model", "{tmp}/notes.txt"],
+    ["rm", "{tmp}/missing.onnx", "--cache-dir", "{cache}", "--yes"],
+    ["pubkey", "{tmp}/notes.txt"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_INPUT, ids=[" ".join(a[:2]) + (" " + a[-2] if len(a) > 4 else "") for a in BAD_INPUT])
+def test_bad_input_is_exit_2_with_one_line(argv: list[str], built: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model, a bundle or a key\n")
+    cache = copy_cache(built, tmp_path / "c")
+    args = [a.format(tmp=tmp_path, cache=cache, remote=(tmp_path / "r").as_uri()) for a in argv]
+    if argv[0] == "pull":  # a remote with entries this cache already has: nothing would need the key
+        assert cli("push", (tmp_path / "r").as_uri(), "--cache-dir", str(cache)).returncode == 0
+    proc = cli(*args)
+    assert proc.returncode == EXIT_USAGE, (proc.stdout, proc.stderr)
+    assert len(stderr_lines(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -106,10 +106,14 @@ def _remote(args: argparse.Namespace) -> ctxcache.RemoteTier:
     if "://" not in args.url:
         raise UsageError(f"a remote is a URL (s3://bucket/prefix, file:///share/ctxcache, ...), not {args.url!r}")
     try:
-        return ctxcache.RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args),
-                                   timeout=args.timeout, require_signature=not getattr(args, "allow_unsigned", False))
+        remote = ctxcache.RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args),
+                                     timeout=args.timeout, require_signature=not getattr(args, "allow_unsigned", False))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    # Read the key files now: a missing or unreadable one is bad input (exit 2) even when no record needs it
+    # (a pull of entries already present used to succeed with a --signing-key-file that did not exist).
+    remote.signing_keys()
+    return remote
 
 
 def _add_remote_flags(p: argparse.ArgumentParser) -> None:
