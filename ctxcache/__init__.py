@@ -33,6 +33,8 @@ _LAZY = {
     "TierAnswer": "._manage",
     "VerifyResult": "._manage",
     "WarmResult": "._manage",
+    "WarmProcess": "._detach",
+    "warm_detached": "._detach",
     "Bundle": ".tiers.bundle",
     "Diagnosis": "._doctor",
     "diagnose": "._doctor",
@@ -60,6 +62,7 @@ def __getattr__(name: str) -> object:
 
 
 if TYPE_CHECKING:  # the real types, for type checkers and IDEs
+    from ._detach import WarmProcess, warm_detached
     from ._doctor import Diagnosis, diagnose
     from ._manage import (
         Difference,
@@ -111,6 +114,7 @@ __all__ = [
     "TierAnswer",
     "Timings",
     "VerifyResult",
+    "WarmProcess",
     "WarmResult",
     "__version__",
     "check_providers",
@@ -124,4 +128,5 @@ __all__ = [
     "known_providers",
     "pull",
     "push",
+    "warm_detached",
 ]

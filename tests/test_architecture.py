@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "ctxcache.__main__": 7,
     "ctxcache": 6,
     "ctxcache._doctor": 6,
+    "ctxcache._detach": 1,
     "ctxcache._transfer": 6,
     "ctxcache._cache": 5,
     "ctxcache._manage": 4,
