@@ -256,7 +256,7 @@ class Loader:
         assert why is not None
         if why.code == "device_busy":
             # Transient is not stale: the context that took minutes to build stays for the next launch.
-            log.warning("%s: %s", req.model.name, why)
+            log.warning("%s: %s", req.model.shown, why)
             return self._original(req, "bypass", why)
         if fresh:
             return self._unloadable(req, entry, why)
@@ -295,7 +295,7 @@ class Loader:
                     return None, Reason("load_failed", text + note)
                 if pause is None:
                     return None, Reason("device_busy", f"{text} ({attempt + 1} attempts; the entry is kept)")
-                log.info("%s: transient load failure (%s); retrying in %.1f s", req.model.name, text[:200], pause)
+                log.info("%s: transient load failure (%s); retrying in %.1f s", req.model.shown, text[:200], pause)
                 time.sleep(pause)
         raise AssertionError("unreachable")
 
@@ -312,7 +312,7 @@ class Loader:
         assert req.key is not None
         lock = KeyLock(self.store.lock_path(req.key))
         try:
-            req.times["lock_wait"] = lock.acquire(self.settings.lock_timeout, req.model.name,
+            req.times["lock_wait"] = lock.acquire(self.settings.lock_timeout, req.model.shown,
                                                   stall_after=self.settings.stall_timeout)
         except LockStalled as e:
             req.times["lock_wait"] = time.perf_counter() - req.started
@@ -419,7 +419,7 @@ class Loader:
         env = self.env.digest(req.ep, req.options)
         lock = KeyLock(self.store.lock_path(req.key))
         try:
-            lock.acquire(self.settings.lock_timeout, req.model.name, stall_after=self.settings.stall_timeout)
+            lock.acquire(self.settings.lock_timeout, req.model.shown, stall_after=self.settings.stall_timeout)
         except (filelock.Timeout, LockStalled, OSError):
             return
         with lock:
@@ -519,7 +519,7 @@ class Loader:
                 return self._original(req, "fallback", reason)
         finally:
             self.store.discard_staging(staging)
-        log.info("compiled %s for %s in %.2f s -> %s", req.model.name, req.ep.name, req.times["compile"], entry.path)
+        log.info("compiled %s for %s in %.2f s -> %s", req.model.shown, req.ep.name, req.times["compile"], entry.path)
         return entry
 
     def _source_identity(self, req: Request) -> list[list[object]] | None:
@@ -653,9 +653,9 @@ class Loader:
         assert req.key is not None
         lock = self.store.lock_path(req.key)
         if self.settings.on_lock_timeout == "raise":
-            what = (f"the process compiling {req.model.name} ({stalled.holder}) made no progress for "
+            what = (f"the process compiling {req.model.shown} ({stalled.holder}) made no progress for "
                     f"{stalled.seconds:.0f} s" if stalled else
-                    f"another process kept compiling {req.model.name} for over {self.settings.lock_timeout} s")
+                    f"another process kept compiling {req.model.shown} for over {self.settings.lock_timeout} s")
             raise LockTimeoutError(f"{what} (lock {lock}). Raise lock_timeout / stall_timeout, or use on_lock_timeout='jit'.",
                                    lock_path=str(lock), timeout=float(self.settings.lock_timeout or 0))
         if stalled is not None:
@@ -664,7 +664,7 @@ class Loader:
                                             "original model meanwhile")
         else:
             reason = Reason("lock_timeout", f"another process is still compiling after {self.settings.lock_timeout} s")
-        log.warning("%s: %s", req.model.name, reason)
+        log.warning("%s: %s", req.model.shown, reason)
         return self._original(req, "bypass", reason)
 
     def _fault(self, key: str | None, reason: Reason) -> None:
@@ -674,7 +674,7 @@ class Loader:
 
     def _report(self, req: Request, result: LoadResult) -> None:
         if req.silent:
-            log.debug("%s: %s (%s)", req.model.name, result.outcome, result.reason)
+            log.debug("%s: %s (%s)", req.model.shown, result.outcome, result.reason)
             return
         try:
             _events.record(self.store.events_path, result.outcome, result.key,
@@ -684,7 +684,7 @@ class Loader:
             pass
         level = logging.WARNING if result.outcome == "fallback" else logging.INFO
         why = f" ({result.reason})" if result.reason else ""
-        log.log(level, "%s: %s in %.3f s%s", req.model.name, result.outcome, result.timings.total, why)
+        log.log(level, "%s: %s in %.3f s%s", req.model.shown, result.outcome, result.timings.total, why)
 
 
 def _low_space(folder: Path, model_size: int) -> str | None:

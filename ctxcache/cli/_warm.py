@@ -39,6 +39,7 @@ from ._common import (
     provider_name,
     providers_or_default,
     seconds,
+    shown,
 )
 
 _GLOB_CHARS = set("*?[")
@@ -55,7 +56,7 @@ class Task:
 
     @property
     def label(self) -> str:
-        return f"{Path(self.model).name} [{self.provider.label()}]"
+        return f"{shown(Path(self.model).name)} [{self.provider.label()}]"
 
 
 def expand_models(specs: list[str], base: Path | None = None, where: str = "") -> list[Path]:
@@ -235,7 +236,7 @@ class Progress:
         if not self.live or (not running and self.done >= self.total):
             return
         now = time.monotonic()
-        items = ", ".join(f"{Path(t.model).name} {now - (t.started or now):.1f}s" for t in running[:4])
+        items = ", ".join(f"{shown(Path(t.model).name)} {now - (t.started or now):.1f}s" for t in running[:4])
         more = f" +{len(running) - 4}" if len(running) > 4 else ""
         text = f"[{self.done}/{self.total}] compiling: {items}{more}" if running else f"[{self.done}/{self.total}] starting"
         try:

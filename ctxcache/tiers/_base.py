@@ -365,8 +365,8 @@ def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
         if record.get(name) is not None and not _manifest.printable(record[name], 256):
             raise TierError(f"record field {name!r} is not a printable string", code="tier_record")
     model = record.get("model")
-    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.printable(model["name"]))):
-        raise TierError("record's model name is not printable", code="tier_record")
+    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.file_name(model["name"]))):
+        raise TierError("record's model name is not a file name", code="tier_record")
     files = record.get("files")
     if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
         raise TierError("record has no file table", code="tier_record")
