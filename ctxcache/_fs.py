@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -338,7 +339,6 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 def replace_with_retry(src: Path, dst: Path, tries: int = 5) -> None:
     """``os.replace``; on Windows a reader holding ``dst`` for a moment makes it fail: retry briefly."""
-    import time
 
     for attempt in range(tries):
         try:

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._onnxproto": 0,
     "ctxcache._sessopts": 0,
     "ctxcache._fs": 0,
+    "ctxcache._deadline": 0,
     "ctxcache._locking": 0,
     "ctxcache._fingerprint": 0,
     "ctxcache._types": 0,
