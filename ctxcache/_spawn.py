@@ -77,12 +77,15 @@ def python_command() -> list[str] | None:
 
     It takes ``-m MODULE args`` or ``-c CODE args`` after it, as a plain interpreter does.
     """
+    exe = _interpreter()
+    return None if exe is None else [exe, "-I", "-c", _BOOT, json.dumps(import_path())]
+
+
+def _interpreter() -> str | None:
     if getattr(sys, "frozen", False):
         return None
     exe = sys.executable
-    if not exe or not os.path.isfile(exe):
-        return None
-    return [exe, "-I", "-c", _BOOT, json.dumps(import_path())]
+    return exe if exe and os.path.isfile(exe) else None
 
 
 def child_env() -> dict[str, str]:
@@ -103,7 +106,7 @@ def child_cwd(preferred: str | os.PathLike[str] | None = None) -> str:
 
 def unavailable_reason() -> str | None:
     """Why no child process can be started here (``None`` when one can)."""
-    if python_command() is not None:
+    if _interpreter() is not None:
         try:
             import subprocess  # noqa: F401 - some embedded Pythons ship without it
         except ImportError:

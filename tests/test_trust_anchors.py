@@ -124,6 +124,9 @@ def test_a_trusted_dir_others_can_write_is_refused(case: str, source: ctxcache.C
         cache = ctxcache.ContextCache(tmp_path / "dev", tiers=[given / "bundle"], trusted_dirs=[given])
     assert cache.trust.dirs == () and len(cache.trust.refused) == 1 and str(given) in cache.trust.refused[0]
     assert any("not trusted" in rec.getMessage() and str(given) in rec.getMessage() for rec in caplog.records)
+    # explain (before the load) says why the tier's entry would be refused, naming the refused anchor.
+    (answer,) = cache.explain(conv_model, providers=PROVIDERS).tiers
+    assert answer.refused and "not trusted" in answer.refused and str(given) in answer.refused, answer
     r = cache.load(conv_model, providers=PROVIDERS)
     assert (r.outcome, r.tier) == ("miss", None)  # compiled locally: the unsigned bundle is not believed
     assert r.session.get_providers()[0] == QNN

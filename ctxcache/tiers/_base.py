@@ -309,6 +309,8 @@ def admit(signer: Signer, required: bool, what: str, trust: Trust | None = None)
     if not required:
         return
     note = f" ({trust.problem})" if trust is not None and trust.problem else ""
+    if trust is not None and trust.refused and not trust.problem:
+        note = f" (not trusted: {'; '.join(trust.refused)})"  # an anchor others can write was left out
     if signer.status == "untrusted":
         why = f"signed by key {signer.key_id}, which is not a trusted key (trusted_keys= / $CTXCACHE_TRUSTED_KEYS){note}"
     elif signer.status == "hmac":
