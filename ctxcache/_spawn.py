@@ -78,7 +78,17 @@ def python_command() -> list[str] | None:
     It takes ``-m MODULE args`` or ``-c CODE args`` after it, as a plain interpreter does.
     """
     exe = _interpreter()
-    return None if exe is None else [exe, "-I", "-c", _BOOT, json.dumps(import_path())]
+    return None if exe is None else [exe, *_isolation(), "-c", _BOOT, json.dumps(import_path())]
+
+
+def _isolation() -> list[str]:
+    """``-I`` (no working directory on the path, no ``PYTHON*`` variables, no user site). An embedded
+    runtime that finds its standard library through ``$PYTHONHOME`` would not start under ``-I`` (it
+    ignores that variable too): there ``-s`` plus ``-P`` (3.11+; no working directory on the path), with
+    ``PYTHONPATH`` left out of the child's environment (:func:`child_env`) and a safe working directory."""
+    if not os.environ.get("PYTHONHOME"):
+        return ["-I"]
+    return ["-s", "-P"] if sys.version_info >= (3, 11) else ["-s"]
 
 
 def _interpreter() -> str | None:
@@ -89,9 +99,11 @@ def _interpreter() -> str | None:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a child: this one (``-I`` makes the child ignore ``PYTHONPATH`` and the other
-    ``PYTHON*`` variables; the folders it needs travel in :func:`python_command`)."""
-    return dict(os.environ)
+    """The environment of a child: this one without ``PYTHONPATH`` (the folders the child needs travel,
+    filtered, in :func:`python_command`; ``-I`` ignores the variable anyway where it is used)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
 
 
 def child_cwd(preferred: str | os.PathLike[str] | None = None) -> str:

@@ -142,7 +142,8 @@ def test_a_path_folder_another_user_can_write_is_not_passed_to_children(tmp_path
     assert out.returncode == 0 and out.stdout.split()[0] == "42", out.stderr
 
 
-def test_a_frozen_app_says_why_it_cannot_detach(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, conv_model: Path) -> None:
+def test_a_frozen_app_says_why_it_cannot_detach(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, conv_model: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     with pytest.raises(ctxcache.errors.DetachError) as e:
         ctxcache.warm_detached(conv_model, cache_dir=tmp_path / "cache")
@@ -151,6 +152,13 @@ def test_a_frozen_app_says_why_it_cannot_detach(monkeypatch: pytest.MonkeyPatch,
     from ctxcache.cli import main
 
     assert main(["warm", str(conv_model), "--detach", "--cache-dir", str(tmp_path / "cache")]) == 1
+    assert not (tmp_path / "cache").exists()
+    # --jobs: no worker process either; the models are warmed in this process, and it says so.
+    b = models.conv_net(tmp_path / "b.onnx", layers=2, channels=8, seed=21)
+    assert main(["warm", str(conv_model), str(b), "--jobs", "2", "--cache-dir", str(tmp_path / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert "serially" in err and "frozen" in err, err
+    assert len(ctxcache.ContextCache(tmp_path / "cache").entries()) == 2
 
 
 def test_child_bootstrap_keeps_module_and_code_arguments(tmp_path: Path) -> None:
@@ -160,3 +168,18 @@ def test_child_bootstrap_keeps_module_and_code_arguments(tmp_path: Path) -> None
                           cwd=_spawn.child_cwd(), env=_spawn.child_env())
     assert proc.returncode == 0 and proc.stdout.startswith("ctxcache "), proc.stderr
     assert str(ROOT) in _spawn.import_path() or any(Path(p, "ctxcache").is_dir() for p in _spawn.import_path())
+
+
+def test_an_embedded_runtime_with_pythonhome_still_starts_isolated_children(
+        planted: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """-I would ignore $PYTHONHOME, which an embedded runtime may need to find its standard library."""
+    _folder, marker = planted
+    monkeypatch.setenv("PYTHONHOME", f"{sys.base_prefix}{os.pathsep}{sys.base_exec_prefix}")
+    monkeypatch.setenv("PYTHONPATH", str(_folder))  # the app's own setting: not a way in for the child
+    cmd = _spawn.python_command()
+    assert cmd is not None and "-I" not in cmd[:3]
+    proc = subprocess.run([*cmd, "-c", "import json, ctxcache, sys; print(json.dumps(sys.argv[1:]))", "a"],
+                          capture_output=True, text=True, env=_spawn.child_env(), cwd=_spawn.child_cwd(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == '["a"]'
+    assert not marker.exists(), marker.read_text()
