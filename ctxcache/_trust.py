@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import _fs
 from ._log import log
 from .errors import SigningKeyError
 
@@ -309,14 +310,17 @@ class Trust:
 
     Built once by :class:`~ctxcache.ContextCache` and handed explicitly to every place that admits a
     tier's entry (``tiers._base.fill`` / ``bring_in``, each tier's ``offer``, ``tier_report``).
-    ``problem`` is set when ``$CTXCACHE_TRUSTED_KEYS`` or ``$CTXCACHE_REVOKED_KEYS`` could not be read:
-    then no key is trusted (fail closed: a local compile, never a foreign binary).
+    ``problem`` is set when ``$CTXCACHE_TRUSTED_KEYS`` or ``$CTXCACHE_REVOKED_KEYS`` could not be read,
+    or a revocation file is one another user can change: then no key is trusted (fail closed: a local
+    compile, never a foreign binary). ``refused`` says which trust anchors (a ``trusted_dirs`` folder, a
+    ``trusted_keys`` file) were left out because another user can change them (:func:`anchor_problem`).
     """
 
     keys: tuple[tuple[str, bytes], ...] = ()  # (key id, raw public key)
     revoked: frozenset[str] = frozenset()  # key ids
     dirs: tuple[str, ...] = ()  # real paths of the app's own install folders
     problem: str | None = None
+    refused: tuple[str, ...] = ()  # "trusted_dirs /x: /x is writable by other users ..." (one per anchor)
 
     def public_key(self, kid: str) -> bytes | None:
         """The trusted public key with this id, or ``None`` (unknown, revoked, or trust unreadable)."""
@@ -335,10 +339,13 @@ class Trust:
         real = os.path.realpath(os.fspath(location))
         for d in self.dirs:
             try:
-                if os.path.commonpath([d, real]) == d:
-                    return True
+                inside = os.path.commonpath([d, real]) == d
             except ValueError:  # another drive on Windows
                 continue
+            # Checked again at use: a folder that others were given write access to since start-up is
+            # no longer the app's own.
+            if inside and anchor_problem(d) is None:
+                return True
         return False
 
     def with_signers(self, signers: Iterable[SigningKey]) -> Trust:
@@ -348,24 +355,41 @@ class Trust:
         if not extra:
             return self
         have = {kid for kid, _ in self.keys}
-        return Trust(self.keys + tuple(e for e in extra if e[0] not in have), self.revoked, self.dirs, self.problem)
+        return Trust(self.keys + tuple(e for e in extra if e[0] not in have), self.revoked, self.dirs, self.problem,
+                     self.refused)
 
     def as_dict(self) -> dict[str, Any]:
         return {"trusted_keys": [{"key_id": kid, "public_key": format_public_key(raw)} for kid, raw in self.keys],
-                "revoked_keys": sorted(self.revoked), "trusted_dirs": list(self.dirs), "problem": self.problem}
+                "revoked_keys": sorted(self.revoked), "trusted_dirs": list(self.dirs), "problem": self.problem,
+                "refused_anchors": list(self.refused)}
 
 
-def _items(value: Sequence[str | os.PathLike[str]], where: str) -> list[tuple[str, str]]:
-    """(text, where) for each key: strings as given, files one key per line (``#`` comments)."""
+def anchor_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a trust anchor (a ``trusted_dirs`` folder, a key file) must not be believed, or ``None``: the
+    cache root's rule (:func:`ctxcache._fs.owner_problem`) for the anchor and every folder above it,
+    links resolved (:func:`ctxcache._fs.path_problem`). Whoever can write an anchor can drop an unsigned
+    bundle into the app's "own" folder or append a key of their own."""
+    return _fs.path_problem(path)
+
+
+def _items(value: Sequence[str | os.PathLike[str]], where: str,
+           refused: list[str] | None = None) -> list[tuple[str, str]]:
+    """(text, where) for each key: strings as given, files one key per line (``#`` comments). A file
+    another user can change (:func:`anchor_problem`) is left out and named in ``refused``."""
     if isinstance(value, (str, os.PathLike)):
         value = [value]
     out: list[tuple[str, str]] = []
     for n, item in enumerate(value):
         if isinstance(item, os.PathLike):
             path = os.fspath(item)
+            problem = anchor_problem(path) if os.path.lexists(path) else None
+            if problem is not None and refused is not None:
+                refused.append(f"{where} file {path}: {problem}")
+                continue
             try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read(_MAX_KEY_FILE)
+                # A regular file only (a FIFO planted there must not block the launch), bounded.
+                raw = _fs.read_small(Path(path), _MAX_KEY_FILE)
+                text = raw[:_MAX_KEY_FILE].decode("utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise SigningKeyError(f"cannot read the key file {path}: {e}", path=path) from None
             if "-----BEGIN" in text:
@@ -413,16 +437,31 @@ def resolve_trust(trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
     problem = None
     trusted: tuple[tuple[str, bytes], ...] = ()
     revoked: frozenset[str] = frozenset()
+    refused: list[str] = []
     if trusted_keys is not None:
-        trusted = _trusted(_items(trusted_keys, "trusted_keys"))
+        trusted = _trusted(_items(trusted_keys, "trusted_keys", refused))
     if revoked_keys is not None:
-        revoked = _revoked(_items(revoked_keys, "revoked_keys"))
+        unsafe: list[str] = []
+        revoked = _revoked(_items(revoked_keys, "revoked_keys", unsafe))
+        if unsafe:
+            # A revocation list others can edit may have lost a line: believe no key (fail closed).
+            refused += unsafe
+            problem = f"{unsafe[0]}; no key is trusted until it is fixed"
     try:
         if trusted_keys is None:
             trusted = _trusted(_env_items(TRUSTED_KEYS_ENV))
         revoked = revoked | _revoked(_env_items(REVOKED_KEYS_ENV))
     except SigningKeyError as e:
         problem = f"{e.message}; no key is trusted until it is fixed"
+    dirs: list[str] = []
+    for d in trusted_dirs or ():
+        why = anchor_problem(d)
+        if why is not None:
+            refused.append(f"trusted_dirs {os.fspath(d)}: {why}")
+        else:
+            dirs.append(os.path.realpath(os.fspath(d)))
+    for r in refused:
+        log.warning("not trusted: %s; working without it (a signature is required there)", r)
+    if problem is not None:
         log.warning("%s", problem)
-    dirs = tuple(dict.fromkeys(os.path.realpath(os.fspath(d)) for d in (trusted_dirs or ())))
-    return Trust(trusted, revoked, dirs, problem)
+    return Trust(trusted, revoked, tuple(dict.fromkeys(dirs)), problem, tuple(refused))

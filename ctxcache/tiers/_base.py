@@ -309,6 +309,8 @@ def admit(signer: Signer, required: bool, what: str, trust: Trust | None = None)
     if not required:
         return
     note = f" ({trust.problem})" if trust is not None and trust.problem else ""
+    if trust is not None and trust.refused and not trust.problem:
+        note = f" (not trusted: {'; '.join(trust.refused)})"  # an anchor others can write was left out
     if signer.status == "untrusted":
         why = f"signed by key {signer.key_id}, which is not a trusted key (trusted_keys= / $CTXCACHE_TRUSTED_KEYS){note}"
     elif signer.status == "hmac":
@@ -397,8 +399,8 @@ def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
         if record.get(name) is not None and not _manifest.printable(record[name], 256):
             raise TierError(f"record field {name!r} is not a printable string", code="tier_record")
     model = record.get("model")
-    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.printable(model["name"]))):
-        raise TierError("record's model name is not printable", code="tier_record")
+    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.file_name(model["name"]))):
+        raise TierError("record's model name is not a file name", code="tier_record")
     files = record.get("files")
     if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
         raise TierError("record has no file table", code="tier_record")
