@@ -192,7 +192,7 @@ class Config(Record):
                 "tiers": specs,
                 "trust": {"keys": [[kid, base64.b64encode(raw).decode()] for kid, raw in self.trust.keys],
                           "revoked": sorted(self.trust.revoked), "dirs": list(self.trust.dirs),
-                          "problem": self.trust.problem}}
+                          "problem": self.trust.problem, "refused": list(self.trust.refused)}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Config:
@@ -202,7 +202,7 @@ class Config(Record):
 
         t = data["trust"]
         trust = Trust(tuple((str(kid), base64.b64decode(raw)) for kid, raw in t["keys"]), frozenset(t["revoked"]),
-                      tuple(t["dirs"]), t["problem"])
+                      tuple(t["dirs"]), t["problem"], tuple(t.get("refused", ())))
         return cls(root=Path(data["root"]), strict=bool(data["strict"]), lock_timeout=data["lock_timeout"],
                    on_lock_timeout=data["on_lock_timeout"], embed=bool(data["embed"]), extra_key=data["extra_key"],
                    verify=data["verify"], max_size=data["max_size"], negative_ttl=float(data["negative_ttl"]),

@@ -25,17 +25,15 @@ Formats:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from . import _fs
 from ._log import log
+from ._record import Record
 from .errors import SigningKeyError
 
 #: Environment variable holding the build host's signing key: an Ed25519 private key (PEM) or an HMAC secret.
@@ -64,11 +62,16 @@ def key_id(public: bytes) -> str:
 
 
 def format_public_key(public: bytes) -> str:
+    import base64  # key material is handled only where keys are given: not at every launch
+
     return PUBLIC_PREFIX + base64.b64encode(public).decode("ascii")
 
 
 def parse_public_key(text: str, where: str) -> bytes:
     """The 32 raw bytes of a public key given as ``ed25519:<base64>`` or a PEM public key block."""
+    import base64
+    import binascii
+
     text = text.strip()
     if text.startswith("-----BEGIN PUBLIC KEY-----"):
         body = "".join(line for line in text.splitlines() if line and not line.startswith("-----"))
@@ -98,13 +101,19 @@ def parse_public_key(text: str, where: str) -> bytes:
 
 
 # -- signing keys (build hosts) ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SigningKey:
+class SigningKey(Record):
     """A key that signs: an HMAC secret, or an Ed25519 private key (its 32-byte seed). Never printed."""
 
+    __slots__ = ("public", "scheme", "secret")
     scheme: Scheme
-    secret: bytes = field(repr=False)
-    public: bytes = b""  # Ed25519 only: the raw public key
+    secret: bytes
+    public: bytes  # Ed25519 only: the raw public key
+
+    def __init__(self, scheme: Scheme, secret: bytes, public: bytes = b"") -> None:
+        self._set(scheme=scheme, secret=secret, public=public)
+
+    def __repr__(self) -> str:
+        return f"SigningKey({self.scheme!r}, key_id={self.key_id!r})"  # never the secret
 
     @property
     def key_id(self) -> str | None:
@@ -216,13 +225,17 @@ def ed25519_keys(keys: Iterable[SigningKey]) -> tuple[SigningKey, ...]:
     return tuple(k for k in keys if k.scheme == "ed25519")
 
 
-@dataclass(frozen=True)
-class GeneratedKey:
-    """What :func:`ctxcache.generate_signing_key` made: the private key file and the public key to give devices."""
+class GeneratedKey(Record):
+    """What :func:`ctxcache.generate_signing_key` made: the private key file (``path``) and the public key to
+    give devices (``public_key``, ``key_id``)."""
 
+    __slots__ = ("key_id", "path", "public_key")
     path: Path
     public_key: str
     key_id: str
+
+    def __init__(self, path: Path, public_key: str, key_id: str) -> None:
+        self._set(path=path, public_key=public_key, key_id=key_id)
 
 
 def generate_signing_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> GeneratedKey:
@@ -304,8 +317,7 @@ def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> bool:
 
 
 # -- the device's trust policy ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Trust:
+class Trust(Record):
     """Which Ed25519 keys a device believes, which it refuses, and which folders are the app's own.
 
     Built once by :class:`~ctxcache.ContextCache` and handed explicitly to every place that admits a
@@ -316,11 +328,16 @@ class Trust:
     ``trusted_keys`` file) were left out because another user can change them (:func:`anchor_problem`).
     """
 
-    keys: tuple[tuple[str, bytes], ...] = ()  # (key id, raw public key)
-    revoked: frozenset[str] = frozenset()  # key ids
-    dirs: tuple[str, ...] = ()  # real paths of the app's own install folders
-    problem: str | None = None
-    refused: tuple[str, ...] = ()  # "trusted_dirs /x: /x is writable by other users ..." (one per anchor)
+    __slots__ = ("dirs", "keys", "problem", "refused", "revoked")
+    keys: tuple[tuple[str, bytes], ...]  # (key id, raw public key)
+    revoked: frozenset[str]  # key ids
+    dirs: tuple[str, ...]  # real paths of the app's own install folders
+    problem: str | None
+    refused: tuple[str, ...]  # "trusted_dirs /x: /x is writable by other users ..." (one per anchor)
+
+    def __init__(self, keys: tuple[tuple[str, bytes], ...] = (), revoked: frozenset[str] = frozenset(),
+                 dirs: tuple[str, ...] = (), problem: str | None = None, refused: tuple[str, ...] = ()) -> None:
+        self._set(keys=keys, revoked=revoked, dirs=dirs, problem=problem, refused=refused)
 
     def public_key(self, kid: str) -> bytes | None:
         """The trusted public key with this id, or ``None`` (unknown, revoked, or trust unreadable)."""

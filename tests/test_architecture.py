@@ -185,7 +185,8 @@ def test_public_result_types_are_frozen() -> None:
     from ctxcache._record import Record
 
     # The hit path's own value objects are Records (no code generated at import: see _record.py).
-    for name in ("LoadResult", "Timings", "Reason", "Config", "Bypass", "Serve", "Fallback", "Miss", "Fingerprint"):
+    for name in ("LoadResult", "Timings", "Reason", "Config", "Bypass", "Serve", "Fallback", "Miss", "Fingerprint",
+                 "GeneratedKey"):
         cls = getattr(ctxcache, name)
         assert issubclass(cls, Record) and "__dict__" not in dir(cls.__mro__[-2]), name
     reason = ctxcache.Reason("x", "y")
@@ -198,7 +199,7 @@ def test_public_result_types_are_frozen() -> None:
     assert reason.replace(code="z") == ctxcache.Reason("z", "y")
     for name in ("EntryInfo", "VerifyResult", "PrunePlan", "PruneReport", "PruneItem",
                  "Explanation", "Nearest", "Difference", "TierAnswer", "WarmResult", "Stats", "ExportResult",
-                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis", "GeneratedKey"):
+                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis"):
         cls = getattr(ctxcache, name)
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
 

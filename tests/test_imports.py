@@ -23,7 +23,7 @@ HIT_PATH = {
     "ctxcache.providers.qnn",
 }
 #: Standard-library and third-party modules that only the miss, management or tiers need.
-NOT_ON_THE_HIT_PATH = ("logging", "threading", "subprocess", "tarfile", "hmac", "hashlib", "difflib", "shutil", "tempfile", "filelock",
+NOT_ON_THE_HIT_PATH = ("logging", "threading", "dataclasses", "base64", "subprocess", "tarfile", "hmac", "hashlib", "difflib", "shutil", "tempfile", "filelock",
                        "platformdirs", "cryptography", "boto3", "fsspec", "argparse", "multiprocessing", "zipfile")
 
 CODE = """

@@ -335,13 +335,16 @@ def still_admitted(origin: dict[str, Any], trust: Trust) -> str | None:
     if isinstance(kid, str) and kid:
         # A device that names no trusted key at all has no policy to ask again (the entry was admitted by
         # whoever imported it, with theirs); a revoked key is refused everywhere, policy or not.
+        names_keys = bool(trust.keys) or trust.problem is not None or any(r.startswith("trusted_keys") for r in trust.refused)
         status: SignerStatus = ("revoked" if trust.is_revoked(kid) else
-                                "trusted" if trust.public_key(kid) is not None or not trust.keys else "untrusted")
+                                "trusted" if trust.public_key(kid) is not None or not names_keys else "untrusted")
     else:
         status = "unsigned" if recorded not in ("hmac",) else "hmac"
     location = str(origin.get("location", ""))
     if admitted == "trusted_dir":
-        required = bool(trust.dirs) and not trust.covers(location)  # the app's folders moved elsewhere
+        # The app names its folders (some may have been refused as unsafe): this one must still be among them.
+        names_dirs = bool(trust.dirs) or any(r.startswith("trusted_dirs") for r in trust.refused)
+        required = names_dirs and not trust.covers(location)
     elif admitted == "not_required":
         required = False  # the tier itself said so (require_signature=False), at the app's request
     else:
