@@ -111,10 +111,11 @@ class _ProgressLine:
 
     def __call__(self, p: farm.Progress) -> None:
         text = (f"farm: {p.done}/{p.total} cells  built {p.built}  present {p.present}  failed {p.failed}  "
-                f"running {p.running}" + (f"  retried {p.retrying}" if p.retrying else "") + f"  {p.elapsed:.0f} s")
-        if text == self.last:
-            return
+                f"left {p.running}" + (f"  retried {p.retrying}" if p.retrying else ""))
+        if text == self.last and not self.tty:
+            return  # a log gets a line per change, a terminal a clock too
         self.last = text
+        text += f"  {p.elapsed:.0f} s"
         sys.stderr.write(("\r" + text + "\x1b[K") if self.tty else text + "\n")
         sys.stderr.flush()
 
@@ -176,7 +177,12 @@ def add_parsers(subs: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                                          "a Dask cluster, publish to the store; device classes and field reports",
                             description="The fleet build farm (README, 'Fleet builds').")
     fs = group.add_subparsers(dest="farm_command", metavar="COMMAND", title="farm commands")
-    group.set_defaults(func=lambda a: (group.print_help(sys.stderr), 2)[1], verbose=0)
+
+    def usage(_: argparse.Namespace) -> int:
+        group.print_help(sys.stderr)
+        return 2
+
+    group.set_defaults(func=usage, verbose=0)
 
     p = add_command(fs, "device", "on a device: write its class (provider, options, the key parts it reports)",
                     """
