@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,10 +64,22 @@ class CellResult:
         return asdict(self)
 
 
+_remotes: dict[Job, ctxcache.RemoteTier] = {}
+_remotes_lock = threading.Lock()
+
+
 def remote_of(job: Job) -> ctxcache.RemoteTier:
-    # match="portable": a cell built on another host (its key differs in host parts only) counts as held.
-    return ctxcache.RemoteTier(job.store, endpoint_url=job.endpoint_url, match="portable",
-                               signing_key=Path(job.signing_key) if job.signing_key else None)
+    """The store's tier, one per job and worker process: a new S3 client per cell cost ~0.3 s of each
+    cell (measured, benchmarks/bench_farm.py)."""
+    with _remotes_lock:
+        tier = _remotes.get(job)
+        if tier is None:
+            # match="portable": a cell built on another host (its key differs in host parts only) counts as
+            # held. retry_after=0: a farm retries a cell after an outage, it does not skip the store for a minute.
+            tier = _remotes[job] = ctxcache.RemoteTier(job.store, endpoint_url=job.endpoint_url, match="portable",
+                                                       retry_after=0.0,
+                                                       signing_key=Path(job.signing_key) if job.signing_key else None)
+        return tier
 
 
 def _mismatch(cell: dict[str, Any], built: dict[str, Any]) -> str | None:
