@@ -175,3 +175,22 @@ def _write_devices(tmp_path: Path, classes: list[farm.DeviceClass]) -> Path:
     path = tmp_path / "devices.json"
     path.write_text(json.dumps(farm.devices_document(classes)))
     return path
+
+
+def test_a_class_of_another_host_is_built_here_and_held_portably_while_its_record_is(
+        tmp_path: Path, fleet_models: list[Path], keys: dict[str, Any]) -> None:
+    here = farm.this_device("x86", QNN, opts("60", "73"))
+    # An ARM device of the same SDK: only the parts that describe the machine a context is compiled ON differ.
+    env = dict(here.env, host="linux-aarch64", ep_libraries={"libQnnHtp.so": "0" * 32}, devices=[{"type": "NPU"}])
+    arm = farm.DeviceClass("arm", here.provider, here.options, env)
+    (cell,) = farm.plan(fleet_models[:1], [arm]).cells
+    store = (tmp_path / "store").as_uri()
+    (built,) = _run([cell], store, keys["a"].path).cells
+    assert built.result.status == "built" and built.result.built_key != cell.key  # published under this host's key
+    remote = ctxcache.RemoteTier(store, match="portable")
+    (held,) = farm.plan(fleet_models[:1], [arm], remote=remote).cells
+    assert (held.state, held.held) == ("done", "portable")
+    # The record removed from the store by hand: its portable pointer stays, but the cell is not held.
+    (tmp_path / "store" / "v1" / str(built.result.built_key) / "record.json").unlink()
+    (again,) = farm.plan(fleet_models[:1], [arm], remote=remote).cells
+    assert (again.state, again.held) == ("todo", None)

@@ -9,6 +9,7 @@ exactly, or one built on another host that the device's portable match takes) is
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,8 @@ from ctxcache import providers as _providers
 
 from .. import _key
 from ._devices import DeviceClass, FarmError, parse_devices, read_json
+
+log = logging.getLogger("ctxcache")
 
 PLAN_KIND = "ctxcache-farm-plan"
 CellState = Literal["todo", "done"]
@@ -109,11 +112,27 @@ def make_cells(cache: ctxcache.ContextCache, models: Sequence[str], classes: Seq
     return cells
 
 
+def _record_behind(remote: ctxcache.RemoteTier, cell: Cell) -> bool:
+    """Whether a portable pointer leads to a record: the pointer is written after the record, but a
+    record removed from the store by hand leaves its pointer behind."""
+    try:
+        with remote.offer(cell.key, cell.parts) as offer:
+            return offer is not None
+    except ctxcache.errors.TierError as e:
+        if e.code == "tier_unreachable":
+            raise
+        log.warning("the store's entry for cell %s is unreadable (%s); planning it again", cell.id, e)
+        return False
+
+
 def mark_held(cells: Iterable[Cell], remote: ctxcache.RemoteTier) -> list[Cell]:
-    """Each cell, ``done`` when ``remote`` holds it (its lookup: the key, else a portable pointer)."""
+    """Each cell, ``done`` when ``remote`` holds it (its lookup: the key, else a portable pointer with a
+    record behind it)."""
     out = []
     for c in cells:
         held = remote.lookup(c.key, c.parts)
+        if held == "portable" and not _record_behind(remote, c):
+            held = None
         out.append(Cell(c.model, c.model_name, c.device_class, c.provider, c.options, c.key, c.parts,
                         "done" if held else "todo", held))
     return out
