@@ -88,11 +88,15 @@ class DaskEngine:
         client: Any = Client  # distributed's API is untyped
         self._client: Any = client(address, timeout=timeout, set_as_default=False)
         self._n = 0
+        # Dask releases (and may cancel) a task whose last future is garbage: hold each until it is done.
+        self._live: dict[str, Any] = {}
 
     def submit(self, cell: dict[str, Any], job: Job) -> Future[CellResult]:
         self._n += 1
         # pure=False and a unique task key: a retry is a new task, never Dask's cached result of the old one.
-        dask_future: Any = self._client.submit(build_cell, cell, job, pure=False, key=f"farm-{cell['id']}-{self._n}")
+        key = f"farm-{cell['id']}-{self._n}"
+        dask_future: Any = self._client.submit(build_cell, cell, job, pure=False, key=key)
+        self._live[key] = dask_future
         out: Future[CellResult] = Future()
 
         def relay(f: Any) -> None:
@@ -100,6 +104,8 @@ class DaskEngine:
                 out.set_result(f.result())
             except BaseException as e:  # noqa: BLE001 - KilledWorker, CancelledError, a lost scheduler: data
                 out.set_exception(e)
+            finally:
+                self._live.pop(key, None)
 
         dask_future.add_done_callback(relay)
         return out
