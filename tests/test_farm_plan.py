@@ -168,6 +168,7 @@ def test_a_version_seen_in_the_field_becomes_a_class_and_a_cell_this_host_refuse
     (r,) = res.cells
     # This host runs QNN SDK 2.51.0: building it here would publish a context its devices do not key on.
     assert r.result.status == "failed" and "ep_versions.qnn_sdk 2.51.0 -> 2.52.0" in str(r.result.error)
+    assert r.result.compile_seconds == 0.0 and r.result.built_key is None  # refused before spending a compile
     assert ctxcache.RemoteTier((tmp_path / "store").as_uri()).keys() == []
 
 
@@ -194,3 +195,22 @@ def test_a_class_of_another_host_is_built_here_and_held_portably_while_its_recor
     (tmp_path / "store" / "v1" / str(built.result.built_key) / "record.json").unlink()
     (again,) = farm.plan(fleet_models[:1], [arm], remote=remote).cells
     assert (again.state, again.held) == ("todo", None)
+
+
+@pytest.mark.parametrize("option", [{"op_packages": "Relu:/tmp/evil.so:Iface"}, {"backend_path": "/tmp/evil.so"},
+                                    {"qnn_saver_path": "saver"}, {"soc_model": "../../60"}, {"json_qnn_graph_dir": "x"},
+                                    {"htp_arch": "73\n"}])
+def test_a_field_report_cannot_make_build_hosts_load_or_write_files(tmp_path: Path, fleet_models: list[Path],
+                                                                     option: dict[str, str]) -> None:
+    a = farm.this_device("a", QNN, opts("60", "73"))
+    item = {"key": "0" * 32, "model_digest": "x", "provider": QNN, "options": dict(a.options, **option),
+            "env": dict(a.env, ep_versions={"qnn_sdk": "9.9.9"}), "settings": {}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"format": 1, "kind": "ctxcache-farm-report", "items": [item]}))
+    items = farm.read_reports([str(path)])
+    digest = ctxcache.ContextCache(tmp_path / "c").key(fleet_models[0], providers=[(QNN, opts("60", "73"))])
+    assert digest is not None
+    items[0]["model_digest"] = digest.get("model")
+    with pytest.raises(farm.FarmError, match="not a plain value") as e:
+        farm.plan(fleet_models[:1], [a], reports=items)
+    assert e.value.path == str(path)

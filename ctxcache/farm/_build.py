@@ -82,16 +82,33 @@ def remote_of(job: Job) -> ctxcache.RemoteTier:
         return tier
 
 
+def _cannot_build(here: dict[str, Any], want: dict[str, Any]) -> str:
+    diffs = [d for d in _fingerprint.diff(here, want) if d[0].split(".")[0] not in _key.HOST_PARTS]
+    return ("this worker cannot build for the device class: " + ", ".join(_key.render(d) for d in diffs)
+            + " (install the versions the devices run on the workers)")
+
+
+def _env_mismatch(cache: ctxcache.ContextCache, cell: dict[str, Any]) -> str | None:
+    """Before compiling: whether this worker's environment could give the cell's key at all."""
+    here = cache.environment(str(cell["provider"]), dict(cell["options"]))
+    if isinstance(here, str):
+        return f"{cell['provider']} cannot run on this worker: {here}"
+    want = {str(k): v for k, v in cell["parts"] if k in here}
+    if {k: v for k, v in here.items() if k not in _key.HOST_PARTS} == {k: v for k, v in want.items()
+                                                                         if k not in _key.HOST_PARTS}:
+        return None
+    return _cannot_build(here, want)
+
+
 def _mismatch(cell: dict[str, Any], built: dict[str, Any]) -> str | None:
-    """Why an entry compiled here would not serve the cell's devices (``None``: it would)."""
+    """After compiling: why the entry would not serve the cell's devices (``None``: it would). The
+    authority: the built entry's own key parts against the cell's."""
     want = {str(k): v for k, v in cell["parts"]}
     if built.get("model") != want.get("model"):
         return "the model file changed since the plan (its content digest differs); plan again"
     if _key.portable_key(built.items()) == _key.portable_key(want.items()):
         return None
-    diffs = [d for d in _fingerprint.diff(built, want) if d[0].split(".")[0] not in _key.HOST_PARTS]
-    return ("this worker cannot build for the device class: " + ", ".join(_key.render(d) for d in diffs)
-            + " (install the versions the devices run on the workers)")
+    return _cannot_build(built, want)
 
 
 def build_cell(cell: dict[str, Any], job: Job) -> CellResult:
@@ -112,6 +129,9 @@ def build_cell(cell: dict[str, Any], job: Job) -> CellResult:
             return done("built")
         with tempfile.TemporaryDirectory(prefix="ctxcache-farm-cell-") as tmp:
             cache = ctxcache.ContextCache(tmp, embed=job.embed, extra_key=job.extra_key)
+            early = _env_mismatch(cache, cell)
+            if early is not None:
+                return done("failed", error=early)  # without spending a compile on it
             r = cache.warm(cell["model"], providers=[(cell["provider"], dict(cell["options"]))])
             if r.status == "failed" or r.key is None:
                 return done("failed", error=f"compile failed: {r.reason}", compile_seconds=r.compile_seconds)

@@ -13,6 +13,7 @@ unchanged. ``farm plan --reports`` turns each report item for a model it plans i
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -27,6 +28,12 @@ REPORT_KIND = "ctxcache-farm-report"
 MAX_ITEMS = 256
 #: Key parts that are the app's settings, not the device's: the plan takes them from the app.
 _SETTINGS = ("graph_optimization", "embed_mode", "extra", "session_config")
+#: A report comes from the field, and its options become compile options on the build hosts: only plain
+#: values (``60``, ``htp``, ``1``), never one that can name a file or folder (``op_packages`` loads native
+#: code, ``*_path`` / ``*_dir`` / ``*_file`` read or write where they point).
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9._+-]{0,64}")
+_FILE_OPTION = re.compile(r".*(_path|_dir|_file|_files|_packages|_package)$|op_packages")
+_MAX_OPTIONS = 32
 
 
 def device_report(cache: ctxcache.ContextCache, *, limit: int = MAX_ITEMS) -> dict[str, Any]:
@@ -77,6 +84,21 @@ def differences(dc: DeviceClass, nearest: DeviceClass) -> list[str]:
     return [_key.render(d) for d in _fingerprint.diff(old, new)]
 
 
+def _plain_options(options: dict[str, Any], source: str) -> dict[str, str]:
+    """A report's options, refused unless every one is a plain value that names no file."""
+    if len(options) > _MAX_OPTIONS:
+        raise FarmError(f"{source}: an item has {len(options)} options; a device report has at most {_MAX_OPTIONS}",
+                        path=source)
+    out = {}
+    for k, v in options.items():
+        key, value = str(k), str(v)
+        if _FILE_OPTION.fullmatch(key) or not _PLAIN_VALUE.fullmatch(key) or not _PLAIN_VALUE.fullmatch(value):
+            raise FarmError(f"{source}: option {key[:64]!r}={value[:64]!r} is not a plain value (a report's options become "
+                            "compile options on the build hosts: no file, folder or library may be named)", path=source)
+        out[key] = value
+    return out
+
+
 def field_classes(items: Sequence[dict[str, Any]], classes: Sequence[DeviceClass],
                   model_digests: Iterable[str]) -> tuple[list[DeviceClass], int]:
     """New device classes from report items about the planned models (a target no class has yet), each
@@ -90,12 +112,17 @@ def field_classes(items: Sequence[dict[str, Any]], classes: Sequence[DeviceClass
         if item["model_digest"] not in wanted:
             skipped += 1
             continue
-        options = {str(k): str(v) for k, v in item["options"].items()}
+        options = _plain_options(item["options"], str(item["source"]))
         missing = [p for p in _key.ENV_PARTS if p not in item["env"]]
         if missing:
             raise FarmError(f"{item['source']}: an item lacks {', '.join(missing)}", path=str(item["source"]))
         env = {p: item["env"][p] for p in _key.ENV_PARTS}
-        candidate = DeviceClass(auto_name(item["provider"], options, env), item["provider"], options, env)
+        try:
+            (check,) = ctxcache.check_providers([(item["provider"], options)])
+        except ctxcache.errors.CtxCacheError as e:
+            raise FarmError(f"{item['source']}: {e}", path=str(item["source"])) from None
+        options = dict(check.binary_options)
+        candidate = DeviceClass(auto_name(check.name, options, env), check.name, options, env)
         if any(candidate.same_target(k) for k in known):
             skipped += 1
             continue
