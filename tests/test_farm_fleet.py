@@ -198,3 +198,26 @@ def test_a_push_cut_before_its_record_is_no_entry(tmp_path: Path, s3: S3Server, 
     finally:
         engine.close()
     assert again.result.status == "built" and remote.has(built.cell.key)
+
+
+def test_the_command_line_runs_a_plan_on_the_dask_scheduler(tmp_path: Path, s3: S3Server, cluster: Any,
+                                                            keys: dict[str, Any]) -> None:
+    import json
+
+    from test_farm_plan import _cli
+
+    s3.client().create_bucket(Bucket="fleet-cli")
+    model = models.conv_net(tmp_path / "net.onnx", layers=3, channels=16, seed=45)
+    devices = tmp_path / "devices.json"
+    devices.write_text(json.dumps(farm.devices_document([farm.this_device(n, QNN, opts(*so)) for n, so in CLASSES.items()])))
+    plan = tmp_path / "plan.json"
+    common = ["--endpoint-url", s3.url]
+    p = _cli("farm", "plan", str(model), "--devices", str(devices), "--store", "s3://fleet-cli/ctx", "--out", str(plan), *common)
+    assert p.returncode == 0, p.stderr
+    r = _cli("farm", "run", str(plan), "--signing-key-file", str(keys["a"].path), "--engine", "dask",
+             "--scheduler", cluster.scheduler_address, *common)
+    assert r.returncode == 0, r.stderr
+    assert "2 built, 0 already in the store, 0 failed" in r.stdout and " on dask" in r.stdout
+    local = _cli("farm", "run", str(plan), "--signing-key-file", str(keys["a"].path), "--scheduler",
+                 cluster.scheduler_address, *common)
+    assert local.returncode == 2 and "--scheduler is for --engine dask" in local.stderr

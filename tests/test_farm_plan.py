@@ -104,7 +104,7 @@ def test_a_hand_edited_plan_or_device_file_is_refused_by_name(tmp_path: Path, fl
         farm.load_devices([bad])
     assert str(bad) in str(e2.value)
     proc = _cli("farm", "plan", str(fleet_models[0]), "--devices", str(bad))
-    assert proc.returncode == 1 and "lacks ep_versions" in proc.stderr
+    assert proc.returncode == 2 and "lacks ep_versions" in proc.stderr
 
 
 def _run(cells: Any, store: str, key: Path, retries: int = 1) -> farm.RunResult:

@@ -56,6 +56,21 @@ def _remote(url: str, endpoint_url: str | None) -> ctxcache.RemoteTier:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+def _usage_on_bad_input(func: Any) -> Any:
+    """A farm input that cannot be used (a devices file, a plan, a report, an engine setting) is a usage
+    error (exit 2) that names the file, like a bad model or provider option."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except farm.FarmError as e:
+            raise UsageError(str(e)) from None
+
+    wrapped.__name__ = func.__name__
+    return wrapped
+
+
+@_usage_on_bad_input
 def cmd_device(args: argparse.Namespace) -> int:
     cache = open_cache(args)
     classes = []
@@ -74,6 +89,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_usage_on_bad_input
 def cmd_plan(args: argparse.Namespace) -> int:
     classes = farm.load_devices(args.devices or [])
     reports = farm.read_reports(args.reports or [])
@@ -124,6 +140,7 @@ class _ProgressLine:
             sys.stderr.write("\n")
 
 
+@_usage_on_bad_input
 def cmd_run(args: argparse.Namespace) -> int:
     p = farm.read_plan(args.plan)
     store = args.store or p.store
@@ -162,6 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if res.ok else EXIT_FAILED
 
 
+@_usage_on_bad_input
 def cmd_report(args: argparse.Namespace) -> int:
     cache = open_cache(args)
     doc = farm.device_report(cache, limit=args.limit)
