@@ -71,7 +71,8 @@ class LocalEngine:
         return self._pool.submit(self._attempt, cell, job)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        # Cells not started yet are dropped (Ctrl-C); a running child finishes or dies with the terminal's signal.
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DaskEngine:
