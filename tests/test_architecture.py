@@ -13,6 +13,7 @@ PKG = ROOT / "ctxcache"
 #: The layers of README's module map, top (CLI) to bottom. A module may import its own layer or lower.
 LAYERS: dict[str, int] = {
     "ctxcache.cli": 7,
+    "ctxcache.farm": 7,
     "ctxcache.__main__": 7,
     "ctxcache": 6,
     "ctxcache._doctor": 6,
@@ -60,7 +61,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._version": 0,
     "ctxcache.errors": 0,
 }
-PUBLIC = {"ctxcache", "ctxcache.errors", "ctxcache.models"}
+PUBLIC = {"ctxcache", "ctxcache.errors", "ctxcache.models", "ctxcache.farm"}
 
 
 def _modules() -> dict[str, Path]:
