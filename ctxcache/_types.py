@@ -45,6 +45,7 @@ ReasonCode = Literal[
     "unsafe_context",
     "incompatible",
     "load_failed",
+    "context_recompiles",
     "wrong_provider",
     "crashed_during_load",
     "signer_revoked",
@@ -92,6 +93,9 @@ REASONS: dict[str, tuple[str, str]] = {
     "unsafe_context": ("fallback", "the context model refers to a file that is not a verified file of its entry"),
     "incompatible": ("fallback", "the provider reports the context UNSUPPORTED on this device"),
     "load_failed": ("fallback", "ONNX Runtime refused the context"),
+    "context_recompiles": ("fallback", "the provider would compile the model again instead of loading the context (ONNX "
+                                       "Runtime's MODEL_REQUIRES_COMPILATION: a context it ignores, or one with no "
+                                       "EPContext node): not served as a slow hit"),
     "wrong_provider": ("fallback", "the context session does not run on the requested provider"),
     "crashed_during_load": ("fallback", "a process died while loading this context"),
     "signer_revoked": ("fallback", "a tier's entry whose signer (or install folder) this device no longer trusts: "
