@@ -52,6 +52,8 @@ class Task:
     provider: ProviderConfig
     result: dict[str, Any] = field(default_factory=dict)
     started: float | None = None
+    #: free-dimension overrides (--free-dim...), as (kind, identifier, size)
+    dims: list[tuple[str, str, int]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -219,20 +221,27 @@ def _worker(cache_kw: dict[str, Any], verbose: int, tasks: Any, results: Any) ->
             item = tasks.get()
             if item is None:
                 return
-            task_id, model, name, options = item
+            task_id, model, name, options, dims = item
             results.put(("start", task_id, os.getpid()))
-            results.put(("done", task_id, warm_one(cache, model, name, options, verbose)))
+            results.put(("done", task_id, warm_one(cache, model, name, options, verbose, dims)))
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def warm_one(cache: ctxcache.ContextCache, model: str, name: str, options: dict[str, Any], verbose: int = 0) -> dict[str, Any]:
-    """``cache.warm`` for one model and configuration, as a plain dict for the parent process."""
+def warm_one(cache: ctxcache.ContextCache, model: str, name: str, options: dict[str, Any], verbose: int = 0,
+             dims: list[tuple[str, str, int]] | None = None) -> dict[str, Any]:
+    """``cache.warm`` for one model and configuration, as a plain dict for the parent process. ``dims``:
+    free-dimension overrides, set as the app sets them (so the key is the app's)."""
     import onnxruntime as ort
 
     start = time.perf_counter()
     so = ort.SessionOptions()
     so.log_severity_level = 0 if verbose > 1 else 3  # ORT's and QNN's own warnings are noise here
+    for kind, ident, size in dims or []:
+        if kind == "name":
+            so.add_free_dimension_override_by_name(ident, size)
+        else:
+            so.add_free_dimension_override_by_denotation(ident, size)
     try:
         return cache.warm(model, providers=[(name, options)], sess_options=so).as_dict()
     except Exception as e:  # noqa: BLE001 - a worker reports, it never dies on one model
@@ -299,7 +308,7 @@ def run_serially(tasks: list[Task], cache_kw: dict[str, Any], verbose: int, prog
     try:
         for t in tasks:
             t.started = time.monotonic()
-            t.result = warm_one(cache, t.model, t.provider.name, dict(t.provider.options), verbose)
+            t.result = warm_one(cache, t.model, t.provider.name, dict(t.provider.options), verbose, t.dims)
             progress.finished(t)
     except KeyboardInterrupt:
         progress.close()
@@ -321,7 +330,7 @@ def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: i
         err(f"ctxcache warm: cannot run parallel jobs here ({type(e).__name__}: {e}); warming serially in this process")
         return run_serially(tasks, cache_kw, verbose, progress)
     for t in tasks:
-        todo.put((t.id, t.model, t.provider.name, dict(t.provider.options)))
+        todo.put((t.id, t.model, t.provider.name, dict(t.provider.options), t.dims))
     by_id = {t.id: t for t in tasks}
     n = max(1, min(jobs, len(tasks)))
     for _ in range(n):
@@ -427,7 +436,23 @@ def _detach(args: argparse.Namespace, argv: list[str]) -> int:
     return EXIT_OK
 
 
+def free_dims(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """``--free-dim NAME=VALUE`` / ``--free-dim-denotation DENOTATION=VALUE`` as (kind, identifier, size),
+    in the order given: what warm_one sets on the SessionOptions of each compile."""
+    out: list[tuple[str, str, int]] = []
+    for flag, kind, items in (("--free-dim", "name", args.free_dim or []),
+                              ("--free-dim-denotation", "denotation", args.free_dim_denotation or [])):
+        for item in items:
+            ident, sep, value = item.partition("=")
+            if not sep or not ident.strip() or not value.strip().isdigit():
+                raise UsageError(f"{flag} takes NAME=VALUE with a whole number, e.g. {flag} "
+                                 f"{'batch' if kind == 'name' else 'DATA_BATCH'}=1; not {item!r}")
+            out.append((kind, ident.strip(), int(value)))
+    return out
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
+    dims = free_dims(args)  # bad input is exit 2 now, before anything (or any detached process) starts
     if args.detach:
         # Validate here (bad input is exit 2 now, not a line in a log nobody reads), then go.
         argv = [a for a in args.argv if a != "--detach"]
@@ -455,7 +480,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         ident = json.dumps([os.path.realpath(model), cfg.name, sorted((k, str(v)) for k, v in cfg.options.items())])
         if ident not in seen:
             seen.add(ident)
-            tasks.append(Task(len(tasks), str(model), cfg))
+            tasks.append(Task(len(tasks), str(model), cfg, dims=dims))
     unavailable = _validate([t.provider for t in tasks])
 
     cache_dir = cache_dir_arg(args) or settings.get("cache_dir")
