@@ -65,10 +65,11 @@ REASONS: dict[str, tuple[str, str]] = {
     "provider_unavailable": ("bypass", "the provider is not installed or lists no device here"),
     "provider_policy": ("bypass", "the session options let ONNX Runtime pick the provider (a selection policy)"),
     "session_settings": ("bypass", "the session settings ask for what a cached context cannot give (optimized_model_filepath, "
-                                   "add_initializer, free-dimension overrides, disabled_optimizers, ep.context_enable...): "
+                                   "add_initializer, custom-op libraries, disabled_optimizers, ep.context_enable...): "
                                    "the provider's session on the original model, on the caller's own options"),
     "ort_format": ("bypass", "an ORT-format model (.ort): no provider compiles it into an EP context"),
-    "not_compilable": ("bypass", "the provider compiled no node of this model (remembered for negative_ttl)"),
+    "not_compilable": ("bypass", "the provider compiled no node of this model (remembered for negative_ttl); open "
+                                 "input dimensions are named, with the override that fixes them"),
     "context_unloadable": ("bypass", "a freshly compiled context of this key failed to load (remembered for negative_ttl)"),
     "cache_unwritable": ("bypass", "the cache folder cannot be created or written"),
     "cache_insecure": ("bypass", "a cache folder is owned or writable by another user; the cache is not used"),
