@@ -30,9 +30,11 @@ import json, sys
 name, ctx, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 import onnxruntime as ort
 from ctxcache import providers
+from ctxcache._inputs import DISABLE_COMPILE
 ep = providers.get(name)
 so = ort.SessionOptions()
 so.log_severity_level = 3
+so.add_session_config_entry(DISABLE_COMPILE, "1")  # as a hit loads it: a context that "loads" by compiling does not
 try:
     session = ep.session(ctx, so, ep.normalize_options(options), [])
 except Exception as e:
