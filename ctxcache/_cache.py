@@ -167,7 +167,7 @@ class ContextCache:
         if self._tiers is None:
             from .tiers import coerce
 
-            self._tiers = coerce(self._tier_specs)
+            self._tiers = coerce(self._tier_specs, self.root)
         return self._tiers
 
     # -- loading ------------------------------------------------------------------------------

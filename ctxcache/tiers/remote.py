@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -281,6 +282,10 @@ class RemoteTier:
         storage_options: passed to fsspec for non-S3 URLs.
         match: ``"exact"``, or ``"portable"`` to also use an entry pushed from another host (a build
             farm) whose key differs only in ``host``, ``devices`` and ``ep_libraries`` (as for Bundle).
+        tuf_root: a device's TUF trust root (the publisher's ``root.json``, shipped with the app): records
+            are then read only through TUF (freshness, rollback, consistent snapshots, rotation; see
+            ``ctxcache.tiers.tuf``), before the checks above, which stay.
+        tuf_keys: a publisher's TUF key folder (``ctxcache tuf init``): every ``push`` is also a TUF publication.
     """
 
     kind = "remote"
@@ -300,6 +305,8 @@ class RemoteTier:
         client: Any = None,
         storage_options: dict[str, Any] | None = None,
         match: Match = "exact",
+        tuf_root: str | os.PathLike[str] | None = None,
+        tuf_keys: str | os.PathLike[str] | None = None,
     ) -> None:
         self.match: Match = check_match(match)
         self.url = url
@@ -314,6 +321,8 @@ class RemoteTier:
         self.storage_options = dict(storage_options or {})
         self._backend: _S3 | _Fsspec = _S3(self, client) if url.startswith("s3://") else _Fsspec(self)
         self._down_until = 0.0
+        self._tuf = self._tuf_client(tuf_root)
+        self.tuf_keys = None if tuf_keys is None else os.fspath(tuf_keys)
 
     def __repr__(self) -> str:
         return f"RemoteTier({self.url!r})"
@@ -355,8 +364,12 @@ class RemoteTier:
         b = self._backend
         with self._guard(f"fetching {key[:12]}"):
             rkey = key
-            raw = b.get(self._obj(key, RECORD), _MAX_RECORD)
-            if raw is None and self.match == "portable" and parts:
+            tuf_origin: dict[str, Any] | None = None
+            if self._tuf is not None:  # TUF: the record only as the store's current targets list it
+                rkey, raw, tuf_origin = self._tuf_record(key, parts)
+            else:
+                raw = b.get(self._obj(key, RECORD), _MAX_RECORD)
+            if raw is None and self.match == "portable" and parts and self._tuf is None:
                 for rkey in self._portable_candidates(parts):
                     raw = b.get(self._obj(rkey, RECORD), _MAX_RECORD)
                     if raw is not None:
@@ -382,7 +395,10 @@ class RemoteTier:
             def opener(name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
                 return b.stream(self._obj(files_of, "files", name))
 
-            yield Offer(record if isinstance(record, dict) else {}, opener, {"tier": self.kind, "location": self.url}, signer)
+            origin: dict[str, Any] = {"tier": self.kind, "location": self.url}
+            if tuf_origin is not None:
+                origin["tuf"] = tuf_origin  # what still_trusted() re-checks on every hit
+            yield Offer(record if isinstance(record, dict) else {}, opener, origin, signer)
 
     def lookup(self, key: str, parts: Parts = ()) -> Match | None:
         if self.has(key):
@@ -425,6 +441,8 @@ class RemoteTier:
             parts = entry.manifest.get("parts")
             if isinstance(parts, list):  # then the pointer that portable readers (other hosts) look for
                 b.put(self._obj("portable", portable_key(parts), entry.key), entry.key.encode())
+            if self.tuf_keys is not None:  # a TUF publication listing this record (consistent snapshot)
+                self._tuf_publish(entry.key, raw)
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
 
@@ -432,3 +450,84 @@ class RemoteTier:
         """Every key with an entry folder in the remote store."""
         with self._guard("listing"):
             return sorted(k for k in self._backend.children(LAYOUT + "/") if is_key(k))
+
+
+    # -- TUF (ctxcache.tiers.tuf): hooks kept apart from the fetch code above; one call site each ----------
+    def _tuf_client(self, root: str | os.PathLike[str] | None) -> Any:
+        if root is None:
+            return None
+        from .tuf import Client
+
+        return Client(self.url, root, self._tuf_read, budget=max(self.timeout, 1.0) * 4)
+
+    def _tuf_read(self, name: str, limit: int) -> bytes | None:
+        """One object for ngclient, with the backend's own read (its timeouts and deadline)."""
+        data = self._backend.get(name, limit)
+        if data is not None and len(data) > limit:
+            raise TierError(f"{self.describe()}: {name} is larger than {limit} bytes", code="tier_mixed")
+        return data
+
+    def attach(self, cache_root: str | os.PathLike[str]) -> None:
+        """Keep this device's verified TUF metadata (rollback floor, root chain) under ``cache_root``."""
+        if self._tuf is not None:
+            self._tuf.attach(cache_root)
+
+    def tuf_refresh(self) -> int:
+        """Verify the store's current TUF metadata now (what :func:`~ctxcache.tiers.tuf.still_trusted`
+        judges installed entries by); returns the targets version. Raises :class:`TierError`."""
+        if self._tuf is None:
+            raise TierError(f"{self.describe()} has no tuf_root", code="tier_unreachable")
+        with self._guard("refreshing TUF metadata"):
+            up = self._tuf.refresh()
+            return int(up._trusted_set.targets.version)
+
+    def _tuf_record(self, key: str, parts: Parts) -> tuple[str, bytes | None, dict[str, Any] | None]:
+        """(record key, TUF-verified record bytes or ``None``, what the manifest keeps of it)."""
+        up = self._tuf.refresh()
+        found = self._tuf.record(key, up)
+        if found is None and self.match == "portable" and parts:
+            # The portable pointers are hints, not trusted: each candidate's record must be a TUF target too.
+            for cand in self._portable_candidates(parts):
+                found = self._tuf.record(cand, up)
+                if found is not None:
+                    return cand, found.raw, found.origin
+        return (key, found.raw, found.origin) if found is not None else (key, None, None)
+
+    def tuf_objects(self) -> Any:
+        """The store as the TUF publisher sees it (get, put, create-only put)."""
+        return _TufObjects(self._backend)
+
+    def _tuf_publish(self, key: str, raw: bytes) -> None:
+        from . import tuf_publish
+
+        assert self.tuf_keys is not None
+        tuf_publish.publish(self.tuf_objects(), tuf_publish.load_keys(self.tuf_keys), self.url, add={key: raw})
+
+
+class _TufObjects:
+    """The remote backends plus a create that never overwrites (how concurrent publishers are detected)."""
+
+    def __init__(self, backend: _S3 | _Fsspec) -> None:
+        self.b = backend
+
+    def get(self, name: str, limit: int | None = None) -> bytes | None:
+        return self.b.get(name, limit)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.b.put(name, data)
+
+    def put_new(self, name: str, data: bytes) -> bool:
+        if isinstance(self.b, _S3):
+            from botocore.exceptions import ClientError
+
+            try:
+                self.b.client().put_object(Bucket=self.b.bucket, Key=self.b._key(name), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+        if self.b.exists(name):
+            return False
+        self.b.put(name, data)
+        return True
