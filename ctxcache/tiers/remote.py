@@ -386,7 +386,11 @@ class RemoteTier:
             check_signature(raw, sig, secret, what)
             if not self.require_signature:
                 _warn_unsigned_once(self)
-            signer = read_signer_or_refuse(raw, b.get(self._obj(rkey, RECORD_ED25519), _MAX_SIG), CONTEXT,
+            # Under TUF the record's Ed25519 lines come from the same publication as the record (its target's
+            # custom field), never from a separately writable object.
+            ed_lines = (tuf_origin.pop("ed25519", b"") if tuf_origin is not None
+                        else b.get(self._obj(rkey, RECORD_ED25519), _MAX_SIG))
+            signer = read_signer_or_refuse(raw, ed_lines, CONTEXT,
                                            trust if trust is not None else Trust(), what,
                                            hmac_checked=secret is not None, own=ed25519_keys(keys))
             record = parse_json(raw, f"{self.describe()} record for {key[:12]}")
@@ -442,7 +446,7 @@ class RemoteTier:
             if isinstance(parts, list):  # then the pointer that portable readers (other hosts) look for
                 b.put(self._obj("portable", portable_key(parts), entry.key), entry.key.encode())
             if self.tuf_keys is not None:  # a TUF publication listing this record (consistent snapshot)
-                self._tuf_publish(entry.key, raw)
+                self._tuf_publish(entry.key, raw, sign_ed25519(raw, keys, CONTEXT))
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
 
@@ -490,18 +494,19 @@ class RemoteTier:
             for cand in self._portable_candidates(parts):
                 found = self._tuf.record(cand, up)
                 if found is not None:
-                    return cand, found.raw, found.origin
-        return (key, found.raw, found.origin) if found is not None else (key, None, None)
+                    return cand, found.raw, dict(found.origin, ed25519=found.ed25519)
+        return (key, found.raw, dict(found.origin, ed25519=found.ed25519)) if found is not None else (key, None, None)
 
     def tuf_objects(self) -> Any:
         """The store as the TUF publisher sees it (get, put, create-only put)."""
         return _TufObjects(self._backend)
 
-    def _tuf_publish(self, key: str, raw: bytes) -> None:
+    def _tuf_publish(self, key: str, raw: bytes, ed25519: bytes) -> None:
         from . import tuf_publish
 
         assert self.tuf_keys is not None
-        tuf_publish.publish(self.tuf_objects(), tuf_publish.load_keys(self.tuf_keys), self.url, add={key: raw})
+        tuf_publish.publish(self.tuf_objects(), tuf_publish.load_keys(self.tuf_keys), self.url, add={key: raw},
+                            signatures={key: ed25519})
 
 
 class _TufObjects:

@@ -234,6 +234,8 @@ class Verified:
 
     raw: bytes
     origin: dict[str, Any]
+    #: the record's Ed25519 signature lines, from the same publication (``b""``: none)
+    ed25519: bytes = b""
 
 
 class Client:
@@ -288,7 +290,9 @@ class Client:
         version = up._trusted_set.targets.version
         origin = {"target": info.path, "sha256": sha, "length": info.length, "targets_version": version,
                   "store": store_id(self.url)}
-        return Verified(raw, origin)
+        custom = info.custom if isinstance(info.custom, dict) else {}
+        lines = custom.get("ed25519")
+        return Verified(raw, origin, lines.encode("ascii", "replace")[:65536] if isinstance(lines, str) else b"")
 
 
 # -- revocation on a hit ---------------------------------------------------------------------------------------

@@ -207,9 +207,10 @@ def _lock(url: str) -> threading.Lock:
 
 
 def publish(objects: Objects, keys: Keys, url: str, *, add: Mapping[str, bytes] = {}, remove: Iterable[str] = (),
-            tries: int = 8, previous: Any = None) -> int:
+            signatures: Mapping[str, bytes] = {}, tries: int = 8, previous: Any = None) -> int:
     """A new publication: ``add`` maps entry keys to their record bytes (uploaded under their hash), ``remove``
-    drops entries' targets. Returns the new targets version."""
+    drops entries' targets; ``signatures``: each record's Ed25519 lines, kept in its target's ``custom``
+    field (so they belong to the publication too). Returns the new targets version."""
     from tuf.api.metadata import MetaFile, TargetFile
 
     root = own_root(keys)
@@ -223,7 +224,10 @@ def publish(objects: Objects, keys: Keys, url: str, *, add: Mapping[str, bytes] 
             pub = current(objects, root, previous)
             t = pub.targets.signed
             for key, raw in add.items():
-                t.targets[target_path(key)] = TargetFile.from_data(target_path(key), raw, ["sha256"])
+                info = TargetFile.from_data(target_path(key), raw, ["sha256"])
+                if key in signatures:
+                    info.unrecognized_fields["custom"] = {"ed25519": signatures[key].decode("ascii")}
+                t.targets[target_path(key)] = info
             for key in gone:
                 t.targets.pop(target_path(key), None)
             t.version += 1 + skip
