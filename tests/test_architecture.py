@@ -23,6 +23,8 @@ LAYERS: dict[str, int] = {
     "ctxcache._servable": 2,
     "ctxcache._seams": 2,
     "ctxcache.tiers": 2,
+    "ctxcache.tiers.tuf_publish": 2,
+    "ctxcache.tiers.tuf": 2,
     "ctxcache._key": 2,
     "ctxcache._inputs": 2,
     "ctxcache._compile": 2,

@@ -91,7 +91,8 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path, keys: dict[str, Any], 
 def _build(fleet: Fleet, model: Path, name: str = "builder") -> ctxcache.LoadResult:
     cache, tier = fleet.builder(name)
     r = cache.load(model, providers=P)
-    assert r.outcome == "miss" and r.key in tier.keys()
+    listed = tier.keys()
+    assert r.outcome == "miss" and r.key in listed
     return r
 
 

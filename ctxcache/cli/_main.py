@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import tiers  # export / import / push / pull
 
     tiers.add_parsers(subs)
+    from . import tuf  # tuf init / rotate / timestamp / remove / status
+
+    tuf.add_parsers(subs)
     return parser
 
 
