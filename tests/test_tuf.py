@@ -27,8 +27,8 @@ from test_tiers_remote import CREDS, S3Server
 
 import ctxcache
 from ctxcache import RemoteTier, models
-from ctxcache.tiers import tuf as tufmod
-from ctxcache.tiers import tuf_publish
+from ctxcache import _tuf as tufmod
+from ctxcache import _tuf_publish as tuf_publish
 
 P = [(QNN, models.qnn_htp_options())]
 

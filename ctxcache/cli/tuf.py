@@ -37,13 +37,10 @@ def _done(args: argparse.Namespace, result: dict[str, object], text: str) -> int
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from ..tiers import tuf_publish
-
     tier = _store(args)
     expiry = {"timestamp": args.timestamp_expiry} if args.timestamp_expiry else None
     try:
-        root = tuf_publish.init(tier.tuf_objects(), args.keys, args.store, thresholds=_thresholds(args.threshold),
-                                expiry=expiry)
+        root = tier.tuf_init(args.keys, thresholds=_thresholds(args.threshold), expiry=expiry)
     except ctxcache.errors.TierError as e:
         raise CommandFailed(str(e)) from None
     return _done(args, {"root": str(root)}, f"TUF root v1 for {args.store}; keys in {args.keys}\n"
@@ -52,11 +49,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    from ..tiers import tuf_publish
-
     try:
-        version = tuf_publish.rotate(_store(args).tuf_objects(), args.keys, args.store, args.role, add=args.add,
-                                     revoke=args.revoke or (), threshold=args.threshold)
+        version = _store(args).tuf_rotate(args.keys, args.role, add=args.add, revoke=args.revoke or (),
+                                          threshold=args.threshold)
     except (ctxcache.errors.TierError, ValueError) as e:
         raise CommandFailed(str(e)) from None
     return _done(args, {"root_version": version}, f"root v{version} published (signed by the old and the new root "
@@ -64,21 +59,16 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_timestamp(args: argparse.Namespace) -> int:
-    from ..tiers import tuf_publish
-
     try:
-        version = tuf_publish.refresh_timestamp(_store(args).tuf_objects(), tuf_publish.load_keys(args.keys), args.store)
+        version = _store(args).tuf_timestamp(args.keys)
     except ctxcache.errors.TierError as e:
         raise CommandFailed(str(e)) from None
     return _done(args, {"timestamp_version": version}, f"timestamp v{version}")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from ..tiers import tuf_publish
-
     try:
-        version = tuf_publish.publish(_store(args).tuf_objects(), tuf_publish.load_keys(args.keys), args.store,
-                                      remove=args.entry_key)
+        version = _store(args).tuf_remove(args.keys, args.entry_key)
     except ctxcache.errors.TierError as e:
         raise CommandFailed(str(e)) from None
     return _done(args, {"targets_version": version}, f"targets v{version}: {len(args.entry_key)} entries no longer "

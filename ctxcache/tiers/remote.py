@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from .._key import portable_key
@@ -460,7 +460,7 @@ class RemoteTier:
     def _tuf_client(self, root: str | os.PathLike[str] | None) -> Any:
         if root is None:
             return None
-        from .tuf import Client
+        from .._tuf import Client
 
         return Client(self.url, root, self._tuf_read, budget=max(self.timeout, 1.0) * 4)
 
@@ -502,11 +502,38 @@ class RemoteTier:
         return _TufObjects(self._backend)
 
     def _tuf_publish(self, key: str, raw: bytes, ed25519: bytes) -> None:
-        from . import tuf_publish
+        from .. import _tuf_publish
 
         assert self.tuf_keys is not None
-        tuf_publish.publish(self.tuf_objects(), tuf_publish.load_keys(self.tuf_keys), self.url, add={key: raw},
-                            signatures={key: ed25519})
+        _tuf_publish.publish(self.tuf_objects(), _tuf_publish.load_keys(self.tuf_keys), self.url, add={key: raw},
+                             signatures={key: ed25519})
+
+    # The publisher's ceremony (``ctxcache tuf ...``), on this store; keys come from a folder, never arguments.
+    def tuf_init(self, keys: str | os.PathLike[str], *, thresholds: dict[str, int] | None = None,
+                 expiry: dict[str, float] | None = None) -> str:
+        """New TUF keys in ``keys`` and root v1 for this store; returns the root.json to ship with the app."""
+        from .. import _tuf_publish
+
+        return str(_tuf_publish.init(self.tuf_objects(), keys, self.url, thresholds=thresholds, expiry=expiry))
+
+    def tuf_rotate(self, keys: str | os.PathLike[str], role: str, *, add: int = 1, revoke: Sequence[str] = (),
+                   threshold: int | None = None) -> int:
+        """Root version N+1 with new keys for ``role`` and/or ``revoke``d ones; returns the root version."""
+        from .. import _tuf_publish
+
+        return _tuf_publish.rotate(self.tuf_objects(), keys, self.url, role, add=add, revoke=revoke, threshold=threshold)
+
+    def tuf_timestamp(self, keys: str | os.PathLike[str]) -> int:
+        """A fresh timestamp (run it more often than it expires); returns its version."""
+        from .. import _tuf_publish
+
+        return _tuf_publish.refresh_timestamp(self.tuf_objects(), _tuf_publish.load_keys(keys), self.url)
+
+    def tuf_remove(self, keys: str | os.PathLike[str], entry_keys: Sequence[str]) -> int:
+        """A publication that no longer lists ``entry_keys`` (devices stop serving them after a refresh)."""
+        from .. import _tuf_publish
+
+        return _tuf_publish.publish(self.tuf_objects(), _tuf_publish.load_keys(keys), self.url, remove=entry_keys)
 
 
 class _TufObjects:

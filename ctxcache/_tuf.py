@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import _fs
-from .._types import Reason
-from ..errors import TierError
+from . import _fs
+from ._types import Reason
+from .errors import TierError
 
 if TYPE_CHECKING:
     from tuf.ngclient import Updater

@@ -28,9 +28,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import _fs
-from ..errors import TierError
-from .tuf import META, target_object, target_path
+from . import _fs
+from ._tuf import META, target_object, target_path
+from .errors import TierError
 
 log = logging.getLogger("ctxcache")
 
