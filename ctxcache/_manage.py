@@ -213,6 +213,10 @@ def verify(store: Store, env: _key.Environment, *, fix: bool = False) -> list[Ve
             options = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
             problem, answer, detail = judge(store, item, ep, digests="all", options=options,
                                             env=_env_digest(env, ep, options))
+            if problem is None:
+                from ._tuf import still_trusted  # an entry its TUF store no longer lists (revoked, replaced)
+
+                problem = still_trusted(item.origin, store.base)
             compatibility: str | None = f"{answer}: {detail}"
             key, name, prov, size, eid = item.key, item.model_name, item.provider, item.size, item.entry_id
         else:

@@ -334,7 +334,8 @@ def still_trusted(origin: Mapping[str, Any] | None, cache_root: str | os.PathLik
     by a key that root no longer trusts: a rotation re-signs only what stays), or replaced by another build;
     ``tuf_unverifiable``: the device's TUF state is gone or unreadable. Cheap: one ``lstat`` when unchanged.
     The verified metadata is only as new as the device's last refresh (any remote miss, or
-    ``RemoteTier.tuf_refresh()``); a frozen store keeps serving what was installed.
+    ``RemoteTier.tuf_refresh()``); a frozen store keeps serving what was installed. ``cache_root`` is the
+    cache folder (``ContextCache.root``, ``Store.base``), where the cache's tiers keep their TUF state.
     """
     tuf = origin.get("tuf") if isinstance(origin, Mapping) else None
     if not isinstance(tuf, Mapping):

@@ -216,6 +216,11 @@ def test_revoked_targets_key_and_revocation_of_installed_entries(fleet: Fleet, c
     assert device.tiers[0].tuf_refresh() >= 4  # type: ignore[attr-defined]
     why = tufmod.still_trusted(origin, device.root)
     assert why is not None and why.code == "tuf_revoked"
+    # `ctxcache verify` reports it, and --fix quarantines it (the hit-side check is the loader's call).
+    (report,) = device.verify_entries()
+    assert report.problem is not None and report.problem.code == "tuf_revoked"
+    (fixed,) = device.verify_entries(fix=True)
+    assert fixed.quarantined and device.verify_entries() == []
     # The attacker's publication, signed by the revoked targets key, on top of the current one.
     other = _build(fleet, conv_model_b, "attacker-build")  # an entry the attacker re-lists under the old key
     raw = fleet.get(f"v1/{other.key}/record.json")
