@@ -327,3 +327,23 @@ def test_unreachable_store_costs_one_timeout(tmp_path: Path, keys: dict[str, Any
     tier = RemoteTier("s3://nobucket/x", endpoint_url="http://127.0.0.1:9", tuf_root=root, timeout=0.5)
     device = ctxcache.ContextCache(tmp_path / "device", tiers=[tier], trusted_keys=[keys["a"].public_key])
     _refused(caplog, device, conv_model, "tier_unreachable")
+
+
+def test_a_batch_of_pushes_is_one_publication(fleet: Fleet, conv_model: Path, conv_model_b: Path) -> None:
+    """A farm's run: entries pushed inside tuf_batch() appear together, in one new targets version."""
+    local = ctxcache.ContextCache(fleet.tmp / "farm")
+    built = [local.load(m, providers=P) for m in (conv_model, conv_model_b)]
+    tier = fleet.tier(signing_key=fleet.build_key.path, tuf_keys=fleet.keys_dir)
+    from ctxcache._store import Store
+
+    store = Store(local.root)
+    with tier.tuf_batch():
+        for r in built:
+            assert tier.push(store.lookup(r.key))  # type: ignore[arg-type]
+        # Uploaded, not yet published: a TUF device does not see them.
+        assert json.loads(fleet.get("tuf/metadata/timestamp.json"))["signed"]["version"] == 1
+    assert json.loads(fleet.get("tuf/metadata/timestamp.json"))["signed"]["version"] == 2
+    listed = json.loads(fleet.get("tuf/metadata/2.targets.json"))["signed"]["targets"]
+    assert sorted(listed) == sorted(f"{r.key}/record.json" for r in built)
+    device = fleet.device()
+    assert [device.load(m, providers=P).tier for m in (conv_model, conv_model_b)] == ["remote", "remote"]

@@ -323,6 +323,8 @@ class RemoteTier:
         self._down_until = 0.0
         self._tuf = self._tuf_client(tuf_root)
         self.tuf_keys = None if tuf_keys is None else os.fspath(tuf_keys)
+        self._tuf_lock = threading.Lock()
+        self._tuf_pending: dict[str, tuple[bytes, bytes]] | None = None
 
     def __repr__(self) -> str:
         return f"RemoteTier({self.url!r})"
@@ -501,10 +503,35 @@ class RemoteTier:
         """The store as the TUF publisher sees it (get, put, create-only put)."""
         return _TufObjects(self._backend)
 
+    @contextlib.contextmanager
+    def tuf_batch(self) -> Iterator[None]:
+        """Pushes inside the block make ONE TUF publication when it ends (a build farm's run: one new targets
+        version instead of one per entry; devices see none of the run's entries until then, then all)."""
+        with self._tuf_lock:
+            if self._tuf_pending is not None:
+                raise RuntimeError("tuf_batch() blocks do not nest")
+            self._tuf_pending = {}
+        try:
+            yield
+        finally:
+            with self._tuf_lock:
+                pending, self._tuf_pending = self._tuf_pending or {}, None
+            if pending:
+                from .. import _tuf_publish
+
+                assert self.tuf_keys is not None
+                _tuf_publish.publish(self.tuf_objects(), _tuf_publish.load_keys(self.tuf_keys), self.url,
+                                     add={k: raw for k, (raw, _) in pending.items()},
+                                     signatures={k: sig for k, (_, sig) in pending.items()})
+
     def _tuf_publish(self, key: str, raw: bytes, ed25519: bytes) -> None:
         from .. import _tuf_publish
 
         assert self.tuf_keys is not None
+        with self._tuf_lock:
+            if self._tuf_pending is not None:
+                self._tuf_pending[key] = (raw, ed25519)
+                return
         _tuf_publish.publish(self.tuf_objects(), _tuf_publish.load_keys(self.tuf_keys), self.url, add={key: raw},
                              signatures={key: ed25519})
 
