@@ -104,6 +104,12 @@ class State:
         if self.folder is None:
             return
         try:
+            # ngclient re-persists the bootstrap root at every refresh: an unchanged file costs no fsync.
+            if _fs.read_small(self.folder / f"{name}.json", len(data)) == data:
+                return
+        except OSError:
+            pass
+        try:
             _fs.make_folder(self.folder.parent)
             _fs.make_folder(self.folder)
             _fs.atomic_write(self.folder / f"{name}.json", data)
