@@ -284,7 +284,7 @@ class RemoteTier:
             farm) whose key differs only in ``host``, ``devices`` and ``ep_libraries`` (as for Bundle).
         tuf_root: a device's TUF trust root (the publisher's ``root.json``, shipped with the app): records
             are then read only through TUF (freshness, rollback, consistent snapshots, rotation; see
-            ``ctxcache.tiers.tuf``), before the checks above, which stay.
+            ``ctxcache._tuf``), before the checks above, which stay.
         tuf_keys: a publisher's TUF key folder (``ctxcache tuf init``): every ``push`` is also a TUF publication.
     """
 
@@ -457,8 +457,7 @@ class RemoteTier:
         with self._guard("listing"):
             return sorted(k for k in self._backend.children(LAYOUT + "/") if is_key(k))
 
-
-    # -- TUF (ctxcache.tiers.tuf): hooks kept apart from the fetch code above; one call site each ----------
+    # -- TUF (ctxcache._tuf): hooks kept apart from the fetch code above; one call site each ----------
     def _tuf_client(self, root: str | os.PathLike[str] | None) -> Any:
         if root is None:
             return None
@@ -479,7 +478,7 @@ class RemoteTier:
             self._tuf.attach(cache_root)
 
     def tuf_refresh(self) -> int:
-        """Verify the store's current TUF metadata now (what :func:`~ctxcache.tiers.tuf.still_trusted`
+        """Verify the store's current TUF metadata now (what :func:`~ctxcache._tuf.still_trusted`
         judges installed entries by); returns the targets version. Raises :class:`TierError`."""
         if self._tuf is None:
             raise TierError(f"{self.describe()} has no tuf_root", code="tier_unreachable")
