@@ -166,26 +166,52 @@ def own_root(keys: Keys) -> Any:
                         code="tier_untrusted") from None
 
 
-def current(objects: Objects, root: Any, previous: Any = None) -> Publication:
-    """The store's current publication, each role verified against ``root`` (the publisher's own), or
-    against ``previous`` (the root before a rotation, whose keys signed what is being re-signed)."""
-    ts = _read_md(objects, "timestamp.json")
-    snap = _read_md(objects, f"{ts.signed.snapshot_meta.version}.snapshot.json")
+def _verified(root: Any, previous: Any, role: str, md: Any) -> None:
+    try:
+        try:
+            root.verify_delegate(role, md)
+        except Exception:
+            if previous is None:
+                raise
+            previous.verify_delegate(role, md)
+    except Exception as e:  # noqa: BLE001
+        raise _refuse(f"the store's TUF {role} is not signed by this publisher's keys ({e}): someone else wrote "
+                      "it, or the store was rotated elsewhere; nothing was published") from None
+
+
+def _targets_of(objects: Objects, root: Any, previous: Any, snap: Any) -> Any:
     tmeta = snap.signed.meta.get("targets.json")
     if tmeta is None:
         raise TierError("the store's TUF snapshot lists no targets", code="tier_record")
     targets = _read_md(objects, f"{tmeta.version}.targets.json")
-    for role, md in (("timestamp", ts), ("snapshot", snap), ("targets", targets)):
+    _verified(root, previous, "targets", targets)
+    return targets
+
+
+def current(objects: Objects, root: Any, previous: Any = None, *, newest: bool = False) -> Publication:
+    """The store's current publication, each role verified against ``root`` (the publisher's own), or
+    against ``previous`` (the root before a rotation, whose keys signed what is being re-signed).
+
+    ``newest``: the newest complete publication, which may be ahead of the timestamp while another
+    publisher is between its snapshot and its timestamp (building on it loses none of its entries).
+    """
+    ts = _read_md(objects, "timestamp.json")
+    _verified(root, previous, "timestamp", ts)
+    snap = _read_md(objects, f"{ts.signed.snapshot_meta.version}.snapshot.json")
+    _verified(root, previous, "snapshot", snap)
+    targets = _targets_of(objects, root, previous, snap)
+    while newest:
+        raw = objects.get(f"{META}{snap.signed.version + 1}.snapshot.json", _MAX)
+        if raw is None:
+            break
+        from tuf.api.metadata import Metadata
+
         try:
-            try:
-                root.verify_delegate(role, md)
-            except Exception:
-                if previous is None:
-                    raise
-                previous.verify_delegate(role, md)
-        except Exception as e:  # noqa: BLE001
-            raise _refuse(f"the store's TUF {role} is not signed by this publisher's keys ({e}): someone else wrote "
-                          "it, or the store was rotated elsewhere; nothing was published") from None
+            ahead = Metadata.from_bytes(raw)
+        except Exception:  # noqa: BLE001 - a torn or foreign file: not a publication to build on
+            break
+        _verified(root, previous, "snapshot", ahead)
+        snap, targets = ahead, _targets_of(objects, root, previous, ahead)
     return Publication(root, ts, snap, targets)
 
 
@@ -207,7 +233,7 @@ def _lock(url: str) -> threading.Lock:
 
 
 def publish(objects: Objects, keys: Keys, url: str, *, add: Mapping[str, bytes] = {}, remove: Iterable[str] = (),
-            signatures: Mapping[str, bytes] = {}, tries: int = 8, previous: Any = None) -> int:
+            signatures: Mapping[str, bytes] = {}, tries: int = 16, previous: Any = None) -> int:
     """A new publication: ``add`` maps entry keys to their record bytes (uploaded under their hash), ``remove``
     drops entries' targets; ``signatures``: each record's Ed25519 lines, kept in its target's ``custom``
     field (so they belong to the publication too). Returns the new targets version."""
@@ -218,10 +244,19 @@ def publish(objects: Objects, keys: Keys, url: str, *, add: Mapping[str, bytes] 
     for key, raw in add.items():
         info = TargetFile.from_data(target_path(key), raw, ["sha256"])
         objects.put(target_object(key, info.hashes["sha256"]), raw)  # content-addressed: before it is listed
+    wanted = {target_path(k): TargetFile.from_data(target_path(k), raw, ["sha256"]).hashes["sha256"] for k, raw in add.items()}
     with _lock(url):
         skip = 0
         for attempt in range(tries):
-            pub = current(objects, root, previous)
+            try:
+                pub = current(objects, root, previous, newest=True)
+            except TierError as e:
+                if e.code != "tier_record" or attempt == tries - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))  # an object store without atomic overwrite: a torn read, retry
+                continue
+            if attempt and _listed(pub, wanted, gone):  # what an earlier attempt of ours published is current
+                return int(pub.targets.signed.version)
             t = pub.targets.signed
             for key, raw in add.items():
                 info = TargetFile.from_data(target_path(key), raw, ["sha256"])
@@ -242,14 +277,57 @@ def publish(objects: Objects, keys: Keys, url: str, *, add: Mapping[str, bytes] 
                              pub.root.signed.roles["snapshot"].threshold, "snapshot")
             if not (objects.put_new(f"{META}{t.version}.targets.json", tbytes)
                     and objects.put_new(f"{META}{s.version}.snapshot.json", sbytes)):
-                # Another publisher took this version (or died after taking it): build on the newest, past it.
-                skip += 1
-                time.sleep(0.05 * (attempt + 1))
+                # Another publisher is writing this version: wait for its snapshot and build on it (building on
+                # the older base would drop its entries). Only a version that stays incomplete (a publisher
+                # that died between its two writes) is skipped.
+                if _appears(objects, f"{META}{s.version}.snapshot.json", _WAIT):
+                    skip = 0
+                else:
+                    skip += 1
                 continue
-            _write_timestamp(objects, keys, pub, s.version, sbytes)
-            log.info("TUF publication %d on %s (+%d, -%d targets)", t.version, url, len(add), len(gone))
-            return int(t.version)
+            skip = 0
+            if _settle(objects, keys, pub, s.version, sbytes):
+                log.info("TUF publication %d on %s (+%d, -%d targets)", t.version, url, len(add), len(gone))
+                return int(t.version)
+            time.sleep(0.05 * (attempt + 1))  # a later publication, built without ours, landed first: redo on top
     raise TierError(f"another publisher kept taking the next TUF versions of {url}; retry", code="tier_unreachable")
+
+
+_WAIT = 3.0
+
+
+def _appears(objects: Objects, name: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        if objects.get(name, 1) is not None:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _listed(pub: Publication, wanted: Mapping[str, str], gone: set[str]) -> bool:
+    targets = pub.targets.signed.targets
+    return (all(p in targets and targets[p].hashes.get("sha256") == sha for p, sha in wanted.items())
+            and not any(target_path(k) in targets for k in gone))
+
+
+def _settle(objects: Objects, keys: Keys, pub: Publication, snapshot_version: int, sbytes: bytes) -> bool:
+    """Point the timestamp at ``snapshot_version`` unless a later snapshot is already current (``False``).
+
+    The timestamp is the one object every publication overwrites: after writing it, read it back and
+    rewrite it while an older publication's writer (another process) put its own back over ours. Devices
+    that saw the newer one meanwhile refuse the older (``tier_rollback``) and compile; it heals here.
+    """
+    for _ in range(5):
+        now = _read_md(objects, "timestamp.json")
+        current_snapshot = int(now.signed.snapshot_meta.version)
+        if current_snapshot > snapshot_version:
+            return False
+        if current_snapshot == snapshot_version:
+            return True
+        _write_timestamp(objects, keys, Publication(pub.root, now, pub.snapshot, pub.targets), snapshot_version, sbytes)
+    return True
 
 
 def _sha(data: bytes) -> str:

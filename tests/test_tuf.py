@@ -365,3 +365,31 @@ def test_an_installed_entry_the_store_revoked_is_not_served_at_the_next_hit(tmp_
     r = device.load(conv_model, providers=P)
     assert r.outcome != "hit", r  # the revoked entry is quarantined; the model compiles here
     assert first_outputs(r) == jit_outputs(conv_model)
+
+
+PUBLISHER = """
+import json, sys
+from ctxcache import RemoteTier, _tuf_publish
+url, endpoint, keys, who = sys.argv[1], sys.argv[2] or None, sys.argv[3], int(sys.argv[4])
+tier = RemoteTier(url, endpoint_url=endpoint)
+for i in range(3):
+    key = f"{who:016x}{i:016x}"
+    _tuf_publish.publish(tier.tuf_objects(), _tuf_publish.load_keys(keys), url, add={key: json.dumps([who, i]).encode()})
+"""
+
+
+def test_publishers_in_several_processes_lose_no_entry(fleet: Fleet) -> None:
+    """Four build processes publishing at once (a farm's workers): every entry ends up listed, and the
+    store's metadata verifies for a device."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, fleet.url, fleet.endpoint or "", str(fleet.keys_dir), str(w)])
+             for w in range(4)]
+    assert [p.wait(300) for p in procs] == [0, 0, 0, 0]
+    tier = fleet.tier(tuf_root=fleet.root)
+    (fleet.tmp / "device").mkdir(mode=0o700)
+    tier.attach(fleet.tmp / "device")
+    tier.tuf_refresh()
+    listed = json.loads((tufmod.state_folder(fleet.tmp / "device", fleet.url) / "targets.json").read_text())["signed"]["targets"]
+    assert sorted(listed) == sorted(f"{w:016x}{i:016x}/record.json" for w in range(4) for i in range(3))

@@ -571,7 +571,26 @@ class _TufObjects:
     def get(self, name: str, limit: int | None = None) -> bytes | None:
         return self.b.get(name, limit)
 
+    def _local(self) -> _Fsspec | None:
+        """The backend when the store is a folder (``file://``), else ``None``."""
+        if isinstance(self.b, _S3):
+            return None
+        fs = self.b.fs()
+        return self.b if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)) else None
+
     def put(self, name: str, data: bytes) -> None:
+        local = self._local()
+        if local is not None:
+            # timestamp.json is overwritten while devices and other publishers read it: never a torn file.
+            from pathlib import Path
+
+            from .. import _fs
+
+            path = Path(local._path(name))
+            local.fs().makedirs(str(path.parent), exist_ok=True)
+            _fs.atomic_write(path, data)
+            os.chmod(path, 0o644)
+            return
         self.b.put(name, data)
 
     def put_new(self, name: str, data: bytes) -> bool:
@@ -585,7 +604,23 @@ class _TufObjects:
                 if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     return False
                 raise
-        if self.b.exists(name):
+        local = self._local()
+        if local is not None:
+            from pathlib import Path
+
+            from .. import _fs
+
+            path = Path(local._path(name))
+            local.fs().makedirs(str(path.parent), exist_ok=True)
+            try:
+                fd = _fs.create_exclusive(path, 0o644)
+            except FileExistsError:
+                return False
+            with open(fd, "wb", closefd=True) as f:
+                f.write(data)
+                os.fsync(f.fileno())
+            return True
+        if self.b.exists(name):  # other fsspec stores: no create-if-absent; a narrow race remains
             return False
         self.b.put(name, data)
         return True
