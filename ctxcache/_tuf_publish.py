@@ -10,9 +10,13 @@ Keys live in a folder (``--keys DIR``): ``<role>-<n>.key`` (Ed25519, PKCS#8 PEM,
 (public, the file the app ships). A key file renamed away (``.revoked``) is no longer used. Root keys
 should stay offline: only ``init`` and ``rotate`` need them; ``push`` needs targets, snapshot and timestamp.
 
-One publisher at a time per store: publishers in one process are serialised here, and a version name that
-another process took first is detected (a create that must not overwrite) and the publication retried on
-top of it. A build farm publishes from its coordinator (or one process).
+Several publishers may work on one store (a farm's workers in separate processes): those in one process
+are serialised here; across processes a version name is taken by a create that never overwrites, a
+publisher builds on the newest complete publication (waiting up to a few seconds for one another process
+is writing; a version that stays incomplete, left by a publisher that died, is skipped), and the timestamp
+is read back after writing and rewritten while an older publication's writer put its own over it.
+A publisher stalled for longer than that wait between its targets and its snapshot can still lose its
+entries to a concurrent publication (they are uploaded, only not listed: the next push lists them).
 """
 
 from __future__ import annotations
