@@ -290,10 +290,12 @@ def publish(objects: Objects, keys: Keys, url: str, *, add: Mapping[str, bytes] 
                     skip += 1
                 continue
             skip = 0
-            if _settle(objects, keys, pub, s.version, sbytes):
+            _settle(objects, keys, pub, s.version, sbytes)
+            if _listed(current(objects, root, previous), wanted, gone):
                 log.info("TUF publication %d on %s (+%d, -%d targets)", t.version, url, len(add), len(gone))
                 return int(t.version)
-            time.sleep(0.05 * (attempt + 1))  # a later publication, built without ours, landed first: redo on top
+            # A later publication built on an older base (past a version it took for abandoned) is current
+            # without ours: publish again on top of it.
     raise TierError(f"another publisher kept taking the next TUF versions of {url}; retry", code="tier_unreachable")
 
 
@@ -316,22 +318,35 @@ def _listed(pub: Publication, wanted: Mapping[str, str], gone: set[str]) -> bool
             and not any(target_path(k) in targets for k in gone))
 
 
-def _settle(objects: Objects, keys: Keys, pub: Publication, snapshot_version: int, sbytes: bytes) -> bool:
-    """Point the timestamp at ``snapshot_version`` unless a later snapshot is already current (``False``).
+def _settle(objects: Objects, keys: Keys, pub: Publication, snapshot_version: int, sbytes: bytes) -> None:
+    """Point the timestamp at the newest complete snapshot (ours, or a later one built meanwhile).
 
-    The timestamp is the one object every publication overwrites: after writing it, read it back and
-    rewrite it while an older publication's writer (another process) put its own back over ours. Devices
-    that saw the newer one meanwhile refuse the older (``tier_rollback``) and compile; it heals here.
+    The timestamp is the one object every publication overwrites. Every writer reads it back after writing
+    and moves it forward again while someone put an older one over it, so the last re-check of the last
+    writer leaves it at the newest publication. Devices that saw a newer one meanwhile refuse an older
+    (``tier_rollback``) and compile; it heals here or at the next publication.
     """
-    for _ in range(5):
+    newest, nbytes = snapshot_version, sbytes
+    for _ in range(8):
+        while True:
+            ahead = objects.get(f"{META}{newest + 1}.snapshot.json", _MAX)
+            if ahead is None or not _signed_by(pub.root, "snapshot", ahead):
+                break  # none, or not (yet) a whole snapshot of ours: never point the timestamp at it
+            newest, nbytes = newest + 1, ahead
         now = _read_md(objects, "timestamp.json")
-        current_snapshot = int(now.signed.snapshot_meta.version)
-        if current_snapshot > snapshot_version:
-            return False
-        if current_snapshot == snapshot_version:
-            return True
-        _write_timestamp(objects, keys, Publication(pub.root, now, pub.snapshot, pub.targets), snapshot_version, sbytes)
-    return True
+        if int(now.signed.snapshot_meta.version) >= newest:
+            return
+        _write_timestamp(objects, keys, Publication(pub.root, now, pub.snapshot, pub.targets), newest, nbytes)
+
+
+def _signed_by(root: Any, role: str, raw: bytes) -> bool:
+    from tuf.api.metadata import Metadata
+
+    try:
+        root.verify_delegate(role, Metadata.from_bytes(raw))
+        return True
+    except Exception:  # noqa: BLE001 - torn, foreign or malformed
+        return False
 
 
 def _sha(data: bytes) -> str:
@@ -358,7 +373,9 @@ def refresh_timestamp(objects: Objects, keys: Keys, url: str) -> int:
     with _lock(url):
         pub = current(objects, root)
         raw = objects.get(f"{META}{pub.timestamp.signed.snapshot_meta.version}.snapshot.json", _MAX) or b""
-        return _write_timestamp(objects, keys, pub, pub.snapshot.signed.version, raw)
+        version = _write_timestamp(objects, keys, pub, pub.snapshot.signed.version, raw)
+        _settle(objects, keys, pub, pub.snapshot.signed.version, raw)  # a publication landed meanwhile: point at it
+        return version
 
 
 def init(objects: Objects, folder: str | os.PathLike[str], url: str, *, thresholds: Mapping[str, int] | None = None,

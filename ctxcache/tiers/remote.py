@@ -612,14 +612,19 @@ class _TufObjects:
 
             path = Path(local._path(name))
             local.fs().makedirs(str(path.parent), exist_ok=True)
-            try:
-                fd = _fs.create_exclusive(path, 0o644)
-            except FileExistsError:
-                return False
+            # Written whole under a private name, then linked to its name: link() fails if the name exists,
+            # so a reader never sees a half-written version and a taken name is never overwritten.
+            tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+            fd = _fs.create_exclusive(tmp, 0o644)  # readable by the devices that share the folder (umask applies)
             with open(fd, "wb", closefd=True) as f:
                 f.write(data)
-                os.fsync(f.fileno())
-            return True
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                _fs.remove_file(tmp)
         if self.b.exists(name):  # other fsspec stores: no create-if-absent; a narrow race remains
             return False
         self.b.put(name, data)
