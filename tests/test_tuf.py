@@ -393,3 +393,32 @@ def test_publishers_in_several_processes_lose_no_entry(fleet: Fleet) -> None:
     tier.tuf_refresh()
     listed = json.loads((tufmod.state_folder(fleet.tmp / "device", fleet.url) / "targets.json").read_text())["signed"]["targets"]
     assert sorted(listed) == sorted(f"{w:016x}{i:016x}/record.json" for w in range(4) for i in range(3))
+
+
+def test_hostile_files_in_the_device_tuf_state_never_block_a_load(tmp_path: Path, keys: dict[str, Any],
+                                                                   conv_model: Path) -> None:
+    """FIFOs, a link and junk where the device keeps its TUF state: read through the guarded helpers (no
+    blocking open, no link followed), treated as absent, replaced by verified metadata."""
+    import os
+
+    (tmp_path / "store").mkdir()
+    url = (tmp_path / "store").as_uri()
+    root = RemoteTier(url).tuf_init(tmp_path / "tuf-keys")
+    fleet = Fleet(url, None, tmp_path / "tuf-keys", Path(root), keys["a"], tmp_path)
+    _build(fleet, conv_model)
+    device = fleet.device()
+    state = tufmod.state_folder(device.root, url)
+    state.mkdir(parents=True, mode=0o700)
+    os.chmod(state.parent, 0o700)
+    os.mkfifo(state / "timestamp.json")
+    os.mkfifo(state / "targets.json")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.symlink(tmp_path / "elsewhere.json", state / "snapshot.json")
+    (state / "root.2.json").write_bytes(b"\\x00junk")
+    start = time.monotonic()
+    r = device.load(conv_model, providers=P)
+    assert time.monotonic() - start < 60
+    assert (r.outcome, r.tier) == ("hit", "remote")
+    assert (tmp_path / "elsewhere.json").read_text() == "{}"  # the link was replaced, never written through
+    origin = json.loads((r.entry_path / "manifest.json").read_text())["origin"]  # type: ignore[operator]
+    assert tufmod.still_trusted(origin, device.root) is None
