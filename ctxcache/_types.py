@@ -50,6 +50,8 @@ ReasonCode = Literal[
     "wrong_provider",
     "crashed_during_load",
     "signer_revoked",
+    "tuf_revoked",
+    "tuf_unverifiable",
     # fallback: compiling or publishing did not produce an entry
     "compile_failed",
     "publish_failed",
@@ -102,6 +104,10 @@ REASONS: dict[str, tuple[str, str]] = {
     "crashed_during_load": ("fallback", "a process died while loading this context"),
     "signer_revoked": ("fallback", "a tier's entry whose signer (or install folder) this device no longer trusts: "
                                    "a revoked or removed key reaches the entries it already brought in"),
+    "tuf_revoked": ("fallback", "an entry installed through TUF that its store's current targets no longer list, or list "
+                                "as another build (revoked, replaced)"),
+    "tuf_unverifiable": ("fallback", "an entry installed through TUF whose store's verified metadata is gone from "
+                                     "this cache: it cannot be checked against the current publication"),
     "compile_failed": ("fallback", "the provider failed to compile the model"),
     "publish_failed": ("fallback", "the compiled entry could not be written"),
     "source_changed": ("fallback", "the model changed while it was compiled (an updater?); nothing was published"),

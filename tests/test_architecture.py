@@ -36,6 +36,8 @@ LAYERS: dict[str, int] = {
     "ctxcache._inputs": 2,
     "ctxcache._compile": 2,
     "ctxcache._store": 1,
+    "ctxcache._tuf_publish": 1,
+    "ctxcache._tuf": 1,
     "ctxcache._markers": 1,
     "ctxcache._negative": 1,
     "ctxcache._events": 1,

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import farm  # farm device / plan / run / report
 
     farm.add_parsers(subs)
+    from . import tuf  # tuf init / rotate / timestamp / remove / status
+
+    tuf.add_parsers(subs)
     return parser
 
 
