@@ -38,6 +38,8 @@ _LAZY = {
     "TierAnswer": "._explain",
     "VerifyResult": "._manage",
     "WarmResult": "._explain",
+    "WarmProcess": "._detach",
+    "warm_detached": "._detach",
     "Bundle": ".tiers.bundle",
     "Diagnosis": "._doctor",
     "diagnose": "._doctor",
@@ -69,6 +71,7 @@ def __getattr__(name: str) -> object:
 
 if TYPE_CHECKING:  # the real types, for type checkers and IDEs
     from ._config import Config
+    from ._detach import WarmProcess, warm_detached
     from ._doctor import Diagnosis, diagnose
     from ._explain import Difference, Explanation, Nearest, TierAnswer, WarmResult
     from ._manage import EntryInfo, ProviderCheck, VerifyResult, check_providers, known_providers
@@ -116,6 +119,7 @@ __all__ = [
     "TierAnswer",
     "Timings",
     "VerifyResult",
+    "WarmProcess",
     "WarmResult",
     "__version__",
     "check_providers",
@@ -132,4 +136,5 @@ __all__ = [
     "pull",
     "push",
     "signing_key_info",
+    "warm_detached",
 ]

@@ -21,7 +21,16 @@ import onnxruntime as ort
 from . import _events, _key, _negative
 from ._config import Config
 from ._hashing import ModelDigest
-from ._inputs import ProvidersArg, Raw, check_kwargs, plain_session, resolve_model, resolve_providers, session
+from ._inputs import (
+    ProvidersArg,
+    Raw,
+    check_kwargs,
+    context_load_reason,
+    plain_session,
+    resolve_model,
+    resolve_providers,
+    session,
+)
 from ._log import INFO, WARNING, log
 from ._manifest import Entry
 from ._markers import clear as clear_marker
@@ -51,7 +60,7 @@ def make_inputs(model: ModelArg, providers: ProvidersArg, provider_options: Sequ
 def bypass_session(inputs: Inputs, decided: Bypass) -> ort.InferenceSession:
     """The session of a bypass decided from the inputs alone (no cache, no store, nothing written)."""
     assert decided.silent
-    log.debug("%s: bypass (%s)", inputs.model.name, decided.reason.code)
+    log.debug("%s: bypass (%s)", inputs.model.shown, decided.reason.code)
     if decided.session == "whole":
         return original_session(inputs, whole=True)
     return plain(inputs)
@@ -187,7 +196,7 @@ class Loader:
                  fresh: bool) -> LoadResult:
         if why.code == "device_busy":
             # Transient is not stale: the context that took minutes to build stays for the next launch.
-            log.warning("%s: %s", inputs.model.name, why)
+            log.warning("%s: %s", inputs.model.shown, why)
             return self.original(inputs, trace, "bypass", why)
         if fresh:
             return self._unloadable(inputs, trace, entry, why)
@@ -201,16 +210,15 @@ class Loader:
         for attempt, pause in enumerate((*_RETRY_PAUSES, None)):
             try:
                 return session(str(entry.context_path), inputs.chain, inputs.sess_options, target=True,
-                               kwargs=inputs.kwargs), None
+                               kwargs=inputs.kwargs, context=True), None
             except Exception as e:  # noqa: BLE001 - ORT's exceptions derive from Exception only
-                text = f"{type(e).__name__}: {e}".strip()[:2000]
-                kind = inputs.ep.load_error_kind(text)
-                if kind != "transient":
-                    note = "" if kind == "artifact" else " (not a failure the provider knows; treated as the context's)"
-                    return None, Reason("load_failed", text + note)
+                why, transient = context_load_reason(inputs.ep, e)
+                if not transient:
+                    return None, why
+                text = why.message
                 if pause is None:
                     return None, Reason("device_busy", f"{text} ({attempt + 1} attempts; the entry is kept)")
-                log.info("%s: transient load failure (%s); retrying in %.1f s", inputs.model.name, text[:200], pause)
+                log.info("%s: transient load failure (%s); retrying in %.1f s", inputs.model.shown, text[:200], pause)
                 time.sleep(pause)
         raise AssertionError("unreachable")
 
@@ -262,7 +270,7 @@ class Loader:
         # Only ORT's own refusal of an intact entry says the context cannot load here; an entry that
         # another process cleared, pruned or replaced in the meantime failed for that reason, once (a
         # concurrent clear once cost the model the cache for negative_ttl).
-        inherent = why.code in ("load_failed", "wrong_provider") and self.intact(entry)
+        inherent = why.code in ("load_failed", "context_recompiles", "wrong_provider") and self.intact(entry)
         self.store.evict(trace.key, why.code, why.message, expect_id=entry.entry_id)
         if inherent:
             # It will fail the same way at the next launch (measured: OpenVINO contexts on this kind of
@@ -287,7 +295,7 @@ class Loader:
 
     def _report(self, inputs: Inputs, decided: Plan, result: LoadResult) -> None:
         if isinstance(decided, Bypass) and decided.silent:
-            log.debug("%s: %s (%s)", inputs.model.name, result.outcome, result.reason)
+            log.debug("%s: %s (%s)", inputs.model.shown, result.outcome, result.reason)
             return
         try:
             _events.record(self.store.events_path, result.outcome, result.key,
@@ -297,4 +305,4 @@ class Loader:
             pass
         level = WARNING if result.outcome == "fallback" else INFO
         why = f" ({result.reason})" if result.reason else ""
-        log.log(level, "%s: %s in %.3f s%s", inputs.model.name, result.outcome, result.timings.total, why)
+        log.log(level, "%s: %s in %.3f s%s", inputs.model.shown, result.outcome, result.timings.total, why)

@@ -21,7 +21,6 @@ cache folders); with ``act=False`` it is read-only (explain, key, warm's look, t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import onnxruntime as ort
@@ -32,25 +31,32 @@ from ._fingerprint import Fingerprint
 from ._hashing import ModelDigest
 from ._inputs import Chain, Model, Raw, cache_blocker, chosen_by_policy, compile_config, context_target
 from ._manifest import Entry
+from ._record import Record
 from ._servable import Digests, judge
 from ._store import BrokenEntry, InsecureCache, Store
+from ._trust import Trust
 from ._types import Reason
 from .providers import ExecutionProvider
 from .providers._base import Verdict
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """What the application asked for, resolved and checked (nothing learnt on the way)."""
+class Inputs(Record):
+    """What the application asked for, resolved and checked (nothing learnt on the way): ``model``, ``chain``,
+    ``sess_options``, ``kwargs`` (onnxruntime's own keywords), ``raw`` (the caller's arguments as given, for a
+    session that must be exactly onnxruntime's), ``warm`` (an explicit warm-up: compiles in the foreground)."""
 
+    __slots__ = ("chain", "kwargs", "model", "raw", "sess_options", "warm")
     model: Model
     chain: Chain
     sess_options: ort.SessionOptions | None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    #: the caller's arguments as given, for a session that must be exactly onnxruntime's
-    raw: Raw | None = None
-    #: an explicit warm-up (installer, ``ctxcache warm``): compiles in the foreground, counted apart
-    warm: bool = False
+    kwargs: dict[str, Any]
+    raw: Raw | None
+    warm: bool
+
+    def __init__(self, model: Model, chain: Chain, sess_options: ort.SessionOptions | None,
+                 kwargs: dict[str, Any] | None = None, raw: Raw | None = None, warm: bool = False) -> None:
+        self._set(model=model, chain=chain, sess_options=sess_options, kwargs=kwargs if kwargs is not None else {},
+                  raw=raw, warm=warm)
 
     @property
     def ep(self) -> ExecutionProvider:
@@ -69,27 +75,32 @@ class Inputs:
 Session = Literal["policy", "plain", "whole", "original"]
 
 
-@dataclass(frozen=True)
-class Bypass:
+class Bypass(Record):
     """No cached context for this load: a session on the original model. ``session`` says which:
     ``policy``/``plain`` onnxruntime's own with the caller's arguments, ``whole`` the provider's session
-    with the caller's own SessionOptions object, ``original`` the provider's session on the original."""
+    with the caller's own SessionOptions object, ``original`` the provider's session on the original.
+    ``silent``: decided from the inputs alone (nothing is written, not even a stats line); ``fault``: a
+    cache fault (logged; raised in strict mode); ``fingerprint``/``digest``: for the report only (a
+    remembered failure, an unwritable folder), never a key to use."""
 
-    reason: Reason
-    session: Session = "original"
-    #: decided from the inputs alone: nothing is written, not even a stats line
-    silent: bool = False
-    #: a cache fault (logged; raised in strict mode)
-    fault: bool = False
-    #: for the report only (a remembered failure, an unwritable folder); never a key to use
-    fingerprint: Fingerprint | None = None
-    digest: ModelDigest | None = None
-
+    __slots__ = ("digest", "fault", "fingerprint", "reason", "session", "silent")
     outcome: Literal["bypass"] = "bypass"
+    reason: Reason
+    session: Session
+    silent: bool
+    fault: bool
+    fingerprint: Fingerprint | None
+    digest: ModelDigest | None
+
+    def __init__(self, reason: Reason, session: Session = "original", *, silent: bool = False, fault: bool = False,
+                 fingerprint: Fingerprint | None = None, digest: ModelDigest | None = None) -> None:
+        self._set(reason=reason, session=session, silent=silent, fault=fault, fingerprint=fingerprint, digest=digest)
 
 
-@dataclass(frozen=True)
-class Keyed:
+class Keyed(Record):
+    """A plan whose load uses the cache: its ``fingerprint`` (``key``) and the model's ``digest``."""
+
+    __slots__ = ("digest", "fingerprint")
     fingerprint: Fingerprint
     digest: ModelDigest
 
@@ -98,39 +109,49 @@ class Keyed:
         return self.fingerprint.key
 
 
-@dataclass(frozen=True)
 class Serve(Keyed):
-    """A committed entry that the servability rule admits: load its context."""
+    """A committed entry that the servability rule admits: load its context. ``checked``: its bytes were
+    re-hashed by the plan (``verify="content"``), before any reaches the provider."""
 
+    __slots__ = ("answer", "checked", "detail", "entry")
     entry: Entry
-    answer: Verdict = "unknown"
-    detail: str = ""
-    #: its bytes were re-hashed by the plan (``verify="content"``): the session may read them
-    checked: bool = False
+    answer: Verdict
+    detail: str
+    checked: bool
+
+    def __init__(self, fingerprint: Fingerprint, digest: ModelDigest, entry: Entry, answer: Verdict = "unknown",
+                 detail: str = "", checked: bool = False) -> None:
+        self._set(fingerprint=fingerprint, digest=digest, entry=entry, answer=answer, detail=detail, checked=checked)
 
 
-@dataclass(frozen=True)
 class Fallback(Keyed):
-    """A committed entry that must not be served (damaged, unsafe, crashed its loader): quarantine it,
-    then the original model."""
+    """A committed entry that must not be served (damaged, unsafe, crashed its loader, no longer trusted):
+    quarantine it, then the original model."""
 
+    __slots__ = ("entry", "reason")
     entry: Entry | None
     reason: Reason
+
+    def __init__(self, fingerprint: Fingerprint, digest: ModelDigest, entry: Entry | None, reason: Reason) -> None:
+        self._set(fingerprint=fingerprint, digest=digest, entry=entry, reason=reason)
 
 
 MissMode = Literal["here", "background", "pending"]
 
 
-@dataclass(frozen=True)
 class Miss(Keyed):
-    """No servable entry: fill it (a tier, else a compile) here, or in a background worker, or wait for
-    the worker already compiling it (``pending``)."""
+    """No servable entry: fill it (a tier, else a compile) ``here``, or in a ``background`` worker, or wait for
+    the worker already compiling it (``pending``). ``replace``: an entry to quarantine first (the provider's
+    verdict: unsupported here); ``note``: why the load did not take the plain way."""
 
-    mode: MissMode = "here"
-    #: an entry to quarantine first (the provider's verdict: unsupported here)
-    replace: Entry | None = None
-    #: why the load did not take the plain way (reported in LoadResult.reason)
-    note: Reason | None = None
+    __slots__ = ("mode", "note", "replace")
+    mode: MissMode
+    replace: Entry | None  # type: ignore[assignment]
+    note: Reason | None
+
+    def __init__(self, fingerprint: Fingerprint, digest: ModelDigest, mode: MissMode = "here",
+                 replace: Entry | None = None, note: Reason | None = None) -> None:
+        self._set(fingerprint=fingerprint, digest=digest, mode=mode, replace=replace, note=note)
 
 
 Plan = Bypass | Serve | Fallback | Miss
@@ -219,18 +240,32 @@ def plan(inputs: Inputs, store: Store, env: _key.Environment, config: Config, *,
     return _miss(inputs, store, config, fp, digest, None, None)
 
 
+def trust_problem(entry: Entry, store: Store, trust: Trust) -> Reason | None:
+    """Why an entry a tier brought in must no longer be served here (``None``: it may be, or it is this
+    device's own): its signer or bundle folder is no longer trusted (``signer_revoked``), or its TUF store's
+    current publication no longer lists it (``tuf_revoked``). Asked by every hit and by ``verify``."""
+    origin = entry.origin
+    if origin is None:
+        return None
+    from .tiers._base import still_admitted
+
+    refused = still_admitted(origin, trust)
+    if refused is not None:
+        return Reason("signer_revoked", refused)
+    if "tuf" in origin:
+        from ._tuf import still_trusted
+
+        return still_trusted(origin, store.base)
+    return None
+
+
 def of_entry(inputs: Inputs, store: Store, env: _key.Environment, config: Config, fp: Fingerprint, digest: ModelDigest,
              entry: Entry, *, act: bool) -> Plan:
     """The plan for a committed ``entry`` of the load's key: the servability rule (``_servable.judge``), with
     what ``verify`` asks re-hashed. Also asked by a load that found the entry under the key's lock."""
-    origin = entry.origin
-    if origin is not None:
-        # From a tier: admitted by a signer or a folder the device may no longer trust (a revoked key).
-        from .tiers._base import still_admitted
-
-        refused = still_admitted(origin, config.trust)
-        if refused is not None:
-            return Fallback(fp, digest, entry, Reason("signer_revoked", refused))
+    distrusted = trust_problem(entry, store, config.trust)
+    if distrusted is not None:
+        return Fallback(fp, digest, entry, distrusted)
     digests = _DIGESTS[config.verify]
     why, answer, detail = judge(store, entry, inputs.ep, digests=digests, consume_markers=act,
                                 options=inputs.options, env=env.digest(inputs.ep, inputs.options))

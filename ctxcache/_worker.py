@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import replace
 
 log = logging.getLogger("ctxcache")
 
@@ -22,19 +21,19 @@ def main(argv: list[str]) -> int:
     job = json.loads(argv[0])
     import onnxruntime as ort
 
-    from . import _background, _negative
+    from . import _background, _negative, _sessopts
     from ._cache import ContextCache, store_of
     from ._config import Config
 
     config = Config.from_json(job["config"])
     # The worker compiles: in its own process, the app's background mode would only start another worker.
-    cache = ContextCache.from_config(replace(config, on_miss="compile"))
+    cache = ContextCache.from_config(config.replace(on_miss="compile"))
     store = store_of(cache)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, job["graph_optimization"])
-    for k, v in job.get("session_config", {}).items():  # after import ctxcache: noted, so the key is the app's
-        so.add_session_config_entry(k, v)
+    # After import ctxcache: noted (entries and free-dimension overrides), so the key is the app's.
+    _sessopts.apply_config(so, job.get("session_config", {}))
     providers = [(name, options) for name, options in job["providers"]]
     try:
         fp = cache.key(job["model"], providers=providers, sess_options=so)

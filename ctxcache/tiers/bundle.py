@@ -244,25 +244,17 @@ def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | N
     import tarfile
 
     try:
-        raw = open(location, "rb")  # noqa: SIM115 - closed by the `with raw` below
+        # A regular file, opened without blocking or following a link (a FIFO swapped in would hang the load).
+        raw_file = os.fdopen(_fs.open_regular(location), "rb")
     except OSError as e:
         raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
-    with raw:
-        src: Any = raw if on_scan is None else _Positioned(raw, on_scan)
-        try:
-            tf = tarfile.open(str(location), "r:*", fileobj=src)  # noqa: SIM115 - closed by the `with tf:` below
-        except (OSError, tarfile.TarError) as e:
-            raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
-        with _archive_reader(location, tf, keys, trust) as r:
-            yield r
-
-
-@contextmanager
-def _archive_reader(location: Path, tf: tarfile.TarFile, keys: tuple[SigningKey, ...],
-                    trust: Trust | None) -> Iterator[_Reader]:
-    import tarfile
-
-    with tf:
+    try:
+        src: Any = raw_file if on_scan is None else _Positioned(raw_file, on_scan)
+        tf = tarfile.open(fileobj=src, mode="r:*")  # noqa: SIM115 - closed by the `with tf:` below
+    except (OSError, tarfile.TarError) as e:
+        raw_file.close()
+        raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
+    with raw_file, tf:
         try:
             members = check_tar_members(tf, str(location))
         except tarfile.TarError as e:
