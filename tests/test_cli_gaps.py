@@ -277,8 +277,8 @@ def test_keygen_runs_twice_with_exist_ok_and_pubkey_reads_a_key_file(tmp_path: P
 def test_the_readme_signing_blocks_run_twice(tmp_path: Path) -> None:
     """README "Bundles" (bash) and "Signatures and trust" (python), each pasted twice in the same folder."""
     readme = (ROOT / "README.md").read_text()
-    (bash,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "ctxcache keygen" in b]
-    (py,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "generate_signing_key" in b]
+    (bash,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "keygen build/ctx-signing.pem" in b]
+    (py,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if 'work / "release.pem"' in b]
     models.conv_net(tmp_path / "app" / "models" / "net.onnx", layers=3, channels=8, seed=33)
     script = Path(sys.executable).parent
     env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{script}{os.pathsep}{os.environ['PATH']}")
