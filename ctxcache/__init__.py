@@ -49,6 +49,7 @@ _LAZY = {
     "import_bundle": "._transfer",
     "pull": "._transfer",
     "push": "._transfer",
+    "quiet_native_stdout": "._quiet",
 }
 
 
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
         check_providers,
         known_providers,
     )
+    from ._quiet import quiet_native_stdout
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
     from ._trust import GeneratedKey, generate_signing_key
@@ -124,4 +126,5 @@ __all__ = [
     "known_providers",
     "pull",
     "push",
+    "quiet_native_stdout",
 ]

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from ._childio import child_code, read_result
 from ._spawn import child_env, python_command
 
 log = logging.getLogger("ctxcache")
@@ -24,7 +25,7 @@ Verdict = Literal["loads", "crashes", "fails", "hangs", "unavailable"]
 #: A context load takes well under a second to a few seconds; one that takes this long is hung.
 TIMEOUT = 120.0
 
-_CHILD = r"""
+_CHILD = child_code(r"""
 import json, sys
 name, ctx, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 import onnxruntime as ort
@@ -35,10 +36,10 @@ so.log_severity_level = 3
 try:
     session = ep.session(ctx, so, ep.normalize_options(options), [])
 except Exception as e:
-    print(json.dumps({"error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+    send_result({"error": f"{type(e).__name__}: {e}"[:2000]})
     sys.exit(3)
-print(json.dumps({"providers": session.get_providers()}), flush=True)
-"""
+send_result({"providers": session.get_providers()})
+""")
 
 
 def probe(context: Path, ep_name: str, options: dict[str, str], *, timeout: float = TIMEOUT) -> tuple[Verdict, str]:
@@ -65,5 +66,5 @@ def probe(context: Path, ep_name: str, options: dict[str, str], *, timeout: floa
         return "crashes", f"the probe load was killed by {name}"
     if proc.returncode == 0:
         return "loads", "the context loads in a fresh process"
-    detail = next((json.loads(line).get("error", "") for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), "")
+    detail = str((read_result(proc.stdout) or {}).get("error", ""))
     return "fails", detail or f"the probe exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"

@@ -52,13 +52,17 @@ def report(value: Any) -> None:
 
 
 # -- in the test ---------------------------------------------------------------------------------------
-def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(env: dict[str, str | None] | None = None) -> dict[str, str]:
     """The test's environment, with this checkout's ctxcache and tests/ (for ``_child``) first on the path,
-    then ``env``'s entries (a PYTHONPATH given there goes first)."""
+    then ``env``'s entries (a PYTHONPATH given there goes first; ``None`` removes a variable)."""
     full = dict(os.environ)
     extra = dict(env or {})
     path = [p for p in (extra.pop("PYTHONPATH", None), str(ROOT), str(TESTS), full.get("PYTHONPATH")) if p]
-    full.update(extra)
+    for name, value in extra.items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
     full["PYTHONPATH"] = os.pathsep.join(path)
     return full
 
@@ -92,7 +96,7 @@ class Finished:
 class Child:
     """A started child process with a report channel. stdout and stderr are pipes unless given."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | str | None = None,
+    def __init__(self, argv: list[str], *, env: dict[str, str | None] | None = None, cwd: Path | str | None = None,
                  stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE,
                  start_new_session: bool = False) -> None:
         self.argv = argv
