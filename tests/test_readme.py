@@ -131,6 +131,9 @@ def test_readme_test_command_is_what_ci_runs_and_says_how_long_and_how_to_see_sk
     ci = (ROOT / ".ci" / "run").read_text()
     command = "python -m pip install --quiet -e '.[test]' && python -m pytest -q"
     assert command in ci
+    # ... in a user's shell: without the two variables development machines set, before anything runs.
+    unset = ci.index("unset PYTHONUNBUFFERED PYTHONDONTWRITEBYTECODE\n")
+    assert unset < ci.index("python3 -m venv") and unset < ci.index(command)
     assert "pip install -q -e '.[test]' && python -m pytest -q" in README
     section = README.split("**Tests**", 1)[1].split("## Installing", 1)[0]
     assert re.search(r"the tests \d+-\d+ minutes", section) and "-rs" in section
@@ -149,3 +152,16 @@ def test_readme_reason_table_is_the_code() -> None:
     rows = {m.group(1): (m.group(2).strip(), m.group(3).strip())
             for m in re.finditer(r"^\| `([a-z_]+)` \| ([a-z]+) \| (.*) \|$", block, re.M)}
     assert rows == {k: (o, t) for k, (o, t) in ctxcache.REASONS.items()}
+
+
+def test_classifiers_claim_only_what_ci_runs_and_readme_says_so() -> None:
+    """pyproject's classifiers list the platforms and Python versions README says are tested, no more
+    (Windows, macOS and Android are handled in code but run nowhere)."""
+    import tomllib
+
+    classifiers = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["classifiers"]
+    systems = [c for c in classifiers if c.startswith("Operating System ::")]
+    versions = [c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+    assert systems == ["Operating System :: POSIX :: Linux"], systems
+    section = README.split("**What is tested where.**", 1)[1].split("\n\n", 1)[0]
+    assert "Linux x86_64" in section and [f"CPython {v}" for v in versions] == re.findall(r"CPython 3\.\d+", section)
