@@ -9,7 +9,7 @@ stdout is the result" is true on one machine and false on the next.
 Here a child reports through a file descriptor of its own (``pass_fds``) that the test opened on an
 unlinked temporary file, and that no native library knows about. In the child::
 
-    from _child import report       # tests/ is on the child's PYTHONPATH
+    from _report import report      # tests/ is on the child's PYTHONPATH
     report({"outcome": r.outcome})  # one JSON value per call
 
 In the test: ``run_python(code).result`` (the last report), ``.reports`` (all of them), or a started
@@ -17,7 +17,8 @@ In the test: ``run_python(code).result`` (the last report), ``.reports`` (all of
 stdout and stderr stay what they are (pipes the test can read, or whatever the test passed), so a test of
 what an app's stdout shows still sees exactly that.
 
-This module is imported by children too: it imports nothing beyond the standard library at the top.
+The child's side is tests/_report.py, which imports nothing but ``json`` and ``os``: some children measure
+what got imported.
 """
 
 from __future__ import annotations
@@ -33,27 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _report import REPORT_FD
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-
-#: The environment variable that names the report descriptor in a child.
-REPORT_FD = "CTXCACHE_TEST_REPORT_FD"
-
-
-# -- in the child --------------------------------------------------------------------------------------
-def report(value: Any) -> None:
-    """Send ``value`` (JSON) to the test that started this process: one line on the report descriptor.
-
-    One ``os.write`` per report, unbuffered: a report made just before the child kills itself is not lost."""
-    data = (json.dumps(value) + "\n").encode()
-    fd = int(os.environ[REPORT_FD])
-    while data:
-        data = data[os.write(fd, data):]
 
 
 # -- in the test ---------------------------------------------------------------------------------------
 def child_env(env: dict[str, str | None] | None = None) -> dict[str, str]:
-    """The test's environment, with this checkout's ctxcache and tests/ (for ``_child``) first on the path,
+    """The test's environment, with this checkout's ctxcache and tests/ (for ``_report``) first on the path,
     then ``env``'s entries (a PYTHONPATH given there goes first; ``None`` removes a variable)."""
     full = dict(os.environ)
     extra = dict(env or {})

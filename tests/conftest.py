@@ -223,7 +223,7 @@ def output_digest(result: Any) -> str:
 LAUNCH = """
 import json, sys, numpy as np
 import ctxcache
-from _child import report
+from _report import report
 from ctxcache import models
 cache = ctxcache.ContextCache({cache_dir!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])

@@ -28,7 +28,7 @@ import ctxcache
 APP = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from _child import report
+from _report import report
 import ctxcache
 from ctxcache import models
 cache = ctxcache.ContextCache(sys.argv[1], on_miss="background")
@@ -196,7 +196,7 @@ def test_where_no_process_can_be_started_the_miss_compiles_in_the_foreground(tmp
     code = r"""
 import json, sys
 sys.frozen = True
-from _child import report
+from _report import report
 import ctxcache
 from ctxcache import models
 r = ctxcache.ContextCache(sys.argv[1], on_miss="background").load(sys.argv[2],

@@ -123,7 +123,7 @@ def test_errors_show_a_traceback_only_with_ctxcache_debug(tmp_path: Path) -> Non
 # -- warm ---------------------------------------------------------------------------------------------
 LAUNCH_ALL = """
 import json, ctxcache
-from _child import report
+from _report import report
 from ctxcache import models
 cache = ctxcache.ContextCache({cache_dir!r})
 out = {{}}

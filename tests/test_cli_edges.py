@@ -184,7 +184,7 @@ def test_a_missing_boto3_names_the_extra_in_the_log_the_cli_and_doctor(conv_mode
     code = f"""
 import logging, ctxcache
 from ctxcache import models
-from _child import report
+from _report import report
 logging.basicConfig(level=logging.INFO)
 c = ctxcache.ContextCache({str(tmp_path / 'c')!r}, tiers=["s3://bucket/prefix"])
 r = c.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])

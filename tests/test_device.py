@@ -279,7 +279,7 @@ for name in [{missing!r}, "_multiprocessing" if {missing!r} == "multiprocessing"
     sys.modules[name] = None  # import fails
 import json, ctxcache
 from ctxcache import models
-from _child import report
+from _report import report
 c = ctxcache.ContextCache({str(tmp_path / 'cache')!r})
 p = [("QNNExecutionProvider", models.qnn_htp_options())]
 report([c.load({str(rel_models[0])!r}, providers=p).outcome, c.load({str(rel_models[0])!r}, providers=p).outcome,

@@ -34,7 +34,7 @@ import ctxcache
 after_import = set(sys.modules)
 cache = ctxcache.ContextCache({root!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", {options!r})])
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "import": sorted(after_import - before),
         "hit": sorted(set(sys.modules) - after_import)}})
 """
@@ -59,7 +59,7 @@ import onnxruntime
 before = set(sys.modules)
 import ctxcache
 s = ctxcache.InferenceSession({str(conv_model)!r}, providers=["CPUExecutionProvider"])
-from _child import report
+from _report import report
 report({{"new": sorted(m for m in set(sys.modules) - before if not m.startswith("ctxcache")),
         "default_cache_made": os.path.exists(os.environ["CTXCACHE_DIR"])}})
 """
@@ -69,6 +69,6 @@ report({{"new": sorted(m for m in set(sys.modules) - before if not m.startswith(
 
 
 def test_models_helper_is_not_imported_by_ctxcache() -> None:
-    code = "import json, sys, ctxcache; from _child import report; report({'models': 'ctxcache.models' in sys.modules})"
+    code = "import json, sys, ctxcache; from _report import report; report({'models': 'ctxcache.models' in sys.modules})"
     assert run_python(code).result == {"models": False}
     assert models.qnn_htp_options()  # the helper itself works when asked for

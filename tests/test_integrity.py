@@ -89,7 +89,7 @@ def _stat(path: Path) -> tuple[int, ...]:
 
 LOAD = """
 import json, sys
-from _child import report
+from _report import report
 import ctxcache
 from ctxcache import models
 cache = ctxcache.ContextCache(sys.argv[1], verify=sys.argv[3])
@@ -293,7 +293,7 @@ def test_cli_commands_never_write_through_a_planted_subfolder_link(tmp_path: Pat
     proc = run_python(f"""
 import ctxcache
 from ctxcache import models
-from _child import report
+from _report import report
 report(ctxcache.ContextCache({str(cache_dir)!r}).load({str(rel_models[0])!r},
        providers=[("QNNExecutionProvider", models.qnn_htp_options())]).outcome)
 """)
@@ -303,7 +303,7 @@ report(ctxcache.ContextCache({str(cache_dir)!r}).load({str(rel_models[0])!r},
 # -- 6. a lock holder that is alive but makes no progress ------------------------------------------------
 HOLDER = r"""
 import os, signal, sys, time
-from _child import report
+from _report import report
 import ctxcache
 from ctxcache import models
 from ctxcache._seams import hooks
@@ -543,7 +543,7 @@ def test_external_data_that_is_not_a_file_is_a_clear_error_not_a_hang(tmp_path: 
     proc = run_python(f"""
 import ctxcache
 from ctxcache import errors, models
-from _child import report
+from _report import report
 try:
     ctxcache.ContextCache({str(tmp_path / 'cache')!r}).load({str(model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 except errors.InvalidModelError as e:

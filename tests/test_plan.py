@@ -96,7 +96,7 @@ for providers, options in ((None, so), (["CPUExecutionProvider"], None)):
     fp = cache.key(m, providers=providers, sess_options=options)
     r = cache.load(m, providers=providers, sess_options=options)
     out.append([ex.verdict, ex.reason.code, fp is None, r.outcome, r.reason.code])
-from _child import report
+from _report import report
 report(out)
 """
     out = run_python(code).result
@@ -131,7 +131,7 @@ for _ in range(2):
     fp = cache.key({str(conv_model)!r}, providers=p, sess_options=so)
     r = cache.load({str(conv_model)!r}, providers=p, sess_options=so)
     out.append([ex.verdict, r.outcome, fp.key if fp else None, r.key])
-from _child import report
+from _report import report
 report(out)
 """
     out = run_python(code).result
@@ -170,7 +170,7 @@ def test_background_first_launch_and_a_running_compile(tmp_path: Path, conv_mode
     holder = Child.python(f"""
         import sys, time
         from pathlib import Path
-        from _child import report
+        from _report import report
         from ctxcache._locking import KeyLock
         lock = KeyLock(Path({str(Layout(root).lock_path(fp.key))!r}))
         lock.acquire(None, "test")
@@ -205,7 +205,7 @@ def test_background_mode_with_a_stopped_worker_says_so(tmp_path: Path, conv_mode
     holder = Child.python(f"""
         import time
         from pathlib import Path
-        from _child import report
+        from _report import report
         from ctxcache._locking import KeyLock
         lock = KeyLock(Path({str(Layout(root).lock_path(fp.key))!r}))
         lock.acquire(None, "test")

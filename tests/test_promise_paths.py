@@ -195,7 +195,7 @@ while time.time() < t:
     time.sleep(0.001)
 r = ctxcache.ContextCache({str(root)!r}, on_miss="background").load({str(conv_model)!r},
     providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "why": r.reason.message if r.reason else ""}})
 """
     import subprocess
@@ -342,7 +342,7 @@ def test_the_launch_process_is_a_plain_hit_in_a_fresh_interpreter(tmp_path: Path
 import json, ctxcache
 from ctxcache import models
 c = ctxcache.ContextCache({str(tmp_path / "c")!r})
-from _child import report
+from _report import report
 report([c.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())]).outcome
         for _ in range(2)])
 """

@@ -47,7 +47,7 @@ def _run_in(python: Path, code: str, timeout: float = 300) -> dict[str, Any]:
 LAUNCHES = """
 import json, numpy as np, onnxruntime as ort
 import ctxcache
-from _child import report
+from _report import report
 from ctxcache import models
 model = models.conv_net({model!r}, layers=4, channels=16, seed=5)
 ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

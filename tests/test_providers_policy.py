@@ -23,7 +23,7 @@ def test_policy_is_a_bypass_that_names_the_pick(conv_model: Path, cache_dir: Pat
     code = f"""
 import json, onnxruntime as ort, ctxcache
 from ctxcache import models
-from _child import report
+from _report import report
 so = ort.SessionOptions()
 so.set_provider_selection_policy(ort.OrtExecutionProviderDevicePolicy.PREFER_CPU)
 cache = ctxcache.ContextCache({str(cache_dir)!r})

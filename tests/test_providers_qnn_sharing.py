@@ -56,7 +56,7 @@ so.add_session_config_entry("ep.share_ep_contexts", "1")
 so.add_provider_for_devices(devs, dict(models.qnn_htp_options(), enable_htp_weight_sharing="1"))
 s = ort.InferenceSession(sys.argv[1], sess_options=so)
 s.run(None, models.random_input(s))
-from _child import report
+from _report import report
 report("LOADED")
 """
 

@@ -112,7 +112,7 @@ def test_importing_ctxcache_probes_no_driver() -> None:
     code = (
         "import ctxcache, ctxcache.providers as p; from ctxcache.providers import _nvidia; "
         "p.get('TensorrtExecutionProvider'); "
-        "from _child import report; report([_nvidia.driver_info.cache_info().currsize, _nvidia.tensorrt_library.cache_info().currsize])"
+        "from _report import report; report([_nvidia.driver_info.cache_info().currsize, _nvidia.tensorrt_library.cache_info().currsize])"
     )
     assert run_python(code).result == [0, 0]
 
@@ -312,7 +312,7 @@ def test_compile_keeps_engine_and_timing_cache_inside_the_entry(tmp_path: Path) 
 # -- the real onnxruntime-gpu build, on this GPU-less machine --------------------------------------
 GPU_BUILD = """
 import json, sys, warnings
-from _child import report
+from _report import report
 import ctxcache
 from ctxcache import models
 from ctxcache.providers import _nvidia, tensorrt

@@ -16,7 +16,7 @@ import ctxcache
 APP = r"""
 import ctypes, os, sys
 import ctxcache
-from _child import report
+from _report import report
 libc = ctypes.CDLL(None)
 mode = sys.argv[1]
 fd1 = os.fstat(1)

@@ -38,7 +38,7 @@ from ctxcache._seams import hooks
 
 DISRUPTOR = r'''
 import json, os, random, sys, time
-from _child import report
+from _report import report
 import ctxcache
 cfg = json.loads(sys.argv[1])
 cache = ctxcache.ContextCache(cfg["cache_dir"])
@@ -302,7 +302,7 @@ def test_model_edited_with_mtime_restored_gets_a_new_key(tmp_path: Path, rel_mod
 
 THREADS = r"""
 import json, sys, threading
-from _child import report
+from _report import report
 import numpy as np, xxhash
 import ctxcache
 from ctxcache import models

@@ -537,7 +537,7 @@ def test_model_over_2gb_with_external_data(tmp_path: Path, qnn_providers: list[A
     # Hashing streams: memory stays flat whatever the data size (measured in a fresh process).
     # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child of a big pytest process reports its parent's peak.
     peak_kib = run_python(
-        "import sys; from pathlib import Path; from ctxcache._hashing import model_digest; from _child import report;"
+        "import sys; from pathlib import Path; from ctxcache._hashing import model_digest; from _report import report;"
         "model_digest(Path(sys.argv[1]), None);"
         "report(int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]))", str(model),
     ).result

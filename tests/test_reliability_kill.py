@@ -181,7 +181,7 @@ HOLD_MARKER = r"""
 import sys, time
 from pathlib import Path
 from ctxcache import _markers  # a loader holding its crash marker while it loads
-from _child import report
+from _report import report
 m = _markers.mark(Path(sys.argv[1]) / "v1" / "markers", sys.argv[2])
 report("MARKED")
 time.sleep(60)
@@ -278,7 +278,7 @@ elif op == "invalidate":
     cache.invalidate(key=sys.argv[4])
 elif op == "prune":
     cache.prune(max_size=0)
-from _child import report
+from _report import report
 report("NOT KILLED")
 """
 

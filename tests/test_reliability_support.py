@@ -35,7 +35,7 @@ SOAK = int(os.environ.get("CTXCACHE_SOAK", "1"))
 
 APP = r'''
 import json, os, random, signal, sys, threading, time
-from _child import report
+from _report import report
 cfg = json.loads(sys.argv[1])
 import numpy as np, xxhash
 import onnxruntime as ort
@@ -122,7 +122,7 @@ for i in range(cfg.get("loads", 1)):
 
 REFERENCE = r'''
 import json, sys
-from _child import report
+from _report import report
 import numpy as np, xxhash
 import onnxruntime as ort, onnxruntime_qnn
 from ctxcache import models
@@ -181,7 +181,7 @@ def kill_randomly(cache_dir: Path, model: Path, delay: float, **cfg: Any) -> int
 HOLDER = r"""
 import sys, time
 import filelock
-from _child import report
+from _report import report
 with filelock.FileLock(sys.argv[1], is_singleton=False):  # as a compiling process holds a key's lock
     report("LOCKED")
     time.sleep(float(sys.argv[2]))

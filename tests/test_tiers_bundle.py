@@ -32,7 +32,7 @@ cache = ctxcache.ContextCache({cache_dir!r}, tiers=[Bundle({bundle!r}, signing_k
                               trusted_keys={trusted!r}, trusted_dirs={dirs!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "tier": r.tier, "reason": r.reason.code if r.reason else None,
          "compile": r.timings.compile, "fetch": r.timings.fetch, "providers": r.providers,
          "out": out.ravel()[:64].tolist(), "stats": cache.stats().as_dict()}})
@@ -399,7 +399,7 @@ from ctxcache import models
 cache = ctxcache.ContextCache({str(built['cache'].root)!r}, tiers=[{str(built['tar'])!r}, "s3://bucket/prefix"],
                               trusted_keys={built['trusted']!r})
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules if m.startswith("ctxcache.tiers")
                                                  or m == "ctxcache._transfer" or m.startswith("cryptography"))}})
 """

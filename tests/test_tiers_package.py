@@ -31,7 +31,7 @@ ctx = ort.ModelPackageContext({pkg!r})
 comp = ctx.select_component({component!r}, ort.ModelPackageOptions(so()))
 sess = comp.create_session(so())
 out = sess.run(None, models.random_input(sess, seed=7))[0]
-from _child import report
+from _report import report
 report({{"variant": comp.get_selected_variant_name(), "providers": sess.get_providers(),
          "out": out.ravel()[:64].tolist()}})
 """
@@ -42,7 +42,7 @@ from ctxcache import models
 cache = ctxcache.ContextCache({cache_dir!r}, tiers=[{pkg!r}], trusted_keys={trusted!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "out": out.ravel()[:64].tolist()}})
 """
 

@@ -100,7 +100,7 @@ cache = ctxcache.ContextCache({cache_dir!r}, tiers=[RemoteTier({url!r}, endpoint
                               trusted_keys={trusted!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "fetch": r.timings.fetch,
          "out": out.ravel()[:64].tolist()}})
 """

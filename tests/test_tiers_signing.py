@@ -121,7 +121,7 @@ from ctxcache import models
 cache = ctxcache.ContextCache({str(tmp_path / 'device')!r}, tiers=[{str(bundle)!r}])
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "tier": r.tier, "out": [float(x) for x in out.ravel()[:64]]}})
 """
     env = {TRUSTED_KEYS_ENV: f"{keys['a'].public_key}, {keys['b'].public_key}"}
@@ -397,7 +397,7 @@ from ctxcache import models
 after_import = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")
 cache = ctxcache.ContextCache({str(build['cache'].root)!r}, tiers=["s3://bucket/p"], trusted_keys=[{keys['a'].public_key!r}])
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-from _child import report
+from _report import report
 report({{"outcome": r.outcome, "after_import": after_import,
          "after_hit": sorted(m for m in sys.modules if m.split(".")[0] == "cryptography"
                              or m.startswith("ctxcache.tiers"))}})
