@@ -6,9 +6,8 @@ loader, the tiers (built at the first miss) and the post-publish jobs it injects
 
 from __future__ import annotations
 
-import logging
+import _thread
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from . import _explain, _manage, _prune, _stats
     from .tiers import Tier
 
-log = logging.getLogger("ctxcache")
 
 
 class ContextCache:
@@ -359,7 +357,7 @@ class ContextCache:
 
 
 _default_caches: dict[str, ContextCache] = {}
-_default_lock = threading.Lock()
+_default_lock = _thread.allocate_lock()  # not threading: a module the hit needs nowhere else
 
 
 def default_cache() -> ContextCache:

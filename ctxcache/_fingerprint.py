@@ -25,14 +25,13 @@ Why each part is there:
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
-log = logging.getLogger("ctxcache")
+from ._log import DEBUG, log
+from ._record import Record
 
 FORMAT_VERSION = 1
 
@@ -43,13 +42,22 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-@dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(Record):
+    """A key's named, ordered parts; ``key`` is their digest (computed once)."""
+
+    __slots__ = ("_key", "parts")
     parts: Parts
+
+    def __init__(self, parts: Parts) -> None:
+        self._set(parts=parts, _key=None)
 
     @property
     def key(self) -> str:
-        return xxhash.xxh3_128_hexdigest(canonical_json([list(p) for p in self.parts]).encode("utf-8"))
+        found: str | None = self._key  # type: ignore[attr-defined]
+        if found is None:
+            found = xxhash.xxh3_128_hexdigest(canonical_json([list(p) for p in self.parts]).encode("utf-8"))
+            object.__setattr__(self, "_key", found)
+        return found
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.parts)
@@ -62,7 +70,7 @@ def build(parts: Sequence[tuple[str, Any]]) -> Fingerprint:
     # Round-trip through JSON so that the parts compare equal to what a manifest gives back later.
     normalised = tuple((label, json.loads(canonical_json(value))) for label, value in parts)
     fp = Fingerprint(normalised)
-    if log.isEnabledFor(logging.DEBUG):
+    if log.isEnabledFor(DEBUG):
         for label, value in normalised:
             log.debug("key part %-18s %s", label, canonical_json(value))
         log.debug("key %s", fp.key)

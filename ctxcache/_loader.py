@@ -12,7 +12,6 @@ fallback with a logged reason. The application never sees a cache fault, unless 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,6 +22,7 @@ from . import _events, _key, _negative
 from ._config import Config
 from ._hashing import ModelDigest
 from ._inputs import ProvidersArg, Raw, check_kwargs, plain_session, resolve_model, resolve_providers, session
+from ._log import INFO, WARNING, log
 from ._manifest import Entry
 from ._markers import clear as clear_marker
 from ._markers import forget_deaths, mark
@@ -34,8 +34,6 @@ from ._trace import Trace
 from ._types import LoadResult, ModelArg, Outcome, Reason
 from .errors import CacheFaultError
 from .providers._base import Verdict
-
-log = logging.getLogger("ctxcache")
 
 # Backoff between attempts to load a context after a transient device failure (bounded: ~1 s in all).
 _RETRY_PAUSES = (0.2, 0.8)
@@ -297,6 +295,6 @@ class Loader:
                            result.saved_seconds, tier=result.tier, warm=inputs.warm)
         except OSError:
             pass
-        level = logging.WARNING if result.outcome == "fallback" else logging.INFO
+        level = WARNING if result.outcome == "fallback" else INFO
         why = f" ({result.reason})" if result.reason else ""
         log.log(level, "%s: %s in %.3f s%s", inputs.model.name, result.outcome, result.timings.total, why)

@@ -10,14 +10,12 @@ loader, ``explain`` and ``warm`` all ask it.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 from . import _fs
+from ._log import log
 from ._types import Reason
-
-log = logging.getLogger("ctxcache")
 
 _MAX = 1 << 16
 #: Codes a remembered record may carry; anything else reads as ``not_compilable`` (the old default).

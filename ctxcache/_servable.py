@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import _thread
 import json
-import logging
 from typing import Literal, get_args
 
 from . import _fs
+from ._log import log
 from ._manifest import Entry
 from ._markers import consume, dead_markers, deaths, note_death
 from ._store import Problem, Store
 from ._types import Reason
 from .providers import ExecutionProvider
 from .providers._base import Verdict
-
-log = logging.getLogger("ctxcache")
 
 Digests = Literal["all", "changed", "none"]
 _ANSWERS = frozenset(get_args(Verdict))

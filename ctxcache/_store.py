@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import stat
 import time
@@ -30,10 +29,9 @@ from typing import Any, NamedTuple
 
 from . import _fs, _manifest
 from ._hashing import file_digest, signature
+from ._log import log
 from ._manifest import CONTEXT, MANIFEST, Entry
 from ._onnxproto import WireError, read_facts
-
-log = logging.getLogger("ctxcache")
 
 LAYOUT = "v1"
 _KEEP_QUARANTINED = 8

@@ -24,6 +24,8 @@ LAYERS: dict[str, int] = {
     "ctxcache._fill": 3,
     "ctxcache._plan": 2,
     "ctxcache._trace": 0,
+    "ctxcache._log": 0,
+    "ctxcache._record": 0,
     "ctxcache._loader": 3,
     "ctxcache._servable": 2,
     "ctxcache._seams": 2,
@@ -180,11 +182,23 @@ def test_public_result_types_are_frozen() -> None:
     import dataclasses
 
     import ctxcache
+    from ctxcache._record import Record
 
-    for name in ("LoadResult", "Timings", "Reason", "EntryInfo", "VerifyResult", "PrunePlan", "PruneReport", "PruneItem",
+    # The hit path's own value objects are Records (no code generated at import: see _record.py).
+    for name in ("LoadResult", "Timings", "Reason", "Config", "Bypass", "Serve", "Fallback", "Miss", "Fingerprint"):
+        cls = getattr(ctxcache, name)
+        assert issubclass(cls, Record) and "__dict__" not in dir(cls.__mro__[-2]), name
+    reason = ctxcache.Reason("x", "y")
+    try:
+        reason.code = "z"  # type: ignore[misc]
+        raise AssertionError("Reason is not frozen")
+    except AttributeError:
+        pass
+    assert reason == ctxcache.Reason("x", "y") and hash(reason) == hash(ctxcache.Reason("x", "y"))
+    assert reason.replace(code="z") == ctxcache.Reason("z", "y")
+    for name in ("EntryInfo", "VerifyResult", "PrunePlan", "PruneReport", "PruneItem",
                  "Explanation", "Nearest", "Difference", "TierAnswer", "WarmResult", "Stats", "ExportResult",
-                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis", "GeneratedKey",
-                 "Config", "Bypass", "Serve", "Fallback", "Miss"):
+                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis", "GeneratedKey"):
         cls = getattr(ctxcache, name)
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
 
