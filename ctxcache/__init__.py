@@ -59,6 +59,7 @@ _LAZY = {
     "import_bundle": "._transfer",
     "pull": "._transfer",
     "push": "._transfer",
+    "quiet_native_stdout": "._quiet",
 }
 
 
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
     from ._manage import EntryInfo, ProviderCheck, VerifyResult, check_providers, known_providers
     from ._plan import Bypass, Fallback, Miss, Serve
     from ._prune import PruneItem, PrunePlan, PruneReport
+    from ._quiet import quiet_native_stdout
     from ._remove import plan_remove
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
@@ -135,6 +137,7 @@ __all__ = [
     "plan_remove",
     "pull",
     "push",
+    "quiet_native_stdout",
     "signing_key_info",
     "warm_detached",
 ]

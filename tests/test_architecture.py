@@ -46,6 +46,8 @@ LAYERS: dict[str, int] = {
     "ctxcache._probe": 1,
     "ctxcache._spawn": 0,
     "ctxcache._arch": 0,
+    "ctxcache._quiet": 0,
+    "ctxcache._childio": 0,
     "ctxcache._background": 2,
     "ctxcache._worker": 6,
     "ctxcache._manifest": 1,

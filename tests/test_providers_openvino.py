@@ -16,13 +16,12 @@ tests run a launch in a separate interpreter:
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import _child
 import pytest
 
 import ctxcache
@@ -42,17 +41,13 @@ def _interpreter(env: str, local: str, fallback: str) -> Path | None:
 
 
 def _run_in(python: Path, code: str, timeout: float = 300) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(python), "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"launch in {python} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-    return json.loads(line)  # type: ignore[no-any-return]
+    return _child.run([str(python), "-c", textwrap.dedent(code)], timeout=timeout, check=True).result  # type: ignore[no-any-return]
 
 
 LAUNCHES = """
 import json, numpy as np, onnxruntime as ort
 import ctxcache
+from _report import report
 from ctxcache import models
 model = models.conv_net({model!r}, layers=4, channels=16, seed=5)
 ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -96,8 +91,8 @@ if jit is not None:
 for run, out in zip(runs, outs):
     run["jit_maxdiff"] = float(np.abs(out - jit_out).max()) if jit is not None else None
 fp = cache.key(model, providers=providers)
-print(json.dumps({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
-                  "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}}))
+report({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
+        "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}})
 """
 
 
