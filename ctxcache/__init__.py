@@ -46,6 +46,9 @@ _LAZY = {
     "ExportResult": ".tiers.bundle",
     "GeneratedKey": "._trust",
     "generate_signing_key": "._trust",
+    "signing_key_info": "._trust",
+    "nearest_provider": ".providers",
+    "plan_remove": "._remove",
     "ImportResult": "._transfer",
     "ModelPackageTier": ".tiers.package",
     "PackageExport": ".tiers.package",
@@ -76,9 +79,11 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
     from ._plan import Bypass, Fallback, Miss, Serve
     from ._prune import PruneItem, PrunePlan, PruneReport
     from ._quiet import quiet_native_stdout
+    from ._remove import plan_remove
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
-    from ._trust import GeneratedKey, generate_signing_key
+    from ._trust import GeneratedKey, generate_signing_key, signing_key_info
+    from .providers import nearest_provider
     from .tiers.bundle import Bundle, ExportResult
     from .tiers.package import ModelPackageTier, PackageExport
     from .tiers.remote import RemoteTier
@@ -128,8 +133,11 @@ __all__ = [
     "generate_signing_key",
     "import_bundle",
     "known_providers",
+    "nearest_provider",
+    "plan_remove",
     "pull",
     "push",
     "quiet_native_stdout",
+    "signing_key_info",
     "warm_detached",
 ]

@@ -21,7 +21,7 @@ from ._store import Junk, Store
 
 log = logging.getLogger("ctxcache")
 
-PruneWhy = Literal["junk", "broken", "other_environment", "older_than", "over_size"]
+PruneWhy = Literal["junk", "broken", "other_environment", "older_than", "over_size", "requested"]
 
 
 @dataclass(frozen=True)

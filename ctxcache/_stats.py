@@ -51,6 +51,9 @@ class Stats:
     since: float | None = None
     #: warm-up loads that hit (rare: `warm` checks for an intact entry without a load, so "already cached" is no load)
     warm_hits: int = 0
+    #: warm-up loads that fell back / were bypassed (so that the application's own counts add up)
+    warm_fallbacks: int = 0
+    warm_bypasses: int = 0
 
     @property
     def loads(self) -> int:
@@ -69,6 +72,14 @@ class Stats:
         """Compiles an application's load waited for (a warm-up's compiles are ``warm_compiles``)."""
         return self.misses - self.warm_compiles
 
+    @property
+    def app_fallbacks(self) -> int:
+        return self.fallbacks - self.warm_fallbacks
+
+    @property
+    def app_bypasses(self) -> int:
+        return self.bypasses - self.warm_bypasses
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "loads": self.loads,
@@ -83,6 +94,10 @@ class Stats:
             "warm_loads": self.warm_loads,
             "warm_compiles": self.warm_compiles,
             "warm_hits": self.warm_hits,
+            "warm_fallbacks": self.warm_fallbacks,
+            "warm_bypasses": self.warm_bypasses,
+            "app_fallbacks": self.app_fallbacks,
+            "app_bypasses": self.app_bypasses,
             "compile_seconds": round(self.compile_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
             "reasons": dict(sorted(self.reasons.items())),
@@ -91,7 +106,8 @@ class Stats:
         }
 
 
-_COUNTS = ("hits", "misses", "fallbacks", "bypasses", "pendings", "warm_compiles", "warm_loads", "warm_hits")
+_COUNTS = ("hits", "misses", "fallbacks", "bypasses", "pendings", "warm_compiles", "warm_loads", "warm_hits",
+           "warm_fallbacks", "warm_bypasses")
 _SECONDS = ("compile_seconds", "saved_seconds")
 _TABLES = ("reasons", "per_key_hits", "tier_hits")
 _OUTCOME_FIELD = {"hit": "hits", "miss": "misses", "fallback": "fallbacks", "bypass": "bypasses", "pending": "pendings"}
@@ -154,6 +170,8 @@ class _Tally:
                 self.counts["warm_compiles"] += 1
             elif field_name == "hits":
                 self.counts["warm_hits"] += 1
+            elif field_name in ("fallbacks", "bypasses"):
+                self.counts["warm_" + field_name] += 1
         if field_name == "hits":
             if isinstance(ev.get("k"), str):
                 self.bump("per_key_hits", ev["k"])
@@ -180,7 +198,7 @@ class _Tally:
         return Stats(c["hits"], c["misses"], c["fallbacks"], c["bypasses"], c["pendings"], s["compile_seconds"],
                      s["saved_seconds"],
                      dict(t["reasons"]), dict(t["per_key_hits"]), dict(t["tier_hits"]), c["warm_compiles"],
-                     c["warm_loads"], self.since, c["warm_hits"])
+                     c["warm_loads"], self.since, c["warm_hits"], c["warm_fallbacks"], c["warm_bypasses"])
 
     def to_json(self, folded: list[str]) -> dict[str, Any]:
         return {**self.counts, **self.seconds, **self.tables, "since": self.since, "folded": folded}

@@ -238,13 +238,28 @@ class GeneratedKey(Record):
         self._set(path=path, public_key=public_key, key_id=key_id)
 
 
-def generate_signing_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> GeneratedKey:
+def signing_key_info(path: str | os.PathLike[str]) -> GeneratedKey:
+    """The public key and key id of the Ed25519 private key file at ``path`` (``ctxcache pubkey``).
+    Raises :class:`~ctxcache.errors.SigningKeyError` for anything else (an HMAC secret, a public key...)."""
+    dest = Path(os.path.abspath(os.fspath(path)))
+    key = signing_key(dest, str(dest))
+    if key.scheme != "ed25519" or key.public_key is None or key.key_id is None:
+        raise SigningKeyError(f"{dest} is not an Ed25519 private key (an HMAC secret has no public key); make one "
+                              "with `ctxcache keygen`", path=str(dest))
+    return GeneratedKey(dest, key.public_key, key.key_id)
+
+
+def generate_signing_key(path: str | os.PathLike[str], *, overwrite: bool = False,
+                         exist_ok: bool = False) -> GeneratedKey:
     """Write a new Ed25519 private key to ``path`` (PEM PKCS#8, owner-only) and return its public key.
 
     Refuses to replace an existing file unless ``overwrite`` (then the new key replaces it by one rename,
-    never leaving a half-written key). Raises :class:`~ctxcache.errors.SigningKeyError`.
+    never leaving a half-written key). ``exist_ok``: an existing Ed25519 key file at ``path`` is kept and
+    its public key returned (so a setup script can run twice). Raises :class:`~ctxcache.errors.SigningKeyError`.
     """
     dest = Path(os.path.abspath(os.fspath(path)))
+    if exist_ok and not overwrite and os.path.lexists(dest):
+        return signing_key_info(dest)
     if os.path.lexists(dest) and not overwrite:
         raise SigningKeyError(f"{dest} already exists; keep it, or replace it with overwrite=True: the old "
                               "key's signatures stay valid only where its public key stays trusted", path=str(dest))

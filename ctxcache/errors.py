@@ -141,7 +141,9 @@ class TierError(CtxCacheError, RuntimeError):
 class BundleError(CtxCacheError, ValueError):
     """A bundle or model package cannot be exported or imported.
 
-    ``path`` is the bundle; ``code`` is ``nothing_selected``, ``exists``, ``copy_failed`` or a
+    ``path`` is the bundle; ``code`` is ``nothing_selected``, ``exists``, ``bad_destination`` (an archive
+    format ctxcache does not write, such as ``.zip``), ``not_a_bundle`` (an ONNX model, any other file),
+    ``copy_failed`` or a
     :class:`TierError` code (``tier_unsafe``, ``tier_signature``, ``tier_untrusted``, ``tier_record``,
     ``tier_unreachable``).
     """

@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._doctor": 6,
     "ctxcache._detach": 1,
     "ctxcache._transfer": 6,
+    "ctxcache._remove": 6,
     "ctxcache._cache": 5,
     "ctxcache._manage": 4,
     "ctxcache._explain": 4,

@@ -409,10 +409,11 @@ def test_cli_attaches_its_log_handler_only_while_it_runs(warm_models: Path, cach
 
 
 def test_python_dash_m_ctxcache_is_the_same_cli(cache_dir: Path) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)  # ls of a folder that does not exist is an error (exit 2)
     proc = subprocess.run([sys.executable, "-m", "ctxcache", "ls", "--cache-dir", str(cache_dir), "--format", "json"],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"cache_dir": str(cache_dir), "entries": []}
+    assert json.loads(proc.stdout) == {"cache_dir": str(cache_dir), "entries": [], "matched": 0, "total": 0}
     proc = subprocess.run([sys.executable, "-m", "ctxcache", "verify", "--bogus"], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

@@ -1,4 +1,4 @@
-"""The inspection and maintenance commands: ls, explain, verify, prune, clear, stats, doctor.
+"""The inspection and maintenance commands: explain, verify, prune, clear, stats, doctor (ls and rm: _listing).
 
 Each is one function taking the parsed arguments and returning an exit code; the library does the
 work and returns objects, these functions only render them.
@@ -28,38 +28,6 @@ from ._common import (
     table,
     why_not_removed,
 )
-
-
-def _options_text(parts: dict[str, Any]) -> str:
-    opts = parts.get("ep_options")
-    if not isinstance(opts, dict):
-        return "-"
-    return " ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "-"
-
-
-# -- ls ---------------------------------------------------------------------------------------------
-def cmd_ls(args: argparse.Namespace) -> int:
-    cache = open_cache(args)
-    infos = cache.entries(include_broken=args.all)
-    if args.format == "json":
-        verdicts = cache.verdicts()
-        emit_json({"cache_dir": str(cache.root),
-                   "entries": [dict(e.as_dict(), compatibility=verdicts.get(e.key)) for e in infos]})
-        return EXIT_OK
-    if not infos:
-        out(f"no entries in {cache.root}")
-        return EXIT_OK
-    rows = []
-    for e in infos:
-        rows.append([
-            e.model_name, e.provider.removesuffix("ExecutionProvider"), e.key[:12], human_size(e.size),
-            human_time(e.created), human_time(e.last_used), e.hits,
-            e.broken if e.broken else _options_text(e.parts),
-        ])
-    out(table(["MODEL", "PROVIDER", "KEY", "SIZE", "CREATED", "LAST USED", "HITS", "OPTIONS"], rows, right=(3, 6)))
-    total = sum(e.size for e in infos)
-    out(f"\n{len(infos)} entr{'y' if len(infos) == 1 else 'ies'}, {human_size(total)} in {cache.root}")
-    return EXIT_OK
 
 
 # -- explain ----------------------------------------------------------------------------------------
@@ -104,7 +72,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # -- verify -----------------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
-    cache = open_cache(args)
+    cache = open_cache(args, must_exist=True)
     results = cache.verify_entries(fix=args.fix)
     bad = [r for r in results if not r.ok]
     kept = [r for r in bad if args.fix and not r.quarantined]  # --fix asked, and the entry is still there
@@ -135,16 +103,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # -- prune ------------------------------------------------------------------------------------------
 def cmd_prune(args: argparse.Namespace) -> int:
-    cache = open_cache(args)
+    cache = open_cache(args, must_exist=True)
     # One plan: the one shown (and confirmed) is the one executed.
     plan = cache.plan_prune(max_size=args.max_size, older_than=args.older_than, other_environments=not args.keep_other_env)
-    if plan.items and not args.dry_run:
-        if not confirm(f"remove {len(plan.items)} entries ({human_size(plan.freed)}) from {cache.root}?", yes=args.yes):
-            err("nothing removed")
-            return EXIT_OK
-        report = plan.execute()
-    else:
-        report = plan.report()
+    if plan.items and not args.dry_run and not confirm(
+            f"remove {len(plan.items)} entries ({human_size(plan.freed)}) from {cache.root}?", yes=args.yes):
+        err("nothing removed")
+        return EXIT_OK
+    # Without --dry-run the plan is executed even when empty, so the report says "removed 0", not "would remove".
+    report = plan.report() if args.dry_run else plan.execute()
     if args.format == "json":
         emit_json({"cache_dir": str(cache.root), **report.as_dict()})
         return EXIT_FAILED if report.failed else EXIT_OK
@@ -164,7 +131,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 # -- clear ------------------------------------------------------------------------------------------
 def cmd_clear(args: argparse.Namespace) -> int:
-    cache = open_cache(args)
+    cache = open_cache(args, must_exist=True)
     infos = cache.entries(include_broken=True)
     size = sum(e.size for e in infos)
     if args.dry_run:
@@ -192,7 +159,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 # -- stats ------------------------------------------------------------------------------------------
 def cmd_stats(args: argparse.Namespace) -> int:
-    cache = open_cache(args)
+    cache = open_cache(args, must_exist=True)
     st = cache.stats()
     data = st.as_dict()
     if args.format == "json":
@@ -201,16 +168,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{k} {v}" for k, v in data["reasons"].items()) or "-"
         # The application's launches first; what `ctxcache warm` (or ContextCache.warm) did apart, so that
         # the warm-up's compiles do not read as launches that waited for one.
+        # Each indented group adds up to the line above it (tested): app loads = hits + misses + pending +
+        # fallbacks + bypasses; warm-up loads = compiled + hit + fell back + bypassed.
         rows: list[list[Any]] = [
             ["app loads", st.app_loads],
             ["  hits", st.app_hits],
             ["    fetched from a tier", ", ".join(f"{k} {v}" for k, v in data["tier_hits"].items()) or "-"],
             ["  misses (compiled)", st.app_misses],
             ["  pending (background)", st.pendings],
-            ["warm-up compiles", st.warm_compiles],  # an intact entry costs a warm-up no load, so no count
-            ["fallbacks", st.fallbacks],
-            ["bypasses", st.bypasses],
-            ["reasons", reasons],
+            ["  fallbacks", st.app_fallbacks],
+            ["  bypasses", st.app_bypasses],
+            ["warm-up loads", st.warm_loads],  # an intact entry costs a warm-up no load, so no count
+            ["  compiled", st.warm_compiles],
+            ["  hit", st.warm_hits],
+            ["  fell back", st.warm_fallbacks],
+            ["  bypassed", st.warm_bypasses],
+            ["reasons (all loads)", reasons],
             ["compile time spent", seconds(st.compile_seconds)],
             ["compile time saved", seconds(st.saved_seconds)],
             ["since", human_time(st.since)],

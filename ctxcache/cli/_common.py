@@ -43,9 +43,11 @@ exit codes:
   0    success (warm: every model cached; verify: all intact; explain: the load would hit)
   1    the command ran and found a problem (warm: a model failed to compile, the others are cached;
        verify: damaged entries; explain: the load would not hit; demo: not the expected sequence;
-       doctor: a problem; clear, prune, verify --fix, stats --reset: could not change the cache, e.g. read-only)
-  2    bad usage or input: unknown command or flag, a missing model or a file that is not one, unknown
-       provider, misspelt option, a cache folder that is a file, an export destination that exists
+       doctor: a problem; clear, prune, rm, verify --fix, stats --reset: could not change the cache, e.g.
+       read-only; export, push, rm: no entry matches; import, pull: entries refused)
+  2    bad usage or input: unknown command or flag, a missing model or a file that is not one (import: not a
+       bundle), unknown provider, misspelt option, a cache folder that is a file or does not exist, an
+       export destination that exists or an archive format not written (.zip)
   130  interrupted (Ctrl-C); no partial entry is left behind
   141  the reader of the output went away (`ctxcache ls | head`); nothing is printed about it
 
@@ -80,29 +82,13 @@ def add_command(
     return p
 
 
-# -- providers --------------------------------------------------------------------------------------
-ALIASES = {
-    "qnn": "QNNExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "nv": "NvTensorRTRTXExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "vitisai": "VitisAIExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-}
-
+# -- providers ----------------------------------------------------------------------------------------
 DEFAULT_PRESET = "qnn-htp"
 PRESETS = {
     "qnn-htp": "QNN HTP (Snapdragon NPU, soc_model 60 / htp_arch 73, fp16) with onnxruntime-qnn's own HTP backend",
 }
 
 
-def _known_providers() -> list[str]:
-    return sorted(set(ALIASES.values()) | set(ctxcache.known_providers()))
 
 
 def provider_name(name: str) -> str:
@@ -112,21 +98,13 @@ def provider_name(name: str) -> str:
     suggestion (``qnnn`` -> ``qnn``); any other name passes through, for the library to judge (a plugin EP
     the process registers is not known here)."""
     low = name.strip().lower()
-    if low in ALIASES:
-        return ALIASES[low]
-    known = _known_providers()
-    for full in known:
-        if full.lower() in (low, low + "executionprovider"):
-            return full
-    import difflib
-
-    by_lower = {a: a for a in ALIASES} | {k.lower(): k for k in known}
-    close = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.75)
-    if close:
-        alias = close[0]
-        hint = f"{alias} ({ALIASES[alias]})" if alias in ALIASES else by_lower[alias]
-        raise UsageError(f"unknown execution provider {name!r}; did you mean {hint}?")
-    return name.strip()
+    found = ctxcache.nearest_provider(name)  # the library's own "did you mean", aliases included
+    if found is None:
+        return name.strip()
+    full, alias = found
+    if alias == low or full.lower() in (low, low + "executionprovider"):
+        return full  # an alias, or the name in another case: what the user meant, no question
+    raise UsageError(f"unknown execution provider {name!r}; did you mean {f'{alias} ({full})' if alias else full}?")
 
 
 def preset(name: str) -> tuple[str, dict[str, str]]:
@@ -267,7 +245,22 @@ def cache_dir_arg(args: argparse.Namespace) -> str | None:
     return os.path.abspath(os.path.expanduser(args.cache_dir)) if args.cache_dir else None
 
 
-def open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
+def open_cache(args: argparse.Namespace, *, must_exist: bool = False, **kw: Any) -> ctxcache.ContextCache:
+    """The cache the arguments name. ``must_exist``: a command that only reads or changes what is there
+    (ls, verify, stats, prune, clear, rm, export, push) refuses a folder that does not exist, as bad input
+    (a mistyped --cache-dir used to read as "0 entries checked, all intact")."""
+    cache = _open_cache(args, **kw)
+    if must_exist and not os.path.isdir(cache.root):
+        if args.cache_dir:
+            raise UsageError(f"the cache folder {cache.root} (--cache-dir) does not exist; check the path")
+        if os.environ.get("CTXCACHE_DIR"):
+            raise UsageError(f"the cache folder {cache.root} ($CTXCACHE_DIR) does not exist; check the path")
+        raise UsageError(f"the cache folder {cache.root} does not exist: nothing has been cached here yet "
+                         "(`ctxcache warm MODEL` or the app's first load creates it)")
+    return cache
+
+
+def _open_cache(args: argparse.Namespace, **kw: Any) -> ctxcache.ContextCache:
     if getattr(args, "tier", None):
         kw["tiers"] = list(args.tier)
     if getattr(args, "trusted_key", None) is not None:

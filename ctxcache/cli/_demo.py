@@ -122,6 +122,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tmp = None
     if args.dir:
         work = Path(args.dir).expanduser().resolve()
+        if os.path.lexists(work) and not work.is_dir():  # bad input, exit 2 as everywhere (was a traceback line, 1)
+            from ._common import UsageError
+
+            raise UsageError(f"--dir {work} is a file, not a folder; give a folder (created if missing)")
         work.mkdir(parents=True, exist_ok=True)
     else:
         tmp = tempfile.mkdtemp(prefix="ctxcache-demo-")

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import IO, Any, cast
 
 import ctxcache
 
@@ -31,21 +32,35 @@ from ._common import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import _commands, _demo, _warm
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a failed write of help or usage is not swallowed: ``ctxcache --help | true``
+    then ends quietly with 141, like every command (argparse ignores the error, and Python's final flush
+    of stdout then printed "Exception ignored ... BrokenPipeError" and exited 120)."""
 
-    parser = argparse.ArgumentParser(
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            stream: IO[str] = file if file is not None else sys.stderr
+            stream.write(message)
+            stream.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import _commands, _demo, _listing, _warm
+
+    parser = _Parser(
         prog="ctxcache",
         description="Compile ONNX Runtime models for their NPU/GPU once per device (EP-context models), "
         "load them instantly after, and never break the app.",
-        epilog="examples:\n  ctxcache demo\n  ctxcache warm models/ --jobs 2\n  ctxcache ls\n\n" + EXIT_CODES,
+        epilog="examples:\n  ctxcache demo\n  ctxcache warm models/ --jobs 2\n  ctxcache ls --sort size --limit 10\n"
+               "  ctxcache rm models/net.onnx --dry-run\n\n" + EXIT_CODES,
         formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"ctxcache {ctxcache.__version__}")
     # -v before the command counts too (a command's own -v would overwrite a shared dest, hence its own).
     parser.add_argument("-v", "--verbose", action="count", default=0, dest="global_verbose",
                         help="log what the cache does (-vv: debug); also accepted after the command")
-    subs = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subs = cast("argparse._SubParsersAction[argparse.ArgumentParser]",  # of _Parser: help written, never swallowed
+                parser.add_subparsers(dest="command", metavar="COMMAND", title="commands"))
 
     p = add_command(subs, "demo", "run 5 real launches on the QNN compiler: miss, hit, damage -> fallback, miss, hit",
              "ctxcache demo\nctxcache demo --dir /tmp/ctxcache-demo --format json", _demo.cmd_demo, cache=False)
@@ -84,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_provider_flags(p, what="each one is a configuration to warm (default: --preset qnn-htp)")
     add_key_flags(p)
 
-    p = add_command(subs, "ls", "list cached entries", "ctxcache ls\nctxcache ls --all --format json", _commands.cmd_ls)
-    p.add_argument("--all", action="store_true", help="include damaged entries")
+    _listing.add_parsers(subs)
 
     p = add_command(subs, "explain", "would loading MODEL hit? if not, which key parts differ from the entries of that model",
              "ctxcache explain model.onnx --preset qnn-htp -o soc_model=69 -o htp_arch=79 --tier /opt/app/ctx.tar\n"

@@ -27,10 +27,12 @@ from ._common import (
     add_provider_flags,
     add_trust_flags,
     emit_json,
+    err,
     open_cache,
     out,
     table,
 )
+from ._progress import ProgressLine
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
@@ -41,8 +43,9 @@ def _signing_key(args: argparse.Namespace) -> list[Path] | None:
     return [Path(os.path.expanduser(p)) for p in paths] if paths else None
 
 
-def _cache(args: argparse.Namespace) -> ctxcache.ContextCache:
-    return open_cache(args, extra_key=getattr(args, "extra_key", None), embed=getattr(args, "embed", False))
+def _cache(args: argparse.Namespace, *, must_exist: bool = False) -> ctxcache.ContextCache:
+    return open_cache(args, must_exist=must_exist, extra_key=getattr(args, "extra_key", None),
+                      embed=getattr(args, "embed", False))
 
 
 def _filters(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -103,11 +106,15 @@ def _remote(args: argparse.Namespace) -> ctxcache.RemoteTier:
     if "://" not in args.url:
         raise UsageError(f"a remote is a URL (s3://bucket/prefix, file:///share/ctxcache, ...), not {args.url!r}")
     try:
-        return ctxcache.RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args),
-                                   timeout=args.timeout, require_signature=not getattr(args, "allow_unsigned", False),
-                                   tuf_root=getattr(args, "tuf_root", None), tuf_keys=getattr(args, "tuf_keys", None))
+        remote = ctxcache.RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args),
+                                     timeout=args.timeout, require_signature=not getattr(args, "allow_unsigned", False),
+                                     tuf_root=getattr(args, "tuf_root", None), tuf_keys=getattr(args, "tuf_keys", None))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    # Read the key files now: a missing or unreadable one is bad input (exit 2) even when no record needs it
+    # (a pull of entries already present used to succeed with a --signing-key-file that did not exist).
+    remote.signing_keys()
+    return remote
 
 
 def _add_remote_flags(p: argparse.ArgumentParser) -> None:
@@ -119,44 +126,119 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------------
-def cmd_keygen(args: argparse.Namespace) -> int:
-    if os.path.lexists(args.file) and not args.force:  # the library's message names overwrite=True, not the flag
-        raise UsageError(f"{os.path.abspath(args.file)} already exists; keep it, or replace it with --force: the old "
-                         "key's signatures stay valid only where its public key stays trusted")
-    try:
-        key = ctxcache.generate_signing_key(args.file, overwrite=args.force)
-    except ctxcache.errors.SigningKeyError as e:
-        raise UsageError(str(e).replace("overwrite=True", "--force")) from None
+def _print_key(args: argparse.Namespace, key: Any, *, made: bool) -> None:
     if args.format == "json":
-        emit_json({"private_key_file": str(key.path), "public_key": key.public_key, "key_id": key.key_id})
-        return EXIT_OK
-    out(f"private key  {key.path} (owner-only: keep it on the build machine, never ship it)")
+        emit_json({"private_key_file": str(key.path), "public_key": key.public_key, "key_id": key.key_id, "created": made})
+        return
+    out(f"private key  {key.path}" + (" (owner-only: keep it on the build machine, never ship it)" if made else
+                                      " (kept: it already existed)"))
     out(f"public key   {key.public_key}")
     out(f"key id       {key.key_id}")
-    out("\nsign:   ctxcache export BUNDLE --signing-key-file " + str(key.path))
-    out(f"trust:  ContextCache(trusted_keys=[\"{key.public_key}\"]) or CTXCACHE_TRUSTED_KEYS={key.public_key}")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    exists = os.path.lexists(args.file)
+    if exists and not args.force and not args.exist_ok:  # the library's message names overwrite=True, not the flag
+        raise UsageError(f"{os.path.abspath(args.file)} already exists; keep it (--exist-ok prints its public key), or "
+                         "replace it with --force: the old key's signatures stay valid only where its public key stays trusted")
+    try:
+        key = ctxcache.generate_signing_key(args.file, overwrite=args.force, exist_ok=args.exist_ok)
+    except ctxcache.errors.SigningKeyError as e:
+        raise UsageError(str(e).replace("overwrite=True", "--force")) from None
+    made = args.force or not exists
+    _print_key(args, key, made=made)
+    if args.format != "json":
+        out(f"\nsign:   ctxcache export BUNDLE --signing-key-file {key.path}   (or CTXCACHE_SIGNING_KEY=\"$(cat {key.path})\")")
+        out(f"trust:  ContextCache(trusted_keys=[\"{key.public_key}\"]) or CTXCACHE_TRUSTED_KEYS={key.public_key}")
     return EXIT_OK
 
 
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    try:
+        key = ctxcache.signing_key_info(args.file)
+    except ctxcache.errors.SigningKeyError as e:
+        raise UsageError(str(e)) from None
+    if args.format == "json":
+        emit_json({"private_key_file": str(key.path), "public_key": key.public_key, "key_id": key.key_id})
+    else:
+        out(key.public_key)  # alone on stdout: CTXCACHE_TRUSTED_KEYS=$(ctxcache pubkey key.pem)
+        err(f"key id {key.key_id}")
+    return EXIT_OK
+
+
+# -- what a refusal means, once, short ----------------------------------------------------------------------
+_HINTS = {
+    "tier_untrusted": "trust its signer (--trusted-key), have it signed (--signing-key-file), "
+                      "or pass --allow-unsigned if you vouch for it",
+    "revoked": "a revoked key's signature is refused everywhere; have it signed again with a current key",
+    "tier_signature": "altered after signing, or signed with another HMAC secret: get it again from its source",
+    "tier_digest": "a file was damaged or altered: get it again from its source",
+}
+
+
+def _short(key: str, text: str) -> tuple[str, str]:
+    """``(code, reason)`` from a refusal ``"<code>: <where>:<key12>: <why>; <how to fix>"``: the why alone."""
+    code, _, rest = text.partition(": ")
+    if not code.startswith("tier_"):
+        return "", text
+    marker = f"{key[:12]}: "
+    if marker in rest:
+        rest = rest.split(marker, 1)[1]
+    return code, rest.split("; ", 1)[0]
+
+
+def refusal_lines(refused: dict[str, str], *, suggest_unsigned: bool = True) -> list[str]:
+    """One line per distinct reason (a bundle refused for its index gives one line, not one per entry),
+    then what to do about it."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key, text in refused.items():
+        groups.setdefault(_short(key, text), []).append(key)
+    lines = []
+    for (code, why), keys in groups.items():
+        n = len(keys)
+        lines.append(f"refused {n} entr{'y' if n == 1 else 'ies'} ({', '.join(k[:12] for k in keys[:3])}"
+                     f"{', ...' if n > 3 else ''}): {why}")
+        hint = _HINTS.get("revoked" if code == "tier_untrusted" and "revoked" in why else code)
+        if hint and not suggest_unsigned:  # --allow-unsigned given (or meaningless): not a matter of vouching
+            hint = hint.replace(", or pass --allow-unsigned if you vouch for it", "")
+        if hint:
+            lines.append(f"  {hint}")
+    return lines
+
+
+def _unsigned_note(signed_by: tuple[str, ...] | list[str], what: str, reader: str, fix: str) -> str | None:
+    """The one line said when nothing a device trusts signed ``what`` (``None`` when an Ed25519 key did)."""
+    if any(s != "hmac-sha256" for s in signed_by):
+        return None
+    how = "signed with an HMAC only" if signed_by else "unsigned"
+    return f"note: {what} {how}, so devices and `{reader}` refuse it; {fix} with --signing-key-file KEY (`ctxcache keygen`)"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    cache = _cache(args)
+    cache = _cache(args, must_exist=True)
     entries = _select(cache, args)
     if not entries:
         raise CommandFailed(f"no entry of {cache.root} matches the selection (see `ctxcache ls`)")
     keys = [e.key for e in entries]
+    progress = ProgressLine("export")
     try:
         if args.package:
             res = ctxcache.export_model_package(cache, args.dest, keys=keys, signing_key=_signing_key(args),
                                                 compatibility=not args.no_compatibility)
             exported, skipped, signed, signed_by = list(res.variants), res.skipped, res.signed, res.signed_by
         else:
-            b = ctxcache.export_bundle(cache, args.dest, keys=keys, signing_key=_signing_key(args), overwrite=args.overwrite)
+            b = ctxcache.export_bundle(cache, args.dest, keys=keys, signing_key=_signing_key(args), overwrite=args.overwrite,
+                                       progress=progress)
             exported, skipped, signed, signed_by = list(b.keys), b.skipped, b.signed, b.signed_by
     except ctxcache.errors.BundleError as e:
         if e.code == "exists":  # bad input, as everywhere (exit 2), phrased as the flag
             how = "remove it first (--overwrite does not apply to --package)" if args.package else "replace it (--overwrite)"
             raise UsageError(f"{e.path} already exists; choose another path, or {how}") from None
+        if e.code == "bad_destination":
+            raise UsageError(str(e)) from None
         raise CommandFailed(str(e)) from None
+    finally:
+        progress.close()
     by_key = {e.key: e for e in entries}
     if args.format == "json":
         emit_json({"path": os.path.abspath(args.dest), "format": "model-package" if args.package else "bundle",
@@ -168,28 +250,38 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{' (signed by ' + ', '.join(signed_by) + ')' if signed else ' (unsigned)'}")
         for k, why in skipped.items():
             out(f"skipped {k[:12]}: {why}")
+    note = _unsigned_note(tuple(signed_by), "the package is" if args.package else "the bundle is", "import", "sign it")
+    if note:
+        err(note)
     return EXIT_FAILED if skipped else EXIT_OK
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     cache = _cache(args)
+    progress = ProgressLine("import")
     try:
         res = ctxcache.import_bundle(cache, args.bundle, signing_key=_signing_key(args), force=args.force,
-                                     require_signature=False if args.allow_unsigned else None)
+                                     require_signature=False if args.allow_unsigned else None, progress=progress)
     except ctxcache.errors.BundleError as e:
+        if e.code in ("not_a_bundle", "tier_unreachable"):  # missing, a model, no index, not an archive at all
+            raise UsageError(str(e)) from None  # bad input, exit 2 (a damaged or hostile bundle: 1, below)
         raise CommandFailed(str(e)) from None
+    finally:
+        progress.close()
     if args.format == "json":
         emit_json(res.as_dict())
     else:
         rows = [(k[:12], "installed") for k in res.installed] + [(k[:12], "already present") for k in res.present]
-        rows += [(k[:12], f"REFUSED {why}") for k, why in res.refused.items()]
+        rows += [(k[:12], f"refused ({_short(k, why)[0] or 'error'})") for k, why in res.refused.items()]
         out(table(["key", "result"], rows))
         out(f"\n{len(res.installed)} installed, {len(res.present)} already present, {len(res.refused)} refused")
+        for line in refusal_lines(res.refused, suggest_unsigned=not args.allow_unsigned):
+            err(line)
     return EXIT_FAILED if res.refused else EXIT_OK
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    cache = _cache(args)
+    cache = _cache(args, must_exist=True)
     remote = _remote(args)
     entries = _select(cache, args)
     if not entries:
@@ -199,7 +291,11 @@ def cmd_push(args: argparse.Namespace) -> int:
                             signing_key=_signing_key(args))
     except ctxcache.errors.TierError as e:
         raise CommandFailed(str(e)) from None
-    return _report(args, res.results, "pushed")
+    code = _report(args, res.results, "pushed")
+    note = _unsigned_note(res.signed_by, "pushed", "pull", "push again")
+    if note and args.format != "json":
+        err(note)
+    return code
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -212,18 +308,28 @@ def cmd_pull(args: argparse.Namespace) -> int:
     results = dict.fromkeys(res.installed, "installed")
     results.update(dict.fromkeys(res.present, "present"))
     results.update({k: f"refused: {why}" for k, why in res.refused.items()})
-    return _report(args, results, "installed")
+    if args.format == "json":
+        return _report(args, results, "installed")
+    shown = {k: (f"refused ({_short(k, v.removeprefix('refused: '))[0] or 'error'})" if v.startswith("refused: ") else v)
+             for k, v in results.items()}
+    _report(args, shown, "installed")
+    for line in refusal_lines(res.refused, suggest_unsigned=not args.allow_unsigned):
+        err(line)
+    return EXIT_FAILED if res.refused else EXIT_OK
 
 
 def _report(args: argparse.Namespace, results: dict[str, str], ok: str) -> int:
+    good = (ok, "present", "signed")
     if args.format == "json":
         emit_json(results)
     else:
         out(table(["key", "result"], [(k[:12], v) for k, v in results.items()]))
         done = sum(1 for v in results.values() if v == ok)
-        out(f"\n{done} {ok}, {sum(1 for v in results.values() if v == 'present')} already present, "
-            f"{sum(1 for v in results.values() if v not in (ok, 'present'))} failed")
-    return EXIT_FAILED if any(v not in (ok, "present") for v in results.values()) else EXIT_OK
+        signed = sum(1 for v in results.values() if v == "signed")
+        out(f"\n{done} {ok}, {sum(1 for v in results.values() if v == 'present')} already present"
+            + (f", {signed} already present and now signed" if signed else "")
+            + f", {sum(1 for v in results.values() if v not in good)} failed")
+    return EXIT_FAILED if any(v not in good for v in results.values()) else EXIT_OK
 
 
 def _opts(entry: Any) -> str:
@@ -242,8 +348,19 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
              # devices: ContextCache(trusted_keys=["ed25519:..."]) or CTXCACHE_TRUSTED_KEYS=ed25519:...
              """, cmd_keygen, cache=False)
     p.add_argument("file", metavar="FILE", help="where to write the private key (PEM, owner-only)")
-    p.add_argument("--force", action="store_true", help="replace an existing key file (its signatures stay valid "
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--force", action="store_true", help="replace an existing key file (its signatures stay valid "
                                                         "only where its public key stays trusted)")
+    g.add_argument("--exist-ok", action="store_true",
+                   help="if FILE already holds an Ed25519 private key, keep it and print its public key (a setup "
+                        "script that runs twice)")
+
+    p = add_command(subparsers, "pubkey", "print the public key of a private key file (what devices trust)",
+             """
+             ctxcache pubkey build/ctx-signing.pem
+             export CTXCACHE_TRUSTED_KEYS=$(ctxcache pubkey build/ctx-signing.pem)
+             """, cmd_pubkey, cache=False)
+    p.add_argument("file", metavar="FILE", help="an Ed25519 private key file (`ctxcache keygen`, openssl genpkey)")
 
     p = add_command(subparsers, "export",
                     "write cached entries to a bundle folder, a .tar / .tar.gz archive, or an ORT model package",
@@ -269,8 +386,10 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_checking_flags(p)
     add_key_flags(p)
 
-    p = add_command(subparsers, "push", "upload cached entries to an S3-compatible store (needs ctxcache[remote])",
-             "ctxcache push s3://builds/ctxcache --model net.onnx --endpoint-url http://minio:9000", cmd_push)
+    p = add_command(subparsers, "push", "upload cached entries to an S3-compatible store (needs ctxcache[remote]); with a "
+                    "signing key, entries already there get its signature too",
+             "ctxcache push s3://builds/ctxcache --model net.onnx --endpoint-url http://minio:9000 --signing-key-file key.pem",
+             cmd_push)
     _add_remote_flags(p)
     p.add_argument("--overwrite", action="store_true", help="upload even if the remote already has the entry")
     _add_selection_flags(p)

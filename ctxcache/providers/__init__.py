@@ -54,6 +54,41 @@ NO_CONTEXT = frozenset({
     "XnnpackExecutionProvider",
 })
 
+#: Short names the command line accepts (``--provider qnn``); the library suggests the full name for them.
+ALIASES: dict[str, str] = {
+    "qnn": "QNNExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "nv": "NvTensorRTRTXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "vitisai": "VitisAIExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+}
+
+
+def nearest_provider(name: str, known: list[str] | None = None) -> tuple[str, str | None] | None:
+    """The provider a mistyped ``name`` most likely means, as ``(full name, alias or None)``: an alias
+    (``cpu``), the same name in another case or without ``ExecutionProvider``, or a close spelling of
+    either (``qnnn``, ``QNNExecutionProvidr``), among ``known`` (default: every name known here).
+    ``None``: nothing close. The one rule behind both the library's "did you mean" and the command line's."""
+    low = name.strip().lower()
+    if low in ALIASES:
+        return ALIASES[low], low
+    known = sorted(set(known_names() if known is None else known) | set(ALIASES.values()))
+    for full in known:
+        if full.lower() in (low, low + "executionprovider"):
+            return full, None
+    import difflib
+
+    by_lower = {a: (full, a) for a, full in ALIASES.items()} | {k.lower(): (k, None) for k in known}
+    close = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.7)
+    return by_lower[close[0]] if close else None
+
+
 # One instance per provider per process: QNN's plugin registration is process-wide state.
 _instances: dict[str, ExecutionProvider] = {}
 
@@ -79,11 +114,10 @@ def get(name: str) -> ExecutionProvider:
     elif cls is None:
         known = known_names()
         if name not in known:
-            import difflib
-
             # Names are case-sensitive in ONNX Runtime: a name that differs only in case gets that name.
-            close = [k for k in known if k.lower() == name.lower()] or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f". Known providers: {', '.join(known)}"
+            close = nearest_provider(name, known)
+            hint = (f"; did you mean {close[0]!r}?" if close and close[0] != name
+                    else f". Known providers: {', '.join(known)}")
             raise UnknownProviderError(
                 f"unknown execution provider {name!r}{hint}", provider=name, known=known
             )
@@ -94,4 +128,4 @@ def get(name: str) -> ExecutionProvider:
     return inst
 
 
-__all__ = ["ExecutionProvider", "get", "known_names"]
+__all__ = ["ALIASES", "ExecutionProvider", "get", "known_names", "nearest_provider"]

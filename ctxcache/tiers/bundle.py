@@ -20,6 +20,7 @@ a link, a device, an absolute or '..' path, a duplicate, or any name outside the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -65,6 +66,12 @@ CONTEXT = "bundle-index"
 BUNDLE_KIND = "ctxcache-bundle"
 BUNDLE_FORMAT = 1
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Archive names a user may reach for that ctxcache does not write: refused rather than turned into a folder
+# that looks like an archive (`export out.zip` used to write a folder named out.zip).
+_OTHER_ARCHIVES = (".zip", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".7z", ".rar", ".gz",
+                   ".bz2", ".xz", ".zst")
+#: Called with a byte count as a bundle's files are read (import progress) or written (export progress).
+ByteHook = Callable[[int], None]
 _MAX_INDEX = 16 << 20
 _MAX_MEMBERS = 100_000
 _MEMBER_RE = re.compile(
@@ -74,6 +81,60 @@ _MEMBER_RE = re.compile(
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).lower().endswith(_ARCHIVE_SUFFIXES)
+
+
+def unsupported_archive(path: str | os.PathLike[str]) -> str | None:
+    """The archive suffix of ``path`` that a bundle cannot be (``.zip``, ``.tar.xz`` ...), else ``None``."""
+    name = os.path.basename(os.fspath(path).rstrip("/\\")).lower()
+    if name.endswith(_ARCHIVE_SUFFIXES):
+        return None
+    return next((s for s in _OTHER_ARCHIVES if name.endswith(s)), None)
+
+
+#: Called with the position reached in an archive file as it is read (each opening lists its members).
+PositionHook = Callable[[int], None]
+
+
+class _Positioned:
+    """An archive file that reports how far it has been read (progress of listing a .tar.gz); bytes untouched."""
+
+    def __init__(self, f: IO[bytes], hook: PositionHook) -> None:
+        self._f = f
+        self._hook = hook
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._hook(self._f.tell())
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def __getattr__(self, name: str) -> Any:  # mode, name, closed... as the file has them
+        return getattr(self._f, name)
+
+
+class _Counted:
+    """A read-only file that reports each chunk read to ``hook`` (progress; the bytes are untouched)."""
+
+    def __init__(self, f: IO[bytes], hook: ByteHook) -> None:
+        self._f = f
+        self._hook = hook
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data:
+            self._hook(len(data))
+        return data
+
+
+@contextmanager
+def _counted(cm: Any, hook: ByteHook | None) -> Iterator[Any]:
+    with cm as f:
+        yield f if hook is None else _Counted(f, hook)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -119,6 +180,7 @@ class _Reader:
     index: dict[str, Any]
     open_member: Callable[[str], Any]
     signer: Signer = UNSIGNED
+    on_read: ByteHook | None = None
 
     @property
     def records(self) -> dict[str, Any]:
@@ -126,7 +188,7 @@ class _Reader:
 
     def opener(self, key: str) -> Opener:
         def open_file(name: str) -> Any:
-            return self.open_member(f"entries/{key}/{name}")
+            return _counted(self.open_member(f"entries/{key}/{name}"), self.on_read)
 
         return open_file
 
@@ -177,7 +239,8 @@ def _open_folder(location: Path, keys: tuple[SigningKey, ...], trust: Trust | No
 
 
 @contextmanager
-def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | None) -> Iterator[_Reader]:
+def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | None,
+                  on_scan: PositionHook | None = None) -> Iterator[_Reader]:
     import tarfile
 
     try:
@@ -186,7 +249,8 @@ def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | N
     except OSError as e:
         raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
     try:
-        tf = tarfile.open(fileobj=raw_file, mode="r:*")  # noqa: SIM115 - closed by the `with tf:` below
+        src: Any = raw_file if on_scan is None else _Positioned(raw_file, on_scan)
+        tf = tarfile.open(fileobj=src, mode="r:*")  # noqa: SIM115 - closed by the `with tf:` below
     except (OSError, tarfile.TarError) as e:
         raw_file.close()
         raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
@@ -239,6 +303,10 @@ class Bundle(LocalTier):
     """
 
     kind = "bundle"
+    #: Called with each chunk's size as entry files are read (``import_bundle``'s progress); not a setting.
+    on_read: ByteHook | None = None
+    #: Called with the position reached as an archive is listed (a .tar.gz is read whole to list it).
+    on_scan: PositionHook | None = None
 
     def describe(self) -> str:
         return f"bundle {self.location}"
@@ -250,13 +318,13 @@ class Bundle(LocalTier):
         if is_archive(self.location):
             if not os.path.isfile(self.location):
                 raise TierError(f"bundle archive {self.location} does not exist", code="tier_unreachable")
-            with _open_archive(self.location, keys, trust) as r:
-                yield r
+            with _open_archive(self.location, keys, trust, self.on_scan) as r:
+                yield dataclasses.replace(r, on_read=self.on_read)
         else:
             if not os.path.isdir(self.location):
                 raise TierError(f"bundle folder {self.location} does not exist", code="tier_unreachable")
             with _open_folder(self.location, keys, trust) as r:
-                yield r
+                yield dataclasses.replace(r, on_read=self.on_read)
 
     def index_signer(self, trust: Trust) -> Signer:
         """Who signed the whole index (``doctor``): a bundle's entries are signed together."""
@@ -264,8 +332,19 @@ class Bundle(LocalTier):
             return r.signer
 
     def keys(self) -> list[str]:
+        return sorted(self.sizes())
+
+    def sizes(self) -> dict[str, int]:
+        """Each key's bytes as the index records them (unverified: for a progress total, never a decision)."""
+        out: dict[str, int] = {}
         with self.open() as r:
-            return sorted(k for k in r.records if is_key(k))
+            for key, record in r.records.items():
+                if not is_key(key):
+                    continue
+                files = record.get("files") if isinstance(record, dict) else None
+                out[key] = sum(f["size"] for f in files.values() if isinstance(f, dict) and isinstance(f.get("size"), int)
+                               and f["size"] >= 0) if isinstance(files, dict) else 0
+        return out
 
     def lookup(self, key: str, parts: Parts = ()) -> Match | None:
         with self.open() as r:
@@ -312,8 +391,9 @@ def signer_names(keys: Sequence[SigningKey]) -> tuple[str, ...]:
 
 
 def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence[SigningKey], version: str,
-                 skipped: dict[str, str], overwrite: bool) -> ExportResult:
-    """Write verified ``entries`` as a bundle folder or archive at ``dest``; it appears by one rename."""
+                 skipped: dict[str, str], overwrite: bool, on_write: ByteHook | None = None) -> ExportResult:
+    """Write verified ``entries`` as a bundle folder or archive at ``dest``; it appears by one rename.
+    ``on_write`` is told the bytes of each entry copied and, for an archive, of each chunk archived."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     tmp.mkdir(mode=0o755)
@@ -330,6 +410,8 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence
                 continue
             records[entry.key] = make_record(entry, files)
             keys.append(entry.key)
+            if on_write is not None:
+                on_write(sum(int(f["size"]) for f in files.values()))
         if not records:
             return ExportResult(dest, (), skipped, False)
         secret = hmac_secret(signing_keys)
@@ -344,7 +426,7 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence
         if overwrite and os.path.lexists(dest):
             _fs.remove_tree(dest)
         if is_archive(dest):
-            _write_archive(tmp, dest, records)
+            _write_archive(tmp, dest, records, on_write)
         else:
             os.rename(tmp, dest)
         _fs.fsync_dir(dest.parent)
@@ -353,7 +435,7 @@ def write_bundle(entries: Sequence[Entry], dest: Path, *, signing_keys: Sequence
     return ExportResult(dest, tuple(keys), skipped, bool(signing_keys), signer_names(signing_keys))
 
 
-def _write_archive(tmp: Path, dest: Path, records: dict[str, Any]) -> None:
+def _write_archive(tmp: Path, dest: Path, records: dict[str, Any], on_write: ByteHook | None = None) -> None:
     import tarfile
 
     part = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.part")
@@ -365,7 +447,10 @@ def _write_archive(tmp: Path, dest: Path, records: dict[str, Any]) -> None:
                     tf.add(tmp / name, arcname=name, filter=_tar_filter)
             for k in sorted(records):
                 for fname in sorted(records[k]["files"]):
-                    tf.add(tmp / "entries" / k / fname, arcname=f"entries/{k}/{fname}", filter=_tar_filter)
+                    src = tmp / "entries" / k / fname
+                    info = _tar_filter(tf.gettarinfo(src, arcname=f"entries/{k}/{fname}"))
+                    with open(src, "rb") as f:  # our own staging copy, written just above
+                        tf.addfile(info, f if on_write is None else _Counted(f, on_write))
         _fs.fsync_file(part)
         os.replace(part, dest)
     finally:

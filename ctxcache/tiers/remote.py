@@ -36,7 +36,7 @@ from typing import IO, Any
 from .. import _deadline, _fs
 from .._key import portable_key
 from .._manifest import MANIFEST, Entry, is_key, portable
-from .._trust import SigningKeyArg, Trust, ed25519_keys, hmac_secret
+from .._trust import SigningKey, SigningKeyArg, Trust, ed25519_keys, hmac_secret
 from ..errors import TierError
 from ._base import (
     Match,
@@ -47,6 +47,7 @@ from ._base import (
     make_record,
     open_plain,
     parse_json,
+    read_signer,
     read_signer_or_refuse,
     resolve_signing_keys,
     sha256_file,
@@ -472,18 +473,13 @@ class RemoteTier:
         keys = resolve_signing_keys(signing_key if signing_key is not None else self._signing_key)
         if not overwrite and self.has(entry.key):
             return False
-        files: dict[str, dict[str, Any]] = {}
         b = self._backend
         with self._guard(f"pushing {entry.key[:12]}"):
             for art in entry.artifacts:
-                path = entry.path / art["name"]
-                files[art["name"]] = {"size": art["size"], "sha256": sha256_file(path)}
-                with open(_fs.open_regular(path), "rb", closefd=True) as f:
+                with open(_fs.open_regular(entry.path / art["name"]), "rb", closefd=True) as f:
                     b.put(self._obj(entry.key, "files", art["name"]), f)
-            manifest = portable(entry)
-            files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
-            b.put(self._obj(entry.key, "files", MANIFEST), manifest)
-            raw = json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
+            b.put(self._obj(entry.key, "files", MANIFEST), portable(entry))
+            raw = self.record_bytes(entry)
             secret = hmac_secret(keys)
             if secret is not None:
                 b.put(self._obj(entry.key, RECORD_SIG), sign(raw, secret))
@@ -499,6 +495,58 @@ class RemoteTier:
                 self._tuf_publish(entry.key, raw, sign_ed25519(raw, keys, CONTEXT))
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
+
+    def signing_keys(self) -> tuple[SigningKey, ...]:
+        """What this tier signs uploads with (its ``signing_key``, else ``$CTXCACHE_SIGNING_KEY``)."""
+        return resolve_signing_keys(self._signing_key)
+
+    def sign_present(self, entry: Entry, *, signing_key: SigningKeyArg = None) -> str:
+        """Add the signing keys' signatures to this remote's record of ``entry`` (verified by the caller):
+        ``present`` when it needs none (no key, or already signed by each), ``signed`` when added,
+        ``differs`` when the remote record is not exactly the one ``entry`` would upload (nothing signed)."""
+        keys = resolve_signing_keys(signing_key if signing_key is not None else self._signing_key)
+        if not keys:
+            return "present"
+        b = self._backend
+        deadline = self._deadline()
+        with self._guard(f"signing {entry.key[:12]}"):
+            raw = b.get(self._obj(entry.key, RECORD), _MAX_RECORD, deadline)
+            if raw is None:
+                return "differs"
+            blob = b.get(self._obj(entry.key, RECORD_ED25519), _MAX_SIG, deadline) or b""
+            secret = hmac_secret(keys)
+            own = ed25519_keys(keys)
+            missing = [k for k in own if read_signer(raw, blob, CONTEXT, Trust(), own=(k,)).status != "trusted"]
+            old_sig = b.get(self._obj(entry.key, RECORD_SIG), 4096, deadline) if secret is not None else None
+            need_hmac = secret is not None and (old_sig or b"").strip() != sign(raw, secret)
+            if not missing and not need_hmac:
+                return "present"
+            if raw != self.record_bytes(entry):  # only bytes verified here get this key's word
+                return "differs"
+            if need_hmac and secret is not None:
+                b.put(self._obj(entry.key, RECORD_SIG), sign(raw, secret))
+            if missing:
+                # Other keys' lines stay (a rotation); a stale line by one of these keys is replaced. The new
+                # lines go first: readers look at the first 16 lines only, whatever else the store holds.
+                ids = {k.key_id for k in missing}
+                kept = [ln.strip() for ln in blob.decode("ascii", "replace").splitlines()
+                        if ln.strip() and [*ln.split(":"), ""][1].lower() not in ids]
+                lines = sign_ed25519(raw, missing, CONTEXT) + "".join(ln + "\n" for ln in kept[:16 - len(missing)]).encode()
+                b.put(self._obj(entry.key, RECORD_ED25519), lines)
+                if self.tuf_keys is not None:  # under TUF, devices read the lines from the publication
+                    self._tuf_publish(entry.key, raw, lines)
+        log.info("signed %s on %s", entry.key[:12], self.describe())
+        return "signed"
+
+    @staticmethod
+    def record_bytes(entry: Entry) -> bytes:
+        """The exact record :meth:`push` uploads for ``entry`` (sizes and SHA-256 of its files, key parts)."""
+        files: dict[str, dict[str, Any]] = {}
+        for art in entry.artifacts:
+            files[art["name"]] = {"size": art["size"], "sha256": sha256_file(entry.path / art["name"])}
+        manifest = portable(entry)
+        files[MANIFEST] = {"size": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}
+        return json.dumps(make_record(entry, dict(sorted(files.items()))), sort_keys=True, indent=1).encode()
 
     def keys(self) -> list[str]:
         """Every key with an entry folder in the remote store."""
