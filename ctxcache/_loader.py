@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 
 import onnxruntime as ort
 
-from . import _events, _fs, _key, _negative
+from . import _events, _fs, _key, _negative, _side
 from ._compile import CompileFailed, NothingCompiled
 from ._fingerprint import Fingerprint
 from ._hashing import ModelDigest, forget_model, identity, model_digest
@@ -184,11 +184,13 @@ class Loader:
         req.times["hash"] = time.perf_counter() - t
         if unusable is not None:
             self._fault(None, unusable)
+            req.chain = _side.unmanaged(req.chain)
             return self._original(req, "bypass", unusable)
         if self.settings.on_miss == "background" and not req.digest.memo_hit and not req.warm and req.model.path:
             req.early = self._early(req)  # a first launch: its session is made while the key is worked out
         req.fingerprint = self.fingerprint(req)
         assert req.key is not None
+        req.chain = _side.govern(self.store, req.key, req.chain)
         remembered = _negative.remembered(self.store.negative_dir, req.key, self.settings.negative_ttl)
         if remembered is not None:
             return self._original(req, "bypass", remembered)
@@ -416,6 +418,7 @@ class Loader:
         req.digest = req.model.digest(self.store.memo_dir)
         req.fingerprint = self.fingerprint(req)
         assert req.key is not None
+        req.chain = _side.govern(self.store, req.key, req.chain)
         env = self.env.digest(req.ep, req.options)
         lock = KeyLock(self.store.lock_path(req.key))
         try:
