@@ -520,6 +520,8 @@ class Explanation:
     tiers: tuple[TierAnswer, ...] = ()
     #: the provider's verdict on the entry a load would use (``optimal: ...``, ``unknown: ...``), if one exists
     compatibility: str | None = None
+    #: the provider's own caches a load would keep for this key: ``{"folder", "caches", "size"}``, else ``None``
+    side_cache: dict[str, Any] | None = None
 
     @property
     def hit(self) -> bool:
@@ -554,7 +556,7 @@ class Explanation:
                 "reason": {"code": self.reason.code, "message": self.reason.message} if self.reason else None,
                 "summary": self.summary(), "nearest": [n.as_dict() for n in self.nearest],
                 "other_entries": self.other_entries, "tiers": [t.as_dict() for t in self.tiers],
-                "compatibility": self.compatibility,
+                "compatibility": self.compatibility, "side_cache": self.side_cache,
                 "served_by_tier": served.tier if served else None}
 
 
@@ -575,21 +577,24 @@ def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers
     req.digest = req.model.digest(store.memo_dir)
     req.fingerprint = loader.fingerprint(req)
     key, digest = req.fingerprint.key, req.digest.digest
+    layout = req.ep.side_cache_layout(req.options)
+    side = {"folder": str(store.side_dir(key)), "caches": layout, "size": store.side_size(key)} if layout else None
     remembered = _negative.remembered(store.negative_dir, key, loader.settings.negative_ttl)
     if remembered is not None:
-        return Explanation(req.model.name, "bypass", key, digest, remembered)
+        return Explanation(req.model.name, "bypass", key, digest, remembered, side_cache=side)
     try:
         entry = store.lookup(key)
     except BrokenEntry as b:
-        return Explanation(req.model.name, "fallback", key, digest, Reason(b.code, b.message))
+        return Explanation(req.model.name, "fallback", key, digest, Reason(b.code, b.message), side_cache=side)
     if entry is not None:
         problem, answer, detail = judge(store, entry, req.ep, digests="all" if loader.settings.verify == "content" else "changed",
                                         options=req.options, env=loader.env.digest(req.ep, req.options))
         if problem is not None and problem.code == "incompatible":
             # As the load: never loaded, rebuilt at once (or fetched from a tier).
-            return Explanation(req.model.name, "miss", key, digest, problem, compatibility=f"{answer}: {detail}")
+            return Explanation(req.model.name, "miss", key, digest, problem, compatibility=f"{answer}: {detail}",
+                               side_cache=side)
         return Explanation(req.model.name, "fallback" if problem else "hit", key, digest, problem,
-                           compatibility=f"{answer}: {detail}")
+                           compatibility=f"{answer}: {detail}", side_cache=side)
     here = req.fingerprint.as_dict()
     candidates: list[Nearest] = []
     others = 0
@@ -605,7 +610,8 @@ def explain(loader: Loader, tiers: Sequence[Tier], model: ModelArg, *, providers
     answers: tuple[TierAnswer, ...] = ()
     if tiers and not _negative.tiers_rejected(store.negative_dir, key, loader.settings.negative_ttl):
         answers = tier_report(tiers, req.fingerprint, loader.settings.trust)
-    return Explanation(req.model.name, "miss", key, digest, None, tuple(candidates[:limit]), others, answers)
+    return Explanation(req.model.name, "miss", key, digest, None, tuple(candidates[:limit]), others, answers,
+                       side_cache=side)
 
 
 def tier_report(tiers: Sequence[Tier], fp: _fingerprint.Fingerprint | None = None,

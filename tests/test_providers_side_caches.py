@@ -214,4 +214,12 @@ def test_a_load_gives_the_providers_cache_its_keys_folder(conv_model: Path, cach
     assert key is not None
     assert seen and all(o["profiling_file_path"] == str(store_of(cache).side_dir(key) / "qnn_profile") for o in seen)
     assert (store_of(cache).side_dir(key) / "qnn_profile").is_dir()
+    (store_of(cache).side_dir(key) / "qnn_profile" / "blob").write_bytes(b"x" * 300)
+    ex = cache.explain(conv_model, providers=[(QNN, dict(models.qnn_htp_options(), profiling_file_path="/elsewhere"))])
+    assert ex.hit and ex.key == key
+    assert ex.side_cache == {"folder": str(store_of(cache).side_dir(key)), "caches": {"profiling_file_path": "qnn_profile"},
+                             "size": 300}
+    assert ex.as_dict()["side_cache"] == ex.side_cache
+    listed = next(e for e in cache.entries() if e.key == key)
+    assert listed.side_size == 300
     assert not (tmp_path / "app1").exists() and not (tmp_path / "app2").exists()
