@@ -12,6 +12,9 @@ and removes, prunes and quarantines it with the entry.
 from __future__ import annotations
 
 import logging
+import os
+import stat
+from pathlib import Path
 
 from . import _fs
 from ._inputs import Chain
@@ -37,6 +40,9 @@ def govern(store: Store, key: str, chain: Chain) -> Chain:
         _fs.make_folder(folder)
         for sub in sorted(set(layout.values())):
             _fs.make_folder(folder / sub)
+        swept = sweep(folder)
+        if swept:
+            log.warning("removed %d planted link(s), FIFO(s) or other non-files from %s", swept, folder)
         governed = ep.side_cache_options(options, folder)
     except OSError as e:
         log.warning("cannot keep %s's own cache for %s in %s (%s); the provider runs without it this time",
@@ -52,3 +58,36 @@ def unmanaged(chain: Chain) -> Chain:
         return chain
     ep, options = chain[0]
     return [(ep, ep.without_side_cache(options)), *chain[1:]]
+
+
+#: More names than a provider cache of one key ever holds (OpenVINO writes one blob per subgraph, TensorRT
+#: an engine and a profile per subgraph): beyond it the folder is reset rather than walked further.
+_MAX_NAMES = 4096
+
+
+def sweep(folder: Path, depth: int = 3) -> int:
+    """Remove from ``folder`` (a side folder, before a provider is handed it) every name a provider would
+    follow or block on: symlinks (a blob written through one lands outside the cache), FIFOs, sockets,
+    devices (opening one blocks the launch), files with other hard links (written through, they change a
+    file elsewhere), and folders others can write. Providers open their cache files by name with plain
+    ``open``; this keeps those names to regular files of this user. Returns how many were removed;
+    raises ``OSError`` (the cache is then off for this load) when the folder cannot be judged."""
+    removed = 0
+    names = os.listdir(folder)
+    if len(names) > _MAX_NAMES:
+        raise OSError(f"{folder} holds {len(names)} names; more than a provider cache of one key")
+    for name in names:
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and depth > 0 and _fs.folder_problem(st, path) is None:
+            removed += sweep(path, depth - 1)
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            continue
+        if not _fs.remove_tree(path):
+            raise OSError(f"cannot remove {path} from a provider cache folder")
+        removed += 1
+    return removed

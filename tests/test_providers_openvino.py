@@ -255,6 +255,14 @@ blob = next(store.side_dir(key0).rglob("*.blob"))
 data = bytearray(blob.read_bytes()); data[len(data) // 2] ^= 0xFF; blob.write_bytes(bytes(data))
 damaged = cache.load(ms[0], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
 damaged_diff = run(damaged.session, ms[0])
+# a link planted at the blob's name pointing outside, and a FIFO: nothing outside changes, no hang
+outside = tmp / "outside.txt"; outside.write_bytes(b"precious")
+blob.unlink(); blob.symlink_to(outside)
+linked = cache.load(ms[0], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
+linked_diff = run(linked.session, ms[0])
+os.unlink(next(p for p in store.side_dir(key0).rglob("*.blob"))); os.mkfifo(blob)
+fifo = cache.load(ms[0], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
+fifo_diff = run(fifo.session, ms[0])
 key1 = launches[1]["key"]
 import shutil; shutil.rmtree(store.side_dir(key1)); store.side_dir(key1).write_bytes(b"in the way")
 planted = cache.load(ms[1], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
@@ -262,6 +270,7 @@ planted_diff = run(planted.session, ms[1])
 junk = [j.kind for j in store.junk(negative_ttl=1e9)]
 report = cache.prune()
 print(json.dumps({"plain": plain, "launches": launches, "explain": ex.side_cache, "damaged": [damaged.outcome, damaged_diff],
+                  "linked": [linked_diff, outside.read_bytes().decode()], "fifo": fifo_diff,
                   "planted": [planted.outcome, planted_diff, planted.session.get_providers()[0]], "junk": junk,
                   "side_left": sorted(os.listdir(store.side_root)), "pruned": len(report.removed),
                   "cwd_files": sorted(os.listdir("."))}))
@@ -301,6 +310,8 @@ def test_openvino_blob_cache_gets_one_folder_per_model(tmp_path: Path) -> None:
     assert first[0]["side"] != first[1]["side"]
     assert res["explain"]["caches"] == {"cache_dir": "openvino"} and res["explain"]["size"] > 0
     assert res["damaged"][1] < 1e-4
+    assert res["linked"][0] < 1e-4 and res["linked"][1] == "precious"
+    assert res["fifo"] < 1e-4
     assert res["planted"][1] < 1e-4 and res["planted"][2] == OV
     # every context load fails on this host (no entry): the side folders are junk (the planted file too),
     # and a prune takes them

@@ -129,6 +129,43 @@ def test_a_side_folder_that_cannot_be_trusted_turns_the_cache_off(plant: str, ca
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.parametrize("plant", ["symlink_blob", "dangling_symlink", "fifo_blob", "hard_link", "subfolder_link",
+                                   "open_subfolder"])
+def test_names_a_provider_would_follow_or_block_on_are_swept(plant: str, cache_dir: Path, tmp_path: Path) -> None:
+    # A provider opens its cache files by name with plain open(): through a planted link its blob would
+    # land outside the cache, a FIFO would hang the launch, a hard link would change the linked file.
+    store = store_of(ctxcache.ContextCache(cache_dir))
+    store.ensure()
+    key = "f" * 32
+    inside = store.side_dir(key) / "openvino"
+    inside.mkdir(parents=True, mode=0o700)
+    os.chmod(store.side_dir(key), 0o700)
+    (inside / "good.blob").write_bytes(b"kept")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"precious")
+    target = inside / "123.blob"
+    if plant == "symlink_blob":
+        target.symlink_to(outside)
+    elif plant == "dangling_symlink":
+        target.symlink_to(tmp_path / "created_through_the_link")
+    elif plant == "fifo_blob":
+        os.mkfifo(target)
+    elif plant == "hard_link":
+        os.link(outside, target)
+    elif plant == "subfolder_link":
+        (inside / "sub").symlink_to(tmp_path, target_is_directory=True)
+        target = inside / "sub"
+    else:
+        (inside / "sub").mkdir()
+        os.chmod(inside / "sub", 0o777)
+        target = inside / "sub"
+    options = _side.govern(store, key, _chain({"cache_dir": "/tmp/x"}))[0][1]
+    assert options["cache_dir"] == str(inside)
+    assert not os.path.lexists(target)
+    assert (inside / "good.blob").read_bytes() == b"kept"
+    assert outside.read_bytes() == b"precious" and outside.exists()
+
+
 # -- the store: one life with the entry --------------------------------------------------------------
 def _entry_with_side(cache: ctxcache.ContextCache, model: Path, providers: list[Any], size: int = 50_000) -> str:
     r = cache.load(model, providers=providers)
