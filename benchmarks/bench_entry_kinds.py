@@ -33,18 +33,18 @@ variant, model, cache, user = sys.argv[1:5]
 opts = {"device_type": "CPU"}
 if variant.endswith("cache_dir"):
     opts["cache_dir"] = user
+key = None
 if variant.startswith("ctxcache"):
     import ctxcache
     r = ctxcache.ContextCache(cache).load(model, providers=[("OpenVINOExecutionProvider", opts)])
-    s, outcome = r.session, r.outcome
+    s, outcome, key = r.session, r.outcome, r.key
 else:
     s, outcome = ort.InferenceSession(model, providers=[("OpenVINOExecutionProvider", opts)]), "plain"
 ready = time.perf_counter() - t0
 side = 0
-if variant.startswith("ctxcache"):
+if key is not None:
     from ctxcache._cache import store_of
-    k = ctxcache.ContextCache(cache).key(model, providers=[("OpenVINOExecutionProvider", opts)])
-    folder = store_of(ctxcache.ContextCache(cache)).side_dir(k.key)
+    folder = store_of(ctxcache.ContextCache(cache)).side_dir(key)
     side = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 print(json.dumps({"ready": ready, "outcome": outcome, "provider": s.get_providers()[0], "side": side}))
 """

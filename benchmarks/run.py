@@ -36,6 +36,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "verify": ([], ["--rounds", "15"]),
     "first_launch": ([], ["--rounds", "7"]),
     "bypass": ([], ["--rounds", "81"]),
+    "launch_cost": ([], ["--rounds", "15", "--hit-rounds", "41"]),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

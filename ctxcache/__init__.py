@@ -19,20 +19,25 @@ from ._version import __version__
 # Management, tiers and transfers are not needed to load a model; importing them lazily keeps
 # `import ctxcache` (paid at every launch) free of their dataclasses, tarfile, hmac and boto3.
 _LAZY = {
-    "Difference": "._manage",
+    "Difference": "._explain",
     "EntryInfo": "._manage",
-    "Explanation": "._manage",
-    "Nearest": "._manage",
-    "PruneItem": "._manage",
-    "PrunePlan": "._manage",
+    "Explanation": "._explain",
+    "Nearest": "._explain",
+    "PruneItem": "._prune",
+    "PrunePlan": "._prune",
     "ProviderCheck": "._manage",
     "check_providers": "._manage",
     "known_providers": "._manage",
-    "PruneReport": "._manage",
+    "PruneReport": "._prune",
     "Stats": "._stats",
-    "TierAnswer": "._manage",
+    "Bypass": "._plan",
+    "Config": "._config",
+    "Fallback": "._plan",
+    "Miss": "._plan",
+    "Serve": "._plan",
+    "TierAnswer": "._explain",
     "VerifyResult": "._manage",
-    "WarmResult": "._manage",
+    "WarmResult": "._explain",
     "Bundle": ".tiers.bundle",
     "Diagnosis": "._doctor",
     "diagnose": "._doctor",
@@ -60,22 +65,12 @@ def __getattr__(name: str) -> object:
 
 
 if TYPE_CHECKING:  # the real types, for type checkers and IDEs
+    from ._config import Config
     from ._doctor import Diagnosis, diagnose
-    from ._manage import (
-        Difference,
-        EntryInfo,
-        Explanation,
-        Nearest,
-        ProviderCheck,
-        PruneItem,
-        PrunePlan,
-        PruneReport,
-        TierAnswer,
-        VerifyResult,
-        WarmResult,
-        check_providers,
-        known_providers,
-    )
+    from ._explain import Difference, Explanation, Nearest, TierAnswer, WarmResult
+    from ._manage import EntryInfo, ProviderCheck, VerifyResult, check_providers, known_providers
+    from ._plan import Bypass, Fallback, Miss, Serve
+    from ._prune import PruneItem, PrunePlan, PruneReport
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
     from ._trust import GeneratedKey, generate_signing_key
@@ -86,17 +81,21 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
 __all__ = [
     "REASONS",
     "Bundle",
+    "Bypass",
+    "Config",
     "ContextCache",
     "Diagnosis",
     "Difference",
     "EntryInfo",
     "Explanation",
     "ExportResult",
+    "Fallback",
     "Fingerprint",
     "GeneratedKey",
     "ImportResult",
     "InferenceSession",
     "LoadResult",
+    "Miss",
     "ModelPackageTier",
     "Nearest",
     "PackageExport",
@@ -107,6 +106,7 @@ __all__ = [
     "PushResult",
     "Reason",
     "RemoteTier",
+    "Serve",
     "Stats",
     "TierAnswer",
     "Timings",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -25,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from . import _fs, _negative
-from ._locking import release, try_lock
+from . import _fs
+from ._locking import release, stalled, try_lock
 from ._spawn import child_env, python_command, unavailable_reason
 from ._store import Store
 
@@ -52,24 +51,46 @@ def _read_guard(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def running(store: Store, key: str) -> bool:
-    """Whether a compile of ``key`` is under way: its lock is held, or a worker was started a moment ago."""
+def running(store: Store, key: str, *, stall_after: float | None = None) -> str | None:
+    """Whether a compile of ``key`` is under way: ``"running"`` (its lock is held by a process making
+    progress, or a worker was started a moment ago), why it is stalled (held by a process that made no
+    progress for ``stall_after`` seconds: stopped, frozen), or ``None`` (nobody is compiling it)."""
+    if not _fs.is_folder(store.locks_dir):
+        return None  # no cache yet (explain on an empty folder): nobody compiles, and nothing is made
     handle = try_lock(store.lock_path(key))
     if handle is None:
-        return True
+        return stalled(store.lock_path(key), stall_after) or "running"
     release(handle)
     guard = _read_guard(guard_path(store, key))
     if guard is None:
-        return False
+        return None
     started = guard.get("started")
     pid = guard.get("pid")
-    return (isinstance(started, (int, float)) and abs(time.time() - started) < _STARTING
-            and isinstance(pid, int) and _fs.pid_alive(pid))
+    alive = (isinstance(started, (int, float)) and abs(time.time() - started) < _STARTING
+             and isinstance(pid, int) and _fs.pid_alive(pid))
+    return "running" if alive else None
 
 
-def start(store: Store, key: str, job: dict[str, Any], *, negative_ttl: float) -> tuple[Started, str]:
-    """Start a detached worker for ``job`` unless one is running; ``(what happened, detail)``."""
-    if running(store, key):
+def start(store: Store, key: str, job: dict[str, Any], *, give_up: Callable[[str], None]) -> tuple[Started, str]:
+    """Start a detached worker for ``job`` unless one is running; ``(what happened, detail)``.
+
+    One worker per key, however many threads and processes launch at once: the check and the start happen
+    under a short per-key claim (a second flock beside the key's lock), so two launches cannot both see
+    "nobody is compiling" and both start one. ``give_up`` records the failure after :data:`MAX_ATTEMPTS`
+    dead workers (the key's negative record for a compile; the rebuild's own record for a rebuild, so
+    that a working entry keeps serving).
+    """
+    claim = try_lock(store.locks_dir / f"{key}.bg.claim")
+    if claim is None:
+        return "running", "a compile of this model is being started by another launch"
+    try:
+        return _start(store, key, job, give_up)
+    finally:
+        release(claim)
+
+
+def _start(store: Store, key: str, job: dict[str, Any], give_up: Callable[[str], None]) -> tuple[Started, str]:
+    if running(store, key) is not None:
         return "running", "a compile of this model is already running"
     why = unavailable_reason()
     cmd = python_command()
@@ -79,8 +100,7 @@ def start(store: Store, key: str, job: dict[str, Any], *, negative_ttl: float) -
     previous = _read_guard(path)
     attempts = int(previous.get("attempts", 0)) if previous is not None and isinstance(previous.get("attempts"), int) else 0
     if attempts >= MAX_ATTEMPTS:
-        _negative.remember(store.negative_dir, key, "compile_failed",
-                           f"its background compile died {attempts} times (crashed or killed) before it finished")
+        give_up(f"its background compile died {attempts} times (crashed or killed) before it finished")
         _fs.remove_file(path)
         return "given_up", f"the background compile died {attempts} times"
     kw: dict[str, Any] = {}
@@ -95,6 +115,7 @@ def start(store: Store, key: str, job: dict[str, Any], *, negative_ttl: float) -
     except OSError as e:
         return "unavailable", f"cannot start a background process: {e}"
     try:
+        # Written before the claim is released: the next launch sees a worker that is starting.
         _fs.atomic_write(path, json.dumps({"pid": proc.pid, "started": time.time(), "attempts": attempts + 1}).encode(),
                          durable=False)
     except OSError:
@@ -174,12 +195,3 @@ class Waiter:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
-
-
-def job_for(root: Path, settings: dict[str, Any], model: Path, providers: list[tuple[str, dict[str, str]]],
-            graph_optimization: str, config: dict[str, str], key: str, mode: str = "compile") -> dict[str, Any]:
-    """What the worker needs to make the same key: the cache, its key settings, the model, providers, and
-    the session settings that are key parts (graph optimization level, session-config entries)."""
-    return {"root": str(root), "settings": settings, "model": str(model), "providers": [list(p) for p in providers],
-            "graph_optimization": graph_optimization, "config": config, "key": key, "mode": mode,
-            "parent": os.getpid()}

@@ -6,29 +6,37 @@ loader, the tiers (built at the first miss) and the post-publish jobs it injects
 
 from __future__ import annotations
 
-import logging
+import _thread
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import onnxruntime as ort
 
 from . import _fs, _key, _negative
-from ._config import resolve_cache_dir, resolve_strict
+from ._config import (
+    DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_MEANWHILE,
+    DEFAULT_NEGATIVE_TTL,
+    DEFAULT_STALL_TIMEOUT,
+    Config,
+    resolve_cache_dir,
+)
 from ._fingerprint import Fingerprint
-from ._inputs import ProvidersArg, cache_blocker, check_kwargs, context_target, resolve_model, resolve_providers
-from ._loader import Loader, Request, Settings
+from ._inputs import ProvidersArg, resolve_model
+from ._loader import Loader, bypass_session, make_inputs
 from ._manifest import Entry
+from ._plan import Bypass, Plan, inputs_bypass
 from ._store import Store
-from ._trust import Trust, resolve_trust
+from ._trust import Trust
 from ._types import LoadResult, ModelArg
 
 if TYPE_CHECKING:
-    from . import _manage, _stats
+    from pathlib import Path
+
+    from . import _explain, _manage, _prune, _stats
     from .tiers import Tier
 
-log = logging.getLogger("ctxcache")
 
 
 class ContextCache:
@@ -78,85 +86,80 @@ class ContextCache:
         app_name: str = "ctxcache",
         app_author: str | None = None,
         strict: bool | None = None,
-        lock_timeout: float | None = 600.0,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
         on_lock_timeout: Literal["jit", "raise"] = "jit",
         embed: bool = False,
         extra_key: str | None = None,
-        verify: Literal["content", "stat", "full"] = "content",
+        verify: Literal["content", "concurrent", "stat", "full"] = "content",
         max_size: int | None = None,
-        negative_ttl: float = 7 * 24 * 3600.0,
+        negative_ttl: float = DEFAULT_NEGATIVE_TTL,
         tiers: Sequence[Any] | None = None,
-        stall_timeout: float | None = 5.0,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
         trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
         revoked_keys: Sequence[str | os.PathLike[str]] | None = None,
         trusted_dirs: Sequence[str | os.PathLike[str]] | None = None,
         on_miss: Literal["compile", "background"] = "compile",
-        meanwhile: Sequence[str] = ("CPUExecutionProvider",),
+        meanwhile: Sequence[str] = DEFAULT_MEANWHILE,
     ) -> None:
-        if on_lock_timeout not in ("jit", "raise"):
-            raise ValueError(f"on_lock_timeout must be 'jit' or 'raise', not {on_lock_timeout!r}")
-        if verify not in ("content", "stat", "full"):
-            raise ValueError(f"verify must be 'content' (the default) or 'stat', not {verify!r}")
-        if lock_timeout is not None and lock_timeout < 0:
-            raise ValueError("lock_timeout must be >= 0 or None")
-        if max_size is not None and max_size < 0:
-            raise ValueError("max_size must be >= 0 or None")
-        if on_miss not in ("compile", "background"):
-            raise ValueError(f"on_miss must be 'compile' or 'background', not {on_miss!r}")
-        if isinstance(meanwhile, str) or not all(isinstance(m, str) for m in meanwhile):
-            raise ValueError("meanwhile is a list of provider names, e.g. ['CPUExecutionProvider']")
-        if stall_timeout is not None and stall_timeout <= 0:
-            raise ValueError("stall_timeout must be > 0 seconds or None")
-        if negative_ttl < 0:
-            raise ValueError("negative_ttl must be >= 0 seconds")
-        for item in tiers or ():
-            # Duck-typed: checking against the Tier protocol would import the tier code at every launch.
-            if not isinstance(item, (str, os.PathLike)) and not hasattr(item, "offer"):
-                raise TypeError(f"a tier must be a bundle path, a URL or a tier object, not {type(item).__name__}")
-        self.root = resolve_cache_dir(cache_dir, app_name, app_author)
-        self.max_size = max_size
-        self.settings = Settings(strict=resolve_strict(strict), lock_timeout=lock_timeout,
-                                 on_lock_timeout=on_lock_timeout, embed=embed, extra_key=extra_key,
-                                 verify="stat" if verify == "stat" else "content",
-                                 negative_ttl=negative_ttl, stall_timeout=stall_timeout,
-                                 on_miss=on_miss, meanwhile=tuple(meanwhile),
-                                 # Parsed now (no cryptography needed): a bad trusted key is bad input.
-                                 trust=resolve_trust(trusted_keys, revoked_keys, trusted_dirs))
-        self._store = Store(self.root)
+        self._setup(Config.create(
+            cache_dir, app_name=app_name, app_author=app_author, strict=strict, lock_timeout=lock_timeout,
+            on_lock_timeout=on_lock_timeout, embed=embed, extra_key=extra_key, verify=verify, max_size=max_size,
+            negative_ttl=negative_ttl, tiers=tiers, stall_timeout=stall_timeout, trusted_keys=trusted_keys,
+            revoked_keys=revoked_keys, trusted_dirs=trusted_dirs, on_miss=on_miss, meanwhile=meanwhile))
+
+    @classmethod
+    def from_config(cls, config: Config) -> ContextCache:
+        """A cache on an already validated :class:`Config` (what a background worker receives)."""
+        self = cls.__new__(cls)
+        self._setup(config)
+        return self
+
+    def _setup(self, config: Config) -> None:
+        #: the whole configuration, frozen: every path that decides what a load does reads this one object
+        self.config = config
+        self._store = Store(config.root)
         self._env = _key.Environment(self._store.memo_dir)
         # Paths and URLs become tier objects at the first miss, so a launch that hits imports no tier code.
-        self._tier_specs: list[Any] = list(tiers or ())
-        self._tiers: list[Tier] | None = None if self._tier_specs else []
-        self._loader = Loader(self._store, self.settings, self._env, self._tier_list, self._after_publish)
+        self._tiers: list[Tier] | None = None if config.tiers else []
+        self._loader = Loader(self._store, config, self._env, self._tier_list, self._after_publish)
 
     def __repr__(self) -> str:
         return f"ContextCache({str(self.root)!r})"
 
-    # Read-only views of the configuration (the loader holds the one copy, in ``settings``).
+    # Read-only views of the configuration (``config`` holds the one copy).
+    @property
+    def root(self) -> Path:
+        """The cache folder (absolute): ``cache_dir``, else ``$CTXCACHE_DIR``, else the platform's app-data folder."""
+        return self.config.root
+
+    @property
+    def max_size(self) -> int | None:
+        return self.config.max_size
+
     @property
     def strict(self) -> bool:
-        return self.settings.strict
+        return self.config.strict
 
     @property
     def embed(self) -> bool:
-        return self.settings.embed
+        return self.config.embed
 
     @property
     def extra_key(self) -> str | None:
-        return self.settings.extra_key
+        return self.config.extra_key
 
     @property
     def lock_timeout(self) -> float | None:
-        return self.settings.lock_timeout
+        return self.config.lock_timeout
 
     @property
     def negative_ttl(self) -> float:
-        return self.settings.negative_ttl
+        return self.config.negative_ttl
 
     @property
     def trust(self) -> Trust:
         """The trust policy tiers are admitted by (trusted and revoked key ids, the app's own folders)."""
-        return self.settings.trust
+        return self.config.trust
 
     @property
     def tiers(self) -> list[Tier]:
@@ -167,7 +170,7 @@ class ContextCache:
         if self._tiers is None:
             from .tiers import coerce
 
-            self._tiers = coerce(self._tier_specs)
+            self._tiers = coerce(self.config.tiers)
         return self._tiers
 
     # -- loading ------------------------------------------------------------------------------
@@ -180,38 +183,51 @@ class ContextCache:
         Raises :class:`~ctxcache.errors.CtxCacheError` subclasses for bad input (missing model, not an
         ONNX file, unknown provider, bad option, unknown keyword), before anything in the cache changes.
         """
-        return self._loader.load(model, providers, provider_options, sess_options, kwargs=ort_kwargs)
+        return self._loader.load(make_inputs(model, providers, provider_options, sess_options, kwargs=ort_kwargs))
+
+    def plan(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
+             sess_options: ort.SessionOptions | None = None, **ort_kwargs: Any) -> Plan:
+        """What :meth:`load` would do here, as a typed plan (read-only): ``Bypass(reason)``, ``Serve(entry)``,
+        ``Fallback(entry, reason)`` or ``Miss(mode)``; every keyed plan has ``.key``. :meth:`explain`,
+        :meth:`key`, :meth:`warm`, :meth:`rebuild` and the background worker all act on this one decision."""
+        inputs = make_inputs(model, providers, provider_options, sess_options, kwargs=ort_kwargs)
+        return self._loader.plan(inputs)
 
     def key(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
             sess_options: ort.SessionOptions | None = None, **ort_kwargs: Any) -> Fingerprint | None:
-        """The :class:`Fingerprint` a load would use (``None`` when the load would bypass the cache)."""
-        kwargs = check_kwargs(ort_kwargs)
-        req = Request(resolve_model(model), resolve_providers(providers, provider_options), sess_options)
-        if context_target(req.chain) is not None or cache_blocker(req.model, sess_options, kwargs) is not None:
-            return None
-        req.digest = req.model.digest(self._store.memo_dir)
-        return self._loader.fingerprint(req)
+        """The :class:`Fingerprint` a load would use; ``None`` exactly when the load would bypass the cache."""
+        decided = self.plan(model, providers=providers, provider_options=provider_options, sess_options=sess_options,
+                            **ort_kwargs)
+        return None if isinstance(decided, Bypass) else decided.fingerprint
 
     def warm(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
-             sess_options: ort.SessionOptions | None = None) -> _manage.WarmResult:
+             sess_options: ort.SessionOptions | None = None) -> _explain.WarmResult:
         """Make sure ``model`` has an intact entry for ``providers`` (installer-time warm-up; idempotent).
 
         A remembered "compiled no node" is retried; a context known not to load here is not compiled
         again. ``ctxcache warm`` runs this in worker processes.
         """
-        from . import _manage
+        from . import _explain
 
-        return _manage.warm(self._loader, self._tier_list(), model, providers=providers,
-                            provider_options=provider_options, sess_options=sess_options)
+        return _explain.warm(self._loader, self._tier_list(), make_inputs(model, providers, provider_options, sess_options))
 
     def explain(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
-                sess_options: ort.SessionOptions | None = None) -> _manage.Explanation:
-        """Would :meth:`load` hit? If not, which key parts differ from the nearest entries of this model,
-        and which tier would serve it. Read-only."""
-        from . import _manage
+                sess_options: ort.SessionOptions | None = None) -> _explain.Explanation:
+        """Would :meth:`load` hit? Its verdict is the outcome the load would have; if not a hit, which key
+        parts differ from the nearest entries of this model, and which tier would serve it. Read-only."""
+        from . import _explain
 
-        return _manage.explain(self._loader, self._tier_list(), model, providers=providers,
-                               provider_options=provider_options, sess_options=sess_options)
+        return _explain.explain(self._loader, self._tier_list(), make_inputs(model, providers, provider_options, sess_options))
+
+    def rebuild(self, model: ModelArg, *, providers: ProvidersArg, provider_options: Sequence[Mapping[str, Any]] | None = None,
+                sess_options: ort.SessionOptions | None = None) -> str:
+        """Recompile the entry a load of ``model`` serves and replace it once the new context loads (what the
+        background worker does when ONNX Runtime prefers a recompiled context). The current entry keeps
+        serving if the rebuild fails; the failure is remembered for this environment (retried with backoff).
+        Returns what happened, in words."""
+        from . import _fill
+
+        return _fill.rebuild(self._loader, make_inputs(model, providers, provider_options, sess_options))
 
     # -- management ---------------------------------------------------------------------------
     def verdicts(self) -> dict[str, str]:
@@ -304,18 +320,18 @@ class ContextCache:
         """Re-hash every artifact of every entry (``ctxcache verify``); ``fix`` quarantines what fails."""
         from . import _manage
 
-        return _manage.verify(self._store, self._env, fix=fix)
+        return _manage.verify(self._store, self._env, fix=fix, trust=self.config.trust)
 
     def plan_prune(self, *, max_size: int | None = None, older_than: float | None = None,
-                   other_environments: bool = True) -> _manage.PrunePlan:
+                   other_environments: bool = True) -> _prune.PrunePlan:
         """What :meth:`prune` would remove (see there); ``plan.execute()`` removes exactly that."""
-        from . import _manage
+        from . import _prune
 
-        return _manage.plan_prune(self._store, self._env, max_size=max_size, older_than=older_than,
+        return _prune.plan_prune(self._store, self._env, max_size=max_size, older_than=older_than,
                                   other_environments=other_environments, negative_ttl=self.negative_ttl)
 
     def prune(self, *, max_size: int | None = None, older_than: float | None = None, other_environments: bool = True,
-              dry_run: bool = False) -> _manage.PruneReport:
+              dry_run: bool = False) -> _prune.PruneReport:
         """Remove damaged entries and entries built for another environment (another onnxruntime / EP /
         SDK version), then entries unused for ``older_than`` seconds, then least recently used ones until
         the cache fits in ``max_size`` bytes."""
@@ -324,7 +340,7 @@ class ContextCache:
 
     # -- post-publish jobs (injected into the loader; run after the key lock is released) ------
     def _after_publish(self, entry: Entry) -> None:
-        from . import _manage, _stats
+        from . import _prune, _stats
 
         tiers = self._tier_list()
         if tiers:
@@ -335,13 +351,13 @@ class ContextCache:
             # Keep the cache under its cap, never the entry just made: entries that cannot be hit on this
             # machine (another onnxruntime / EP version) go first, then least recently used. Entries of
             # other environments are kept while under the cap (a folder may be shared by two apps).
-            _manage.plan_prune(self._store, self._env, max_size=self.max_size, other_environments=False,
+            _prune.plan_prune(self._store, self._env, max_size=self.max_size, other_environments=False,
                                keep={entry.key}, negative_ttl=self.negative_ttl).execute()
         _stats.compact(self._store.events_path)
 
 
 _default_caches: dict[str, ContextCache] = {}
-_default_lock = threading.Lock()
+_default_lock = _thread.allocate_lock()  # not threading: a module the hit needs nowhere else
 
 
 def default_cache() -> ContextCache:
@@ -378,9 +394,15 @@ def InferenceSession(
         path_or_bytes = kwargs.pop("model")
     if path_or_bytes is None:
         raise TypeError("InferenceSession() missing the model: pass path_or_bytes (a path or bytes)")
-    c = cache if cache is not None else default_cache()
-    return c.load(path_or_bytes, providers=providers, provider_options=provider_options, sess_options=sess_options,
-                  **kwargs).session
+    inputs = make_inputs(path_or_bytes, providers, provider_options, sess_options, kwargs=kwargs)
+    if cache is None:
+        # Nothing to cache for these arguments (CPU first, a selection policy, settings a context cannot
+        # honour): decided from the arguments alone, before the default cache's folder is even looked up.
+        early = inputs_bypass(inputs)
+        if early is not None:
+            return bypass_session(inputs, early)
+        cache = default_cache()
+    return cache._loader.load(inputs).session
 
 
 def store_of(cache: ContextCache) -> Store:

@@ -11,7 +11,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from . import _fs, _manage, providers
+from . import _explain, _fs, providers
 from ._cache import ContextCache
 from ._config import ENV_DIR
 
@@ -138,7 +138,7 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
     if trust.problem:
         problems.append(f"trust: {trust.problem}")
     try:
-        data["tiers"] = [t.as_dict() for t in _manage.tier_report(cache.tiers, None, trust)]
+        data["tiers"] = [t.as_dict() for t in _explain.tier_report(cache.tiers, None, trust)]
     except Exception as e:  # noqa: BLE001 - a tier that cannot even be opened is a problem to report
         data["tiers"] = []
         problems.append(f"tiers: {e}")

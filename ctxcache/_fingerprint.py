@@ -25,14 +25,13 @@ Why each part is there:
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
-log = logging.getLogger("ctxcache")
+from ._log import DEBUG, log
 
 FORMAT_VERSION = 1
 
@@ -62,7 +61,7 @@ def build(parts: Sequence[tuple[str, Any]]) -> Fingerprint:
     # Round-trip through JSON so that the parts compare equal to what a manifest gives back later.
     normalised = tuple((label, json.loads(canonical_json(value))) for label, value in parts)
     fp = Fingerprint(normalised)
-    if log.isEnabledFor(logging.DEBUG):
+    if log.isEnabledFor(DEBUG):
         for label, value in normalised:
             log.debug("key part %-18s %s", label, canonical_json(value))
         log.debug("key %s", fp.key)

@@ -10,7 +10,6 @@ reset ctime. The cache's own artifacts are not trusted this way: every hit re-ha
 from __future__ import annotations
 
 import json
-import logging
 import os
 import stat
 import sys
@@ -21,10 +20,9 @@ from typing import NamedTuple
 import xxhash
 
 from . import _fs
+from ._log import log
 from ._onnxproto import WireError, open_model_file, read_facts, resolve_external
 from .errors import InvalidModelError, ModelNotFoundError
-
-log = logging.getLogger("ctxcache")
 
 # 1 MiB reads keep the Python overhead per byte negligible (measured in benchmarks/bench_hashing.py)
 # while the buffer, reused for every read, keeps memory flat whatever the model size.

@@ -50,12 +50,18 @@ class Environment:
     def __init__(self, memo_dir: Path | None) -> None:
         self.memo_dir = memo_dir
         self._parts: dict[str, dict[str, Any]] = {}
+        self._digests: dict[str, str] = {}
 
     def digest(self, ep: ExecutionProvider, options: Mapping[str, str]) -> str:
-        """A short digest of :meth:`parts`: what a remembered verdict is valid for."""
+        """A short digest of :meth:`parts`: what a remembered verdict is valid for (memoised with them)."""
         import xxhash
 
-        return xxhash.xxh3_64_hexdigest(canonical_json([ep.name, self.parts(ep, options)]).encode())
+        memo_key = ep.name + canonical_json(dict(options))
+        found = self._digests.get(memo_key)
+        if found is None:
+            found = self._digests[memo_key] = xxhash.xxh3_64_hexdigest(
+                canonical_json([ep.name, self.parts(ep, options)]).encode())
+        return found
 
     def parts(self, ep: ExecutionProvider, options: Mapping[str, str]) -> dict[str, Any]:
         memo_key = ep.name + canonical_json(dict(options))

@@ -55,12 +55,33 @@ def _read_beat(path: Path) -> dict[str, Any] | None:
     return data
 
 
+def stalled(lock_path: Path, after: float | None) -> str | None:
+    """Without waiting: why the holder of ``lock_path`` is stalled (its heartbeat stopped, or its CPU time
+    has not moved, for ``after`` seconds), or ``None`` (making progress, or no heartbeat to judge by)."""
+    if after is None:
+        return None
+    beat = _read_beat(lock_path.with_name(lock_path.name + ".beat"))
+    if beat is None:
+        return None
+    now = time.time()
+    written, progress = beat.get("t"), beat.get("progress", beat.get("t"))
+    if not isinstance(written, (int, float)) or not isinstance(progress, (int, float)):
+        return None
+    idle = now - min(float(written), float(progress))  # a stopped process writes no beat at all
+    if idle > after + _BEAT_EVERY:
+        return (f"the process compiling this model (pid {beat.get('pid')}) made no progress for {idle:.0f} s "
+                "(stopped, frozen or blocked); serving the meanwhile session")
+    return None
+
+
 class _Heartbeat:
     """The holder's side: a daemon thread that writes ``{"pid", "cpu"}`` to the beat file every second."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._stop = threading.Event()
+        self._cpu = time.process_time()
+        self._progress = time.time()
         self._beat()  # at once: a holder frozen right after taking the lock must still be judged
         self._thread = threading.Thread(target=self._run, name="ctxcache-heartbeat", daemon=True)
         self._thread.start()
@@ -68,9 +89,14 @@ class _Heartbeat:
     def _beat(self) -> None:
         from . import _fs
 
+        cpu, now = time.process_time(), time.time()
+        if cpu - self._cpu >= _PROGRESS_CPU:
+            self._cpu, self._progress = cpu, now
         try:
-            _fs.atomic_write(self.path, json.dumps({"pid": os.getpid(), "cpu": time.process_time(),
-                                                    "t": time.time()}).encode(), durable=False)
+            # "progress": when the CPU time last moved, so a reader that cannot wait (a launch deciding
+            # whether a background compile is alive) can still tell a stalled holder at one glance.
+            _fs.atomic_write(self.path, json.dumps({"pid": os.getpid(), "cpu": cpu, "t": now,
+                                                    "progress": self._progress}).encode(), durable=False)
         except OSError:
             pass  # a full or read-only disk: waiters then judge the holder by its silence
 

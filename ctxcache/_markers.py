@@ -11,14 +11,12 @@ all there is to go by.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import _fs
-
-log = logging.getLogger("ctxcache")
+from ._log import log
 
 _LOCKED = b"flock\n"
 

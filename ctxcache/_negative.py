@@ -10,14 +10,12 @@ loader, ``explain`` and ``warm`` all ask it.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 from . import _fs
+from ._log import log
 from ._types import Reason
-
-log = logging.getLogger("ctxcache")
 
 _MAX = 1 << 16
 #: Codes a remembered record may carry; anything else reads as ``not_compilable`` (the old default).
@@ -85,3 +83,61 @@ def clear(folder: Path) -> int:
         if _fs.remove_file(folder / name):
             n += 1
     return n
+
+
+# -- rebuilds: an entry that serves is never taken out of service by its rebuild's failure -------------------
+#: Seconds before a failed rebuild of an entry is tried again in the same environment, by failure count.
+REBUILD_BACKOFF = (3600.0, 4 * 3600.0, 24 * 3600.0, 7 * 24 * 3600.0)
+
+
+def _rebuild_path(folder: Path, key: str) -> Path:
+    return folder / f"{key}.rebuild.json"
+
+
+def remember_rebuild_failure(folder: Path, key: str, env: str, message: str) -> None:
+    """A rebuild of ``key``'s entry for environment ``env`` failed (its compile, or the new context's load,
+    or its worker died): the old entry keeps serving; the next try waits by :data:`REBUILD_BACKOFF`."""
+    data = _read(_rebuild_path(folder, key), REBUILD_BACKOFF[-1] * 2)
+    previous = data.get("failures") if data is not None and data.get("env") == env else 0
+    failures = (previous if isinstance(previous, int) else 0) + 1
+    now = time.time()
+    wait = REBUILD_BACKOFF[min(failures, len(REBUILD_BACKOFF)) - 1]
+    try:
+        _fs.atomic_write(_rebuild_path(folder, key), json.dumps(
+            {"env": env, "failures": failures, "message": message[:500], "time": now, "next": now + wait}).encode(),
+            durable=False)
+    except OSError as e:
+        log.debug("could not remember the failed rebuild of %s: %s", key[:12], e)
+
+
+def rebuild_failed(folder: Path, key: str, env: str) -> tuple[Reason | None, bool]:
+    """(what is remembered of failed rebuilds of ``key`` in ``env``, whether a new try must wait)."""
+    data = _read(_rebuild_path(folder, key), REBUILD_BACKOFF[-1] * 2)
+    if data is None or data.get("env") != env:
+        return None, False
+    nxt = data.get("next")
+    waiting = isinstance(nxt, (int, float)) and time.time() < float(nxt)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(nxt))) if isinstance(nxt, (int, float)) else "?"
+    text = (f"its rebuild failed {data.get('failures')} time(s) here ({data.get('message')}); "
+            + (f"next try after {when}" if waiting else "tried again at the next launch"))
+    return Reason("prefer_recompilation", text[:600]), waiting
+
+
+def forget_rebuild(folder: Path, key: str) -> None:
+    _fs.remove_file(_rebuild_path(folder, key))
+
+
+# -- background refusals: a worker that cannot make the app's key ------------------------------------------
+def remember_background_refusal(folder: Path, key: str, message: str) -> None:
+    try:
+        _fs.atomic_write(folder / f"{key}.background.json",
+                         json.dumps({"message": message[:500], "time": time.time()}).encode(), durable=False)
+    except OSError as e:
+        log.debug("could not remember the background refusal for %s: %s", key[:12], e)
+
+
+def background_refused(folder: Path, key: str, ttl: float) -> str | None:
+    """Why a background worker refused ``key``'s job recently (the next loads compile in the foreground)."""
+    data = _read(folder / f"{key}.background.json", ttl)
+    message = data.get("message") if data is not None else None
+    return message if isinstance(message, str) else ("refused" if data is not None else None)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._compile import compile_into
 from ._manifest import Entry
 
 
@@ -27,11 +26,18 @@ def _nothing(*_args: Any) -> None:
     return None
 
 
+def _compile(*args: Any, **kwargs: Any) -> float:
+    # Imported at the first compile: a launch that hits never needs the compile API's module.
+    from ._compile import compile_into
+
+    return compile_into(*args, **kwargs)
+
+
 class Hooks:
     """The seams' current callables (a plain class: a dataclass costs a millisecond at every import)."""
 
     def __init__(self) -> None:
-        self.compile: Callable[..., float] = compile_into
+        self.compile: Callable[..., float] = _compile
         self.locked: Callable[[str], None] = _nothing
         self.published: Callable[[Entry], None] = _nothing
         self.verified: Callable[[Entry], None] = _nothing

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import _thread
 import json
-import logging
 from typing import Literal, get_args
 
 from . import _fs
+from ._log import log
 from ._manifest import Entry
 from ._markers import consume, dead_markers, deaths, note_death
-from ._probe import probe
 from ._store import Problem, Store
 from ._types import Reason
 from .providers import ExecutionProvider
 from .providers._base import Verdict
-
-log = logging.getLogger("ctxcache")
 
 Digests = Literal["all", "changed", "none"]
 _ANSWERS = frozenset(get_args(Verdict))
@@ -62,9 +59,18 @@ def judge(store: Store, entry: Entry, ep: ExecutionProvider | None, *, digests: 
     compatibility check for a context compiled a moment ago in this process (QNN's check segfaulted
     when called right after a compile).
     """
-    crashed = crash_problem(store, entry, ep, options, act=consume_markers)
-    if crashed is not None:
-        return crashed, "unknown", ""
+    dead = dead_markers(store.markers_dir, entry.key)
+    if dead:
+        # A loader died on this entry. Bytes that are no longer the recorded ones explain that death by
+        # themselves: damage (quarantined, rebuilt), never a crash counted toward turning the cache off.
+        damaged = store.check_files(entry) or store.check_digests(entry, only_changed=False)
+        if damaged is not None:
+            if consume_markers:
+                consume(store.markers_dir, dead)
+            return Reason(damaged.code, f"{damaged.message} (a loader died on these bytes)"), "unknown", ""
+        crashed = crash_problem(store, entry, ep, options, act=consume_markers)
+        if crashed is not None:
+            return crashed, "unknown", ""
     problem = store.check_files(entry)
     if problem is not None and problem.code in ("artifact_unreadable", "unsafe_context"):
         # A context that does not parse, or names files it should not, may just be damaged bytes:
@@ -119,6 +125,13 @@ def crash_problem(store: Store, entry: Entry, ep: ExecutionProvider | None, opti
     dead = dead_markers(store.markers_dir, entry.key)
     if not dead:
         return None
+    if not _fs.can_write(store.markers_dir):
+        # No loader on this device could have left a marker in a folder it cannot write: it came with a
+        # read-only image. Probing it would start a child process at every launch, for nothing.
+        log.debug("ignoring %d crash marker(s) of %s in a read-only cache", len(dead), entry.key[:12])
+        return None
+    from ._probe import probe  # a child process, only when a loader died: not on the hit path
+
     verdict, detail = ("unavailable", "no provider to probe with") if ep is None else probe(
         entry.context_path, ep.name, options or {})
     log.info("a loader of %s died during the context load; probe: %s (%s)", entry.key[:12], verdict, detail)

@@ -14,13 +14,24 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from . import _fs
 from ._inputs import Chain
+from ._plan import Inputs
 from ._store import Store
 
 log = logging.getLogger("ctxcache")
+
+
+def inputs_for(store: Store, key: str | None, inputs: Inputs) -> Inputs:
+    """``inputs`` as the sessions of a load with ``key`` get them: the provider's own caches in the key's
+    folder, or off when the load has no key. The one call the loader makes, once the plan knows the key
+    and before any session is created (the compile, a background job and a rebuild inherit it)."""
+    governed = govern(store, key, inputs.chain) if key is not None else unmanaged(inputs.chain)
+    return inputs if governed is inputs.chain else replace(inputs, chain=governed)
 
 
 def govern(store: Store, key: str, chain: Chain) -> Chain:
@@ -49,6 +60,17 @@ def govern(store: Store, key: str, chain: Chain) -> Chain:
                     ep.name, key[:12], folder, e)
         governed = ep.without_side_cache(options)
     return [(ep, governed), *chain[1:]]
+
+
+def describe(store: Store, key: str | None, chain: Chain) -> dict[str, Any] | None:
+    """What ``explain`` shows: the key's provider-cache folder, which caches, and its size (``None``: no
+    provider cache asked for, or no key)."""
+    if key is None or not chain:
+        return None
+    layout = chain[0][0].side_cache_layout(chain[0][1])
+    if not layout:
+        return None
+    return {"folder": str(store.side_dir(key)), "caches": layout, "size": store.side_size(key)}
 
 
 def unmanaged(chain: Chain) -> Chain:

@@ -19,8 +19,8 @@ read from or written into, and every file goes through :mod:`._fs`.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import stat
 import time
@@ -30,10 +30,9 @@ from typing import Any, NamedTuple
 
 from . import _fs, _manifest
 from ._hashing import file_digest, signature
+from ._log import log
 from ._manifest import CONTEXT, MANIFEST, Entry
 from ._onnxproto import WireError, read_facts
-
-log = logging.getLogger("ctxcache")
 
 LAYOUT = "v1"
 _KEEP_QUARANTINED = 8
@@ -143,6 +142,27 @@ class Store:
                 _fs.make_folder(self.root / name)
         except _fs.UnsafeFolder as e:
             raise InsecureCache(*e.args) from None
+
+    def check_existing(self) -> None:
+        """:meth:`ensure`'s checks on the folders that exist, creating nothing (explain, key: read-only)."""
+        for folder in (self.base, self.root, *(self.root / name for name in _SUBFOLDERS)):
+            try:
+                _fs.check_folder(folder)
+            except FileNotFoundError:
+                continue
+            except _fs.UnsafeFolder as e:
+                raise InsecureCache(*e.args) from None
+
+    def writable(self) -> bool:
+        """Whether an entry could be compiled into this store: its folder really takes a new file (an
+        anonymous one; permission bits say nothing for root or a read-only mount). A store not made yet
+        is writable when its nearest existing ancestor is (asked with ``access``: nothing is made there)."""
+        if _fs.is_folder(self.root):
+            return _fs.can_write(self.root)
+        ancestor = self.root
+        while not _fs.exists(ancestor) and ancestor.parent != ancestor:
+            ancestor = ancestor.parent
+        return _fs.is_folder(ancestor) and os.access(ancestor, os.W_OK)
 
     def longest_path(self) -> int:
         """The longest path this store writes (a staging folder's binary): checked against MAX_PATH."""
@@ -273,6 +293,16 @@ class Store:
     def discard_staging(self, staging: Path) -> None:
         _fs.remove_tree(staging)
 
+    @contextlib.contextmanager
+    def staging(self, key: str) -> Iterator[Path]:
+        """A private staging folder for one new entry, removed on the way out (whatever was not published
+        from it). The one way an entry is made, by a compile or from a tier: fill it, then :meth:`publish`."""
+        path = self.new_staging(key)
+        try:
+            yield path
+        finally:
+            self.discard_staging(path)
+
     def publish(self, staging: Path, key: str, manifest: dict[str, Any]) -> Entry:
         """Fill in artifact digests, write the manifest, fsync, and commit by one rename.
 
@@ -291,6 +321,9 @@ class Store:
                               "sig": list(signature(st))})
         manifest = dict(manifest, format=_manifest.FORMAT, key=key, artifacts=artifacts)
         manifest.setdefault("entry_id", os.urandom(8).hex())
+        # The order entries of one key were published in, for choosing among entries published beside a
+        # held one (names are random; a clock step back is harmless: the newest is a tie-break, not a rule).
+        manifest["published_ns"] = time.time_ns()
         problem = _manifest.check(manifest, key)
         if problem is not None:
             raise BrokenEntry("publish_failed", f"compiled entry is unusable: {problem}")
@@ -319,14 +352,18 @@ class Store:
     def look_again(self, key: str) -> Entry | None:
         """Under the key's lock: the committed entry, or one published beside a held entry (promoted now
         when the old one can finally go, else served from where it is). Raises :class:`BrokenEntry`."""
-        ready = self._ready(key)
-        if ready:
-            newest = ready[-1]
+        ready: list[tuple[int, Path, dict[str, Any]]] = []
+        for path in self._ready(key):
             try:
-                data = _manifest.parse(_fs.read_small(newest / MANIFEST, _manifest.MAX_BYTES), key, newest / MANIFEST)
+                data = _manifest.parse(_fs.read_small(path / MANIFEST, _manifest.MAX_BYTES), key, path / MANIFEST)
             except (OSError, ValueError):
-                _fs.remove_tree(newest)
-                return self.lookup(key)
+                _fs.remove_tree(path)  # never committed whole: what the publish left when it died
+                continue
+            seq = data.get("published_ns")
+            ready.append((seq if isinstance(seq, int) and not isinstance(seq, bool) else 0, path, data))
+        if ready:
+            ready.sort(key=lambda r: (r[0], r[1].name))
+            _, newest, data = ready[-1]
             target = self.entries_dir / key
             if _fs.exists(target):
                 self._discard(target)
@@ -334,7 +371,7 @@ class Store:
                 try:
                     _fs.rename(newest, target)
                     _fs.fsync_dir(self.entries_dir)
-                    for stale in ready[:-1]:
+                    for _, stale, _ in ready[:-1]:
                         _fs.remove_tree(stale)
                     return Entry(key, target, data)
                 except OSError as e:

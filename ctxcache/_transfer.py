@@ -165,7 +165,7 @@ def _bring_in_all(cache: ContextCache, tier: Tier, keys: Sequence[str], *, force
             continue
         try:
             done = bring_in(store, key, tier, force=force, lock_timeout=cache.lock_timeout,
-                            stall_after=cache.settings.stall_timeout, trust=cache.trust)
+                            stall_after=cache.config.stall_timeout, trust=cache.trust)
         except TierError as e:
             refused[key] = str(e)
             log.warning("refused %s from %s: %s", key[:12], tier.describe(), e)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -35,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ._log import log
 from .errors import SigningKeyError
-
-log = logging.getLogger("ctxcache")
 
 #: Environment variable holding the build host's signing key: an Ed25519 private key (PEM) or an HMAC secret.
 SIGNING_KEY_ENV = "CTXCACHE_SIGNING_KEY"

@@ -47,6 +47,7 @@ ReasonCode = Literal[
     "load_failed",
     "wrong_provider",
     "crashed_during_load",
+    "signer_revoked",
     # fallback: compiling or publishing did not produce an entry
     "compile_failed",
     "publish_failed",
@@ -71,7 +72,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "cache_unwritable": ("bypass", "the cache folder cannot be created or written"),
     "cache_insecure": ("bypass", "a cache folder is owned or writable by another user; the cache is not used"),
     "lock_timeout": ("bypass", "another process held the key's lock past lock_timeout"),
-    "lock_stalled": ("bypass", "the holder of the key's lock made no progress for stall_timeout (stopped, frozen, blocked)"),
+    "lock_stalled": ("bypass", "the holder of the key's lock made no progress for stall_timeout (stopped, frozen, blocked); "
+                               "in background mode the launch keeps its meanwhile session (outcome pending)"),
     "device_busy": ("bypass", "the device refused the context for a transient reason (busy, out of memory) even after "
                               "retries: the original model is served and the entry kept"),
     "background_unavailable": ("miss", "on_miss='background', but no background process can be started here "
@@ -92,6 +94,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "load_failed": ("fallback", "ONNX Runtime refused the context"),
     "wrong_provider": ("fallback", "the context session does not run on the requested provider"),
     "crashed_during_load": ("fallback", "a process died while loading this context"),
+    "signer_revoked": ("fallback", "a tier's entry whose signer (or install folder) this device no longer trusts: "
+                                   "a revoked or removed key reaches the entries it already brought in"),
     "compile_failed": ("fallback", "the provider failed to compile the model"),
     "publish_failed": ("fallback", "the compiled entry could not be written"),
     "source_changed": ("fallback", "the model changed while it was compiled (an updater?); nothing was published"),

@@ -320,6 +320,38 @@ def admit(signer: Signer, required: bool, what: str, trust: Trust | None = None)
     raise TierError(f"{what}: {why}", code="tier_untrusted")
 
 
+def still_admitted(origin: dict[str, Any], trust: Trust) -> str | None:
+    """Why an entry a tier put into this cache would not be admitted today (``None``: it would be), from what
+    its install recorded: the :func:`admit` rule again, with the signer's status as the device's trust says
+    it now. Revoking or removing a leaked key must reach entries it already brought in, not only new
+    imports: a revoked key's entries are refused everywhere; a key no longer among the device's trusted
+    keys (or a bundle folder no longer among its ``trusted_dirs``) is refused where the device names any.
+    Cheap: no file is read."""
+    kid = origin.get("signed_by")
+    recorded = origin.get("signature")
+    admitted = origin.get("admitted")
+    if isinstance(kid, str) and kid:
+        # A device that names no trusted key at all has no policy to ask again (the entry was admitted by
+        # whoever imported it, with theirs); a revoked key is refused everywhere, policy or not.
+        status: SignerStatus = ("revoked" if trust.is_revoked(kid) else
+                                "trusted" if trust.public_key(kid) is not None or not trust.keys else "untrusted")
+    else:
+        status = "unsigned" if recorded not in ("hmac",) else "hmac"
+    location = str(origin.get("location", ""))
+    if admitted == "trusted_dir":
+        required = bool(trust.dirs) and not trust.covers(location)  # the app's folders moved elsewhere
+    elif admitted == "not_required":
+        required = False  # the tier itself said so (require_signature=False), at the app's request
+    else:
+        required = recorded == "trusted" or admitted == "signature"
+    try:
+        admit(Signer(status, kid if isinstance(kid, str) else None), required, f"{location}:{origin.get('tier', '?')}",
+              trust)
+    except TierError as e:
+        return f"{e}; it was admitted by {admitted or recorded}, and would not be now"
+    return None
+
+
 # -- records --------------------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -442,8 +474,7 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = (), *, re
     if free is not None and need + (16 << 20) > free:
         raise TierError(f"{offer.origin.get('location', '?')}: the entry needs {need} bytes, {free} are free in "
                         f"{store.staging_dir}; free some space", code="tier_unreachable")
-    staging = store.new_staging(key)
-    try:
+    with store.staging(key) as staging:
         for name, spec in sorted(files.items()):
             where = f"{offer.origin.get('location', '?')}:{key[:12]}/{name}"
             try:
@@ -460,8 +491,13 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = (), *, re
             raise TierError(str(e), code="tier_bad_context") from None
         _fs.remove_file(staging / MANIFEST)
         clean = _manifest.from_portable(manifest)
+        location = str(offer.origin.get("location", ""))
+        # How it was admitted, so that every later hit can ask again whether it still would be
+        # (still_admitted): a key revoked or no longer trusted, a folder no longer the app's own.
+        admitted = ("signature" if offer.signer.status == "trusted" else
+                    "trusted_dir" if trust is not None and location and trust.covers(location) else "not_required")
         clean["origin"] = dict(offer.origin, time=time.time(), signature=offer.signer.status,
-                               signed_by=offer.signer.key_id)
+                               signed_by=offer.signer.key_id, admitted=admitted)
         if portable:
             # The entry now answers to this machine's key; where it was built stays on record.
             clean["origin"].update(key=record["key"], parts=record["parts"])
@@ -470,8 +506,6 @@ def install(store: Store, key: str, offer: Offer, local_parts: Parts = (), *, re
             return store.publish(staging, key, clean)
         except BrokenEntry as e:
             raise TierError(e.message, code="tier_record") from None
-    finally:
-        store.discard_staging(staging)
 
 
 def fill(store: Store, key: str, parts: Parts, tiers: Iterable[Tier], *, strict: bool,
