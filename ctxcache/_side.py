@@ -11,7 +11,6 @@ and removes, prunes and quarantines it with the entry.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from dataclasses import replace
@@ -20,10 +19,9 @@ from typing import Any
 
 from . import _fs
 from ._inputs import Chain
+from ._log import log
 from ._plan import Inputs
 from ._store import Store
-
-log = logging.getLogger("ctxcache")
 
 
 def inputs_for(store: Store, key: str | None, inputs: Inputs) -> Inputs:
