@@ -104,6 +104,22 @@ def test_govern_makes_an_owner_only_folder_per_key(cache_dir: Path) -> None:
     assert _side.unmanaged(_chain({"cache_dir": "/tmp/x"}))[0][1] == {}
 
 
+def test_a_load_without_a_key_runs_the_provider_without_its_cache(conv_model: Path, cache_dir: Path) -> None:
+    # no folder of ctxcache's can hold it (an unusable cache folder, settings a context cannot honour):
+    # the app's own path is not written either
+    from ctxcache._inputs import resolve_model
+    from ctxcache._plan import Inputs
+
+    store = store_of(ctxcache.ContextCache(cache_dir))
+    inputs = Inputs(resolve_model(conv_model), _chain({"cache_dir": "/tmp/x", "device_type": "CPU"}), None)
+    assert _side.inputs_for(store, None, inputs).options == {"device_type": "CPU"}
+    store.ensure()
+    keyed = _side.inputs_for(store, "a" * 32, inputs)
+    assert keyed.options["cache_dir"] == str(store.side_dir("a" * 32) / "openvino") and keyed.model == inputs.model
+    plain = Inputs(resolve_model(conv_model), _chain({"device_type": "CPU"}), None)
+    assert _side.inputs_for(store, "a" * 32, plain) is plain
+
+
 @pytest.mark.parametrize("plant", ["file_in_the_way", "link_outside", "others_can_write"])
 def test_a_side_folder_that_cannot_be_trusted_turns_the_cache_off(plant: str, cache_dir: Path, tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
