@@ -61,6 +61,8 @@ expected = ref.run(None, feeds)[0]
 cache = ctxcache.ContextCache({cache!r})
 # True reaches the EP as "true": as "1" ORT would silently drop the EP and run on CPU
 providers = [("OpenVINOExecutionProvider", {{"device_type": "CPU", "enable_qdq_optimizer": True}})]
+# the key before the first load: once a context failed to load here, later loads bypass and key() is None
+fp = cache.key(model, providers=providers)
 runs, outs = [], []
 for _ in range(2):
     r = cache.load(model, providers=providers)
@@ -95,7 +97,6 @@ if jit is not None:
     jit_out = jit.run(None, feeds)[0]
 for run, out in zip(runs, outs):
     run["jit_maxdiff"] = float(np.abs(out - jit_out).max()) if jit is not None else None
-fp = cache.key(model, providers=providers)
 print(json.dumps({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
                   "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}}))
 """
