@@ -38,6 +38,8 @@ _LAZY = {
     "TierAnswer": "._explain",
     "VerifyResult": "._manage",
     "WarmResult": "._explain",
+    "WarmProcess": "._detach",
+    "warm_detached": "._detach",
     "Bundle": ".tiers.bundle",
     "Diagnosis": "._doctor",
     "diagnose": "._doctor",
@@ -66,6 +68,7 @@ def __getattr__(name: str) -> object:
 
 if TYPE_CHECKING:  # the real types, for type checkers and IDEs
     from ._config import Config
+    from ._detach import WarmProcess, warm_detached
     from ._doctor import Diagnosis, diagnose
     from ._explain import Difference, Explanation, Nearest, TierAnswer, WarmResult
     from ._manage import EntryInfo, ProviderCheck, VerifyResult, check_providers, known_providers
@@ -111,6 +114,7 @@ __all__ = [
     "TierAnswer",
     "Timings",
     "VerifyResult",
+    "WarmProcess",
     "WarmResult",
     "__version__",
     "check_providers",
@@ -124,4 +128,5 @@ __all__ = [
     "known_providers",
     "pull",
     "push",
+    "warm_detached",
 ]

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ._record import Record
 from ._trust import Trust, resolve_trust
 
 ENV_DIR = "CTXCACHE_DIR"
@@ -70,31 +70,57 @@ OnMiss = Literal["compile", "background"]
 OnLockTimeout = Literal["jit", "raise"]
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Record):
     """A cache's whole configuration, validated and made absolute once (:meth:`create`).
 
     Frozen: every path that decides what a load does (load, explain, key, warm, rebuild, the background
     worker) reads this one object. A worker process gets all of it (:meth:`to_json`), never a hand-picked
     subset: a worker that did not know ``max_size`` let a capped cache grow past its cap, and one given a
-    relative ``cache_dir`` published into ``cache_dir/cache_dir``.
+    relative ``cache_dir`` published into ``cache_dir/cache_dir``. ``tiers`` are the specs as given (paths,
+    URLs, tier objects), made into objects at the first miss.
     """
 
+    __slots__ = (
+        "embed",
+        "extra_key",
+        "lock_timeout",
+        "max_size",
+        "meanwhile",
+        "negative_ttl",
+        "on_lock_timeout",
+        "on_miss",
+        "root",
+        "stall_timeout",
+        "strict",
+        "tiers",
+        "trust",
+        "verify",
+    )
     root: Path
-    strict: bool = False
-    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT
-    on_lock_timeout: OnLockTimeout = "jit"
-    embed: bool = False
-    extra_key: str | None = None
-    verify: Verify = "content"
-    max_size: int | None = None
-    negative_ttl: float = DEFAULT_NEGATIVE_TTL
-    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT
-    trust: Trust = field(default_factory=Trust)
-    on_miss: OnMiss = "compile"
-    meanwhile: tuple[str, ...] = DEFAULT_MEANWHILE
-    #: tier specs as given (paths, URLs, tier objects); made into objects at the first miss
-    tiers: tuple[Any, ...] = ()
+    strict: bool
+    lock_timeout: float | None
+    on_lock_timeout: OnLockTimeout
+    embed: bool
+    extra_key: str | None
+    verify: Verify
+    max_size: int | None
+    negative_ttl: float
+    stall_timeout: float | None
+    trust: Trust
+    on_miss: OnMiss
+    meanwhile: tuple[str, ...]
+    tiers: tuple[Any, ...]
+
+    def __init__(self, root: Path, strict: bool = False, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+                 on_lock_timeout: OnLockTimeout = "jit", embed: bool = False, extra_key: str | None = None,
+                 verify: Verify = "content", max_size: int | None = None, negative_ttl: float = DEFAULT_NEGATIVE_TTL,
+                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT, trust: Trust | None = None,
+                 on_miss: OnMiss = "compile", meanwhile: tuple[str, ...] = DEFAULT_MEANWHILE,
+                 tiers: tuple[Any, ...] = ()) -> None:
+        self._set(root=root, strict=strict, lock_timeout=lock_timeout, on_lock_timeout=on_lock_timeout, embed=embed,
+                  extra_key=extra_key, verify=verify, max_size=max_size, negative_ttl=negative_ttl,
+                  stall_timeout=stall_timeout, trust=trust if trust is not None else Trust(), on_miss=on_miss,
+                  meanwhile=meanwhile, tiers=tiers)
 
     @classmethod
     def create(cls, cache_dir: str | os.PathLike[str] | None = None, *, app_name: str = "ctxcache",
@@ -166,7 +192,7 @@ class Config:
                 "tiers": specs,
                 "trust": {"keys": [[kid, base64.b64encode(raw).decode()] for kid, raw in self.trust.keys],
                           "revoked": sorted(self.trust.revoked), "dirs": list(self.trust.dirs),
-                          "problem": self.trust.problem}}
+                          "problem": self.trust.problem, "refused": list(self.trust.refused)}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Config:
@@ -176,7 +202,7 @@ class Config:
 
         t = data["trust"]
         trust = Trust(tuple((str(kid), base64.b64decode(raw)) for kid, raw in t["keys"]), frozenset(t["revoked"]),
-                      tuple(t["dirs"]), t["problem"])
+                      tuple(t["dirs"]), t["problem"], tuple(t.get("refused", ())))
         return cls(root=Path(data["root"]), strict=bool(data["strict"]), lock_timeout=data["lock_timeout"],
                    on_lock_timeout=data["on_lock_timeout"], embed=bool(data["embed"]), extra_key=data["extra_key"],
                    verify=data["verify"], max_size=data["max_size"], negative_ttl=float(data["negative_ttl"]),

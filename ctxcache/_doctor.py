@@ -137,6 +137,7 @@ def diagnose(cache: ContextCache | None = None, providers_list: Sequence[tuple[s
     data["trust"] = trust.as_dict()
     if trust.problem:
         problems.append(f"trust: {trust.problem}")
+    problems += [f"trust: not trusted, working without it: {r}" for r in trust.refused if r not in (trust.problem or "")]
     try:
         data["tiers"] = [t.as_dict() for t in _explain.tier_report(cache.tiers, None, trust)]
     except Exception as e:  # noqa: BLE001 - a tier that cannot even be opened is a problem to report

@@ -68,7 +68,7 @@ def here(loader: Loader, inputs: Inputs, trace: Trace, decided: Miss) -> LoadRes
     store, config = loader.store, loader.config
     lock = KeyLock(store.lock_path(decided.key))
     try:
-        trace.times["lock_wait"] = lock.acquire(config.lock_timeout, inputs.model.name, stall_after=config.stall_timeout)
+        trace.times["lock_wait"] = lock.acquire(config.lock_timeout, inputs.model.shown, stall_after=config.stall_timeout)
     except LockStalled as e:
         trace.times["lock_wait"] = time.perf_counter() - trace.started
         return lock_timeout(loader, inputs, trace, e)
@@ -216,7 +216,7 @@ def compile_entry(loader: Loader, trace: Trace, inputs: Inputs, decided: Miss, *
         built = _build(loader, inputs, trace, decided, staging, rebuild=rebuild, extra=extra)
         if isinstance(built, Failed):
             return built
-    log.info("compiled %s for %s in %.2f s -> %s", inputs.model.name, inputs.ep.name, trace.times["compile"], built.path)
+    log.info("compiled %s for %s in %.2f s -> %s", inputs.model.shown, inputs.ep.name, trace.times["compile"], built.path)
     return built
 
 
@@ -344,7 +344,7 @@ def rebuild(loader: Loader, inputs: Inputs) -> str:
         return "rebuilt here once already: ONNX Runtime still prefers a rebuild, but another would not help"
     lock = KeyLock(store.lock_path(decided.key))
     try:
-        lock.acquire(loader.config.lock_timeout, inputs.model.name, stall_after=loader.config.stall_timeout)
+        lock.acquire(loader.config.lock_timeout, inputs.model.shown, stall_after=loader.config.stall_timeout)
     except (filelock.Timeout, LockStalled, OSError) as e:
         return f"not rebuilt now: the key's lock ({e})"
     trace = Trace()
@@ -369,9 +369,9 @@ def lock_timeout(loader: Loader, inputs: Inputs, trace: Trace, stalled: LockStal
     config = loader.config
     lock = loader.store.lock_path(trace.key)
     if config.on_lock_timeout == "raise":
-        what = (f"the process compiling {inputs.model.name} ({stalled.holder}) made no progress for "
+        what = (f"the process compiling {inputs.model.shown} ({stalled.holder}) made no progress for "
                 f"{stalled.seconds:.0f} s" if stalled else
-                f"another process kept compiling {inputs.model.name} for over {config.lock_timeout} s")
+                f"another process kept compiling {inputs.model.shown} for over {config.lock_timeout} s")
         raise LockTimeoutError(f"{what} (lock {lock}). Raise lock_timeout / stall_timeout, or use on_lock_timeout='jit'.",
                                lock_path=str(lock), timeout=float(config.lock_timeout or 0))
     if stalled is not None:
@@ -380,7 +380,7 @@ def lock_timeout(loader: Loader, inputs: Inputs, trace: Trace, stalled: LockStal
                                         "original model meanwhile")
     else:
         reason = Reason("lock_timeout", f"another process is still compiling after {config.lock_timeout} s")
-    log.warning("%s: %s", inputs.model.name, reason)
+    log.warning("%s: %s", inputs.model.shown, reason)
     return loader.original(inputs, trace, "bypass", reason)
 
 

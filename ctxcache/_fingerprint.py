@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
 from ._log import DEBUG, log
+from ._record import Record
 
 FORMAT_VERSION = 1
 
@@ -42,13 +42,22 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-@dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(Record):
+    """A key's named, ordered parts; ``key`` is their digest (computed once)."""
+
+    __slots__ = ("_key", "parts")
     parts: Parts
+
+    def __init__(self, parts: Parts) -> None:
+        self._set(parts=parts, _key=None)
 
     @property
     def key(self) -> str:
-        return xxhash.xxh3_128_hexdigest(canonical_json([list(p) for p in self.parts]).encode("utf-8"))
+        found: str | None = self._key  # type: ignore[attr-defined]
+        if found is None:
+            found = xxhash.xxh3_128_hexdigest(canonical_json([list(p) for p in self.parts]).encode("utf-8"))
+            object.__setattr__(self, "_key", found)
+        return found
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.parts)

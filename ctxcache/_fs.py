@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -84,24 +85,80 @@ def _private_group(gid: int, uid: int) -> bool:
     return gid == user.pw_gid and all(m == user.pw_name for m in members)
 
 
-def folder_problem(st: os.stat_result, path: Path) -> str | None:
-    """Why a folder with this ``lstat`` result must not be trusted, or ``None``.
+def owner_problem(st: os.stat_result, path: Path | str, advice: str = "") -> str | None:
+    """Why what has this ``lstat`` result can be changed by another user, or ``None``: the one ownership
+    rule, for the cache's folders and for every trust anchor and import folder (:func:`path_problem`).
 
     ssh's StrictModes for key files: owned by this user (or root, for system-wide installs) and not
     writable by anyone else (a user-private group excepted).
     """
-    if stat.S_ISLNK(st.st_mode):
-        return f"{path} is a symbolic link, not a folder"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{path} is not a folder"
     if not hasattr(os, "getuid"):
         return None  # Windows: ACLs, not mode bits; the per-user app-data folder is private already
     uid = os.getuid()
     if st.st_uid not in (uid, 0):
-        return f"{path} is owned by uid {st.st_uid}, not by this user ({uid}); use a cache folder of your own"
+        return f"{path} is owned by uid {st.st_uid}, not by this user ({uid}){advice}"
     others = stat.S_IWOTH | stat.S_IWGRP
     if st.st_mode & others and not (st.st_mode & stat.S_IWOTH == 0 and _private_group(st.st_gid, uid)):
         return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); run: chmod go-w {path}"
+    return None
+
+
+def folder_problem(st: os.stat_result, path: Path) -> str | None:
+    """Why a folder with this ``lstat`` result must not be trusted, or ``None`` (:func:`owner_problem`)."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link, not a folder"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    return owner_problem(st, path, "; use a cache folder of your own")
+
+
+def _prefixes(path: str) -> list[str]:
+    """``/a/b/c`` -> ``["/", "/a", "/a/b", "/a/b/c"]`` (an absolute, normalised path)."""
+    out = []
+    head = path
+    while True:
+        out.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    return out[::-1]
+
+
+def path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why another user could change what lies at ``path`` (a file or a folder), or ``None``.
+
+    For what the process trusts without checking each use (a ``trusted_dirs`` folder, a
+    ``trusted_keys`` file, a folder a child process imports from): the thing itself and every folder
+    above it must pass :func:`owner_problem`, both along the path as written and along the path its
+    links resolve to (whoever can write a folder on the way can swap what lies below it). A folder
+    above with the sticky bit (``/tmp``), owned by root or this user, is fine: others cannot rename or
+    remove what is in it. A missing path is a problem too (it could be created by someone else).
+    """
+    given = os.path.abspath(os.fspath(path))
+    real = os.path.realpath(given)
+    seen: set[str] = set()
+    for chain in (given, real):
+        prefixes = _prefixes(chain)
+        for i, comp in enumerate(prefixes):
+            if comp in seen:
+                continue
+            seen.add(comp)
+            try:
+                st = os.lstat(comp)
+            except FileNotFoundError:
+                return f"{comp} does not exist"
+            except OSError as e:
+                return f"cannot check {comp}: {e.strerror or e}"
+            if stat.S_ISLNK(st.st_mode):
+                continue  # as safe as the folder holding it (checked) and what it resolves to (the real chain)
+            last = i == len(prefixes) - 1
+            if not last and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and (
+                    not hasattr(os, "getuid") or st.st_uid in (0, os.getuid())):
+                continue
+            problem = owner_problem(st, comp)
+            if problem is not None:
+                return problem
     return None
 
 
@@ -282,7 +339,6 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 def replace_with_retry(src: Path, dst: Path, tries: int = 5) -> None:
     """``os.replace``; on Windows a reader holding ``dst`` for a moment makes it fail: retry briefly."""
-    import time
 
     for attempt in range(tries):
         try:

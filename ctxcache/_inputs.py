@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from . import _sessopts, providers
 from ._hashing import ModelDigest, bytes_digest, model_digest
+from ._manifest import shown
 from ._onnxproto import WireError, read_facts, read_facts_from_bytes
 from ._types import ModelArg, Reason
 from .errors import InvalidModelError, ModelNotFoundError, ProviderOptionError, UnknownArgumentError
@@ -40,6 +41,11 @@ class Model(NamedTuple):
     @property
     def name(self) -> str:
         return self.path.name if self.path is not None else "<bytes>"
+
+    @property
+    def shown(self) -> str:
+        """:attr:`name` for one line of a log (a tab or newline in a file name escaped)."""
+        return shown(self.name)
 
     @property
     def ort_format(self) -> bool:

@@ -51,7 +51,7 @@ def make_inputs(model: ModelArg, providers: ProvidersArg, provider_options: Sequ
 def bypass_session(inputs: Inputs, decided: Bypass) -> ort.InferenceSession:
     """The session of a bypass decided from the inputs alone (no cache, no store, nothing written)."""
     assert decided.silent
-    log.debug("%s: bypass (%s)", inputs.model.name, decided.reason.code)
+    log.debug("%s: bypass (%s)", inputs.model.shown, decided.reason.code)
     if decided.session == "whole":
         return original_session(inputs, whole=True)
     return plain(inputs)
@@ -198,7 +198,7 @@ class Loader:
                  fresh: bool) -> LoadResult:
         if why.code == "device_busy":
             # Transient is not stale: the context that took minutes to build stays for the next launch.
-            log.warning("%s: %s", inputs.model.name, why)
+            log.warning("%s: %s", inputs.model.shown, why)
             return self.original(inputs, trace, "bypass", why)
         if fresh:
             return self._unloadable(inputs, trace, entry, why)
@@ -221,7 +221,7 @@ class Loader:
                     return None, Reason("load_failed", text + note)
                 if pause is None:
                     return None, Reason("device_busy", f"{text} ({attempt + 1} attempts; the entry is kept)")
-                log.info("%s: transient load failure (%s); retrying in %.1f s", inputs.model.name, text[:200], pause)
+                log.info("%s: transient load failure (%s); retrying in %.1f s", inputs.model.shown, text[:200], pause)
                 time.sleep(pause)
         raise AssertionError("unreachable")
 
@@ -298,7 +298,7 @@ class Loader:
 
     def _report(self, inputs: Inputs, decided: Plan, result: LoadResult) -> None:
         if isinstance(decided, Bypass) and decided.silent:
-            log.debug("%s: %s (%s)", inputs.model.name, result.outcome, result.reason)
+            log.debug("%s: %s (%s)", inputs.model.shown, result.outcome, result.reason)
             return
         try:
             _events.record(self.store.events_path, result.outcome, result.key,
@@ -308,4 +308,4 @@ class Loader:
             pass
         level = WARNING if result.outcome == "fallback" else INFO
         why = f" ({result.reason})" if result.reason else ""
-        log.log(level, "%s: %s in %.3f s%s", inputs.model.name, result.outcome, result.timings.total, why)
+        log.log(level, "%s: %s in %.3f s%s", inputs.model.shown, result.outcome, result.timings.total, why)

@@ -44,6 +44,21 @@ def printable(text: object, limit: int = 512) -> bool:
     return isinstance(text, str) and len(text) <= limit and text.isprintable()
 
 
+def file_name(text: object, limit: int = 4096) -> bool:
+    """A file name as the OS gave it: any text without NUL, bounded. Ideographic and no-break spaces,
+    joiners, tabs and newlines are all legal in file names; the cache must take them (and show them
+    escaped: :func:`shown`)."""
+    return isinstance(text, str) and len(text) <= limit and "\x00" not in text
+
+
+def shown(text: str) -> str:
+    """``text`` safe for one line of a terminal or a log: every character that is not printable (a tab,
+    a newline, a no-break or ideographic space, a zero-width joiner, a stray surrogate) as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+
+
 def _number(value: object, low: float, high: float) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and low <= value <= high)
@@ -88,6 +103,11 @@ class Entry(NamedTuple):
     def model_name(self) -> str:
         model = self.manifest.get("model")
         return str(model.get("name", "?")) if isinstance(model, dict) else "?"
+
+    @property
+    def model_name_shown(self) -> str:
+        """:attr:`model_name` escaped for one line of a log or a terminal."""
+        return shown(self.model_name)
 
     @property
     def parts(self) -> dict[str, Any]:
@@ -161,8 +181,8 @@ def check(data: Any, key: str) -> str | None:
     if model is not None:
         if not isinstance(model, dict):
             return "model is not an object"
-        if "name" in model and not printable(model["name"]):
-            return "model name is not printable"
+        if "name" in model and not file_name(model["name"]):
+            return "model name is not a file name"
         if model.get("size") is not None and not _number(model["size"], 0, 1 << 50):
             return "model size is not a number in range"
     compat = data.get("compat", {})

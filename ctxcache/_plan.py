@@ -21,7 +21,6 @@ cache folders); with ``act=False`` it is read-only (explain, key, warm's look, t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import onnxruntime as ort
@@ -32,6 +31,7 @@ from ._fingerprint import Fingerprint
 from ._hashing import ModelDigest
 from ._inputs import Chain, Model, Raw, cache_blocker, chosen_by_policy, compile_config, context_target
 from ._manifest import Entry
+from ._record import Record
 from ._servable import Digests, judge
 from ._store import BrokenEntry, InsecureCache, Store
 from ._types import Reason
@@ -39,18 +39,23 @@ from .providers import ExecutionProvider
 from .providers._base import Verdict
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """What the application asked for, resolved and checked (nothing learnt on the way)."""
+class Inputs(Record):
+    """What the application asked for, resolved and checked (nothing learnt on the way): ``model``, ``chain``,
+    ``sess_options``, ``kwargs`` (onnxruntime's own keywords), ``raw`` (the caller's arguments as given, for a
+    session that must be exactly onnxruntime's), ``warm`` (an explicit warm-up: compiles in the foreground)."""
 
+    __slots__ = ("chain", "kwargs", "model", "raw", "sess_options", "warm")
     model: Model
     chain: Chain
     sess_options: ort.SessionOptions | None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    #: the caller's arguments as given, for a session that must be exactly onnxruntime's
-    raw: Raw | None = None
-    #: an explicit warm-up (installer, ``ctxcache warm``): compiles in the foreground, counted apart
-    warm: bool = False
+    kwargs: dict[str, Any]
+    raw: Raw | None
+    warm: bool
+
+    def __init__(self, model: Model, chain: Chain, sess_options: ort.SessionOptions | None,
+                 kwargs: dict[str, Any] | None = None, raw: Raw | None = None, warm: bool = False) -> None:
+        self._set(model=model, chain=chain, sess_options=sess_options, kwargs=kwargs if kwargs is not None else {},
+                  raw=raw, warm=warm)
 
     @property
     def ep(self) -> ExecutionProvider:
@@ -69,27 +74,32 @@ class Inputs:
 Session = Literal["policy", "plain", "whole", "original"]
 
 
-@dataclass(frozen=True)
-class Bypass:
+class Bypass(Record):
     """No cached context for this load: a session on the original model. ``session`` says which:
     ``policy``/``plain`` onnxruntime's own with the caller's arguments, ``whole`` the provider's session
-    with the caller's own SessionOptions object, ``original`` the provider's session on the original."""
+    with the caller's own SessionOptions object, ``original`` the provider's session on the original.
+    ``silent``: decided from the inputs alone (nothing is written, not even a stats line); ``fault``: a
+    cache fault (logged; raised in strict mode); ``fingerprint``/``digest``: for the report only (a
+    remembered failure, an unwritable folder), never a key to use."""
 
-    reason: Reason
-    session: Session = "original"
-    #: decided from the inputs alone: nothing is written, not even a stats line
-    silent: bool = False
-    #: a cache fault (logged; raised in strict mode)
-    fault: bool = False
-    #: for the report only (a remembered failure, an unwritable folder); never a key to use
-    fingerprint: Fingerprint | None = None
-    digest: ModelDigest | None = None
-
+    __slots__ = ("digest", "fault", "fingerprint", "reason", "session", "silent")
     outcome: Literal["bypass"] = "bypass"
+    reason: Reason
+    session: Session
+    silent: bool
+    fault: bool
+    fingerprint: Fingerprint | None
+    digest: ModelDigest | None
+
+    def __init__(self, reason: Reason, session: Session = "original", *, silent: bool = False, fault: bool = False,
+                 fingerprint: Fingerprint | None = None, digest: ModelDigest | None = None) -> None:
+        self._set(reason=reason, session=session, silent=silent, fault=fault, fingerprint=fingerprint, digest=digest)
 
 
-@dataclass(frozen=True)
-class Keyed:
+class Keyed(Record):
+    """A plan whose load uses the cache: its ``fingerprint`` (``key``) and the model's ``digest``."""
+
+    __slots__ = ("digest", "fingerprint")
     fingerprint: Fingerprint
     digest: ModelDigest
 
@@ -98,39 +108,49 @@ class Keyed:
         return self.fingerprint.key
 
 
-@dataclass(frozen=True)
 class Serve(Keyed):
-    """A committed entry that the servability rule admits: load its context."""
+    """A committed entry that the servability rule admits: load its context. ``checked``: its bytes were
+    re-hashed by the plan (``verify="content"``), before any reaches the provider."""
 
+    __slots__ = ("answer", "checked", "detail", "entry")
     entry: Entry
-    answer: Verdict = "unknown"
-    detail: str = ""
-    #: its bytes were re-hashed by the plan (``verify="content"``): the session may read them
-    checked: bool = False
+    answer: Verdict
+    detail: str
+    checked: bool
+
+    def __init__(self, fingerprint: Fingerprint, digest: ModelDigest, entry: Entry, answer: Verdict = "unknown",
+                 detail: str = "", checked: bool = False) -> None:
+        self._set(fingerprint=fingerprint, digest=digest, entry=entry, answer=answer, detail=detail, checked=checked)
 
 
-@dataclass(frozen=True)
 class Fallback(Keyed):
-    """A committed entry that must not be served (damaged, unsafe, crashed its loader): quarantine it,
-    then the original model."""
+    """A committed entry that must not be served (damaged, unsafe, crashed its loader, no longer trusted):
+    quarantine it, then the original model."""
 
+    __slots__ = ("entry", "reason")
     entry: Entry | None
     reason: Reason
+
+    def __init__(self, fingerprint: Fingerprint, digest: ModelDigest, entry: Entry | None, reason: Reason) -> None:
+        self._set(fingerprint=fingerprint, digest=digest, entry=entry, reason=reason)
 
 
 MissMode = Literal["here", "background", "pending"]
 
 
-@dataclass(frozen=True)
 class Miss(Keyed):
-    """No servable entry: fill it (a tier, else a compile) here, or in a background worker, or wait for
-    the worker already compiling it (``pending``)."""
+    """No servable entry: fill it (a tier, else a compile) ``here``, or in a ``background`` worker, or wait for
+    the worker already compiling it (``pending``). ``replace``: an entry to quarantine first (the provider's
+    verdict: unsupported here); ``note``: why the load did not take the plain way."""
 
-    mode: MissMode = "here"
-    #: an entry to quarantine first (the provider's verdict: unsupported here)
-    replace: Entry | None = None
-    #: why the load did not take the plain way (reported in LoadResult.reason)
-    note: Reason | None = None
+    __slots__ = ("mode", "note", "replace")
+    mode: MissMode
+    replace: Entry | None  # type: ignore[assignment]
+    note: Reason | None
+
+    def __init__(self, fingerprint: Fingerprint, digest: ModelDigest, mode: MissMode = "here",
+                 replace: Entry | None = None, note: Reason | None = None) -> None:
+        self._set(fingerprint=fingerprint, digest=digest, mode=mode, replace=replace, note=note)
 
 
 Plan = Bypass | Serve | Fallback | Miss

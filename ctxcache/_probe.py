@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
-from ._spawn import child_env, python_command
+from ._spawn import child_cwd, child_env, python_command
 
 log = logging.getLogger("ctxcache")
 
@@ -51,8 +52,12 @@ def probe(context: Path, ep_name: str, options: dict[str, str], *, timeout: floa
     if cmd is None:
         return "unavailable", "no child process can be started here"
     try:
-        proc = subprocess.run([*cmd, "-c", _CHILD, ep_name, str(context), json.dumps(options)], capture_output=True,
-                              text=True, timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL)
+        # Isolated (python_command) and started in the context's own folder, never the app's working
+        # directory: nothing another user planted there is imported.
+        ctx = os.path.abspath(context)
+        proc = subprocess.run([*cmd, "-c", _CHILD, ep_name, ctx, json.dumps(options)], capture_output=True,
+                              text=True, timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL,
+                              cwd=child_cwd(os.path.dirname(ctx)))
     except subprocess.TimeoutExpired:
         return "hangs", f"the probe load did not finish in {timeout:.0f} s"
     except OSError as e:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from . import _key
 from ._config import DEFAULT_NEGATIVE_TTL
 from ._manage import EntryInfo, entries, env_mismatch
+from ._manifest import shown
 from ._store import Junk, Store
 
 log = logging.getLogger("ctxcache")
@@ -105,7 +106,7 @@ class PrunePlan:
                 gone = self._store.evict(item.key, "pruned", item.detail, expect_id=item.entry_id, keep=False)
             if gone:
                 removed.append(item.key)
-                log.info("pruned %s (%s): %s", item.key[:44], item.model_name, item.detail)
+                log.info("pruned %s (%s): %s", item.key[:44], shown(item.model_name), item.detail)
         return PruneReport(self.items, tuple(removed), self.size_before)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ def inputs_for(store: Store, key: str | None, inputs: Inputs) -> Inputs:
     folder, or off when the load has no key. The one call the loader makes, once the plan knows the key
     and before any session is created (the compile, a background job and a rebuild inherit it)."""
     governed = govern(store, key, inputs.chain) if key is not None else unmanaged(inputs.chain)
-    return inputs if governed is inputs.chain else replace(inputs, chain=governed)
+    return inputs if governed is inputs.chain else inputs.replace(chain=governed)
 
 
 def govern(store: Store, key: str, chain: Chain) -> Chain:

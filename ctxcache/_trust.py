@@ -25,16 +25,15 @@ Formats:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import _fs
 from ._log import log
+from ._record import Record
 from .errors import SigningKeyError
 
 #: Environment variable holding the build host's signing key: an Ed25519 private key (PEM) or an HMAC secret.
@@ -63,11 +62,16 @@ def key_id(public: bytes) -> str:
 
 
 def format_public_key(public: bytes) -> str:
+    import base64  # key material is handled only where keys are given: not at every launch
+
     return PUBLIC_PREFIX + base64.b64encode(public).decode("ascii")
 
 
 def parse_public_key(text: str, where: str) -> bytes:
     """The 32 raw bytes of a public key given as ``ed25519:<base64>`` or a PEM public key block."""
+    import base64
+    import binascii
+
     text = text.strip()
     if text.startswith("-----BEGIN PUBLIC KEY-----"):
         body = "".join(line for line in text.splitlines() if line and not line.startswith("-----"))
@@ -97,13 +101,19 @@ def parse_public_key(text: str, where: str) -> bytes:
 
 
 # -- signing keys (build hosts) ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SigningKey:
+class SigningKey(Record):
     """A key that signs: an HMAC secret, or an Ed25519 private key (its 32-byte seed). Never printed."""
 
+    __slots__ = ("public", "scheme", "secret")
     scheme: Scheme
-    secret: bytes = field(repr=False)
-    public: bytes = b""  # Ed25519 only: the raw public key
+    secret: bytes
+    public: bytes  # Ed25519 only: the raw public key
+
+    def __init__(self, scheme: Scheme, secret: bytes, public: bytes = b"") -> None:
+        self._set(scheme=scheme, secret=secret, public=public)
+
+    def __repr__(self) -> str:
+        return f"SigningKey({self.scheme!r}, key_id={self.key_id!r})"  # never the secret
 
     @property
     def key_id(self) -> str | None:
@@ -215,13 +225,17 @@ def ed25519_keys(keys: Iterable[SigningKey]) -> tuple[SigningKey, ...]:
     return tuple(k for k in keys if k.scheme == "ed25519")
 
 
-@dataclass(frozen=True)
-class GeneratedKey:
-    """What :func:`ctxcache.generate_signing_key` made: the private key file and the public key to give devices."""
+class GeneratedKey(Record):
+    """What :func:`ctxcache.generate_signing_key` made: the private key file (``path``) and the public key to
+    give devices (``public_key``, ``key_id``)."""
 
+    __slots__ = ("key_id", "path", "public_key")
     path: Path
     public_key: str
     key_id: str
+
+    def __init__(self, path: Path, public_key: str, key_id: str) -> None:
+        self._set(path=path, public_key=public_key, key_id=key_id)
 
 
 def generate_signing_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> GeneratedKey:
@@ -303,20 +317,27 @@ def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> bool:
 
 
 # -- the device's trust policy ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Trust:
+class Trust(Record):
     """Which Ed25519 keys a device believes, which it refuses, and which folders are the app's own.
 
     Built once by :class:`~ctxcache.ContextCache` and handed explicitly to every place that admits a
     tier's entry (``tiers._base.fill`` / ``bring_in``, each tier's ``offer``, ``tier_report``).
-    ``problem`` is set when ``$CTXCACHE_TRUSTED_KEYS`` or ``$CTXCACHE_REVOKED_KEYS`` could not be read:
-    then no key is trusted (fail closed: a local compile, never a foreign binary).
+    ``problem`` is set when ``$CTXCACHE_TRUSTED_KEYS`` or ``$CTXCACHE_REVOKED_KEYS`` could not be read,
+    or a revocation file is one another user can change: then no key is trusted (fail closed: a local
+    compile, never a foreign binary). ``refused`` says which trust anchors (a ``trusted_dirs`` folder, a
+    ``trusted_keys`` file) were left out because another user can change them (:func:`anchor_problem`).
     """
 
-    keys: tuple[tuple[str, bytes], ...] = ()  # (key id, raw public key)
-    revoked: frozenset[str] = frozenset()  # key ids
-    dirs: tuple[str, ...] = ()  # real paths of the app's own install folders
-    problem: str | None = None
+    __slots__ = ("dirs", "keys", "problem", "refused", "revoked")
+    keys: tuple[tuple[str, bytes], ...]  # (key id, raw public key)
+    revoked: frozenset[str]  # key ids
+    dirs: tuple[str, ...]  # real paths of the app's own install folders
+    problem: str | None
+    refused: tuple[str, ...]  # "trusted_dirs /x: /x is writable by other users ..." (one per anchor)
+
+    def __init__(self, keys: tuple[tuple[str, bytes], ...] = (), revoked: frozenset[str] = frozenset(),
+                 dirs: tuple[str, ...] = (), problem: str | None = None, refused: tuple[str, ...] = ()) -> None:
+        self._set(keys=keys, revoked=revoked, dirs=dirs, problem=problem, refused=refused)
 
     def public_key(self, kid: str) -> bytes | None:
         """The trusted public key with this id, or ``None`` (unknown, revoked, or trust unreadable)."""
@@ -335,10 +356,13 @@ class Trust:
         real = os.path.realpath(os.fspath(location))
         for d in self.dirs:
             try:
-                if os.path.commonpath([d, real]) == d:
-                    return True
+                inside = os.path.commonpath([d, real]) == d
             except ValueError:  # another drive on Windows
                 continue
+            # Checked again at use: a folder that others were given write access to since start-up is
+            # no longer the app's own.
+            if inside and anchor_problem(d) is None:
+                return True
         return False
 
     def with_signers(self, signers: Iterable[SigningKey]) -> Trust:
@@ -348,24 +372,41 @@ class Trust:
         if not extra:
             return self
         have = {kid for kid, _ in self.keys}
-        return Trust(self.keys + tuple(e for e in extra if e[0] not in have), self.revoked, self.dirs, self.problem)
+        return Trust(self.keys + tuple(e for e in extra if e[0] not in have), self.revoked, self.dirs, self.problem,
+                     self.refused)
 
     def as_dict(self) -> dict[str, Any]:
         return {"trusted_keys": [{"key_id": kid, "public_key": format_public_key(raw)} for kid, raw in self.keys],
-                "revoked_keys": sorted(self.revoked), "trusted_dirs": list(self.dirs), "problem": self.problem}
+                "revoked_keys": sorted(self.revoked), "trusted_dirs": list(self.dirs), "problem": self.problem,
+                "refused_anchors": list(self.refused)}
 
 
-def _items(value: Sequence[str | os.PathLike[str]], where: str) -> list[tuple[str, str]]:
-    """(text, where) for each key: strings as given, files one key per line (``#`` comments)."""
+def anchor_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a trust anchor (a ``trusted_dirs`` folder, a key file) must not be believed, or ``None``: the
+    cache root's rule (:func:`ctxcache._fs.owner_problem`) for the anchor and every folder above it,
+    links resolved (:func:`ctxcache._fs.path_problem`). Whoever can write an anchor can drop an unsigned
+    bundle into the app's "own" folder or append a key of their own."""
+    return _fs.path_problem(path)
+
+
+def _items(value: Sequence[str | os.PathLike[str]], where: str,
+           refused: list[str] | None = None) -> list[tuple[str, str]]:
+    """(text, where) for each key: strings as given, files one key per line (``#`` comments). A file
+    another user can change (:func:`anchor_problem`) is left out and named in ``refused``."""
     if isinstance(value, (str, os.PathLike)):
         value = [value]
     out: list[tuple[str, str]] = []
     for n, item in enumerate(value):
         if isinstance(item, os.PathLike):
             path = os.fspath(item)
+            problem = anchor_problem(path) if os.path.lexists(path) else None
+            if problem is not None and refused is not None:
+                refused.append(f"{where} file {path}: {problem}")
+                continue
             try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read(_MAX_KEY_FILE)
+                # A regular file only (a FIFO planted there must not block the launch), bounded.
+                raw = _fs.read_small(Path(path), _MAX_KEY_FILE)
+                text = raw[:_MAX_KEY_FILE].decode("utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise SigningKeyError(f"cannot read the key file {path}: {e}", path=path) from None
             if "-----BEGIN" in text:
@@ -413,16 +454,31 @@ def resolve_trust(trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
     problem = None
     trusted: tuple[tuple[str, bytes], ...] = ()
     revoked: frozenset[str] = frozenset()
+    refused: list[str] = []
     if trusted_keys is not None:
-        trusted = _trusted(_items(trusted_keys, "trusted_keys"))
+        trusted = _trusted(_items(trusted_keys, "trusted_keys", refused))
     if revoked_keys is not None:
-        revoked = _revoked(_items(revoked_keys, "revoked_keys"))
+        unsafe: list[str] = []
+        revoked = _revoked(_items(revoked_keys, "revoked_keys", unsafe))
+        if unsafe:
+            # A revocation list others can edit may have lost a line: believe no key (fail closed).
+            refused += unsafe
+            problem = f"{unsafe[0]}; no key is trusted until it is fixed"
     try:
         if trusted_keys is None:
             trusted = _trusted(_env_items(TRUSTED_KEYS_ENV))
         revoked = revoked | _revoked(_env_items(REVOKED_KEYS_ENV))
     except SigningKeyError as e:
         problem = f"{e.message}; no key is trusted until it is fixed"
+    dirs: list[str] = []
+    for d in trusted_dirs or ():
+        why = anchor_problem(d)
+        if why is not None:
+            refused.append(f"trusted_dirs {os.fspath(d)}: {why}")
+        else:
+            dirs.append(os.path.realpath(os.fspath(d)))
+    for r in refused:
+        log.warning("not trusted: %s; working without it (a signature is required there)", r)
+    if problem is not None:
         log.warning("%s", problem)
-    dirs = tuple(dict.fromkeys(os.path.realpath(os.fspath(d)) for d in (trusted_dirs or ())))
-    return Trust(trusted, revoked, dirs, problem)
+    return Trust(trusted, revoked, tuple(dict.fromkeys(dirs)), problem, tuple(refused))

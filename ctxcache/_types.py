@@ -7,9 +7,10 @@ Reason codes are defined here once, with what each means; README's table is chec
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from ._record import Record
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -113,50 +114,83 @@ def _check_table() -> None:
 _check_table()
 
 
-@dataclass(frozen=True)
-class Reason:
+class Reason(Record):
     """Why a load was not a plain hit or miss. ``code`` is stable and machine-readable (:data:`REASONS`)."""
 
+    __slots__ = ("code", "message")
     code: str
     message: str
+
+    def __init__(self, code: str, message: str) -> None:
+        self._set(code=code, message=message)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
 
-@dataclass(frozen=True)
-class Timings:
-    """Seconds spent in each step of a load."""
+class Timings(Record):
+    """Seconds spent in each step of a load: ``hash`` (the model digest, the key and the plan's checks,
+    content verification included), ``lock_wait``, ``fetch`` (copying + verifying an entry from a bundle,
+    package or remote tier), ``compile``, ``load`` (the session), ``verify`` (``verify="concurrent"``: waiting
+    for the content check after the session was created), ``total``."""
 
-    hash: float = 0.0
-    lock_wait: float = 0.0
-    fetch: float = 0.0  # copying + verifying an entry from a bundle, package or remote tier
-    compile: float = 0.0
-    load: float = 0.0
-    #: waiting for the content check after the session was created (0 when the hashing kept up)
-    verify: float = 0.0
-    total: float = 0.0
+    __slots__ = ("compile", "fetch", "hash", "load", "lock_wait", "total", "verify")
+    hash: float
+    lock_wait: float
+    fetch: float
+    compile: float
+    load: float
+    verify: float
+    total: float
+
+    def __init__(self, hash: float = 0.0, lock_wait: float = 0.0, fetch: float = 0.0, compile: float = 0.0,
+                 load: float = 0.0, verify: float = 0.0, total: float = 0.0) -> None:
+        self._set(hash=hash, lock_wait=lock_wait, fetch=fetch, compile=compile, load=load, verify=verify, total=total)
+
+    @property
+    def __dict__(self) -> dict[str, float]:  # type: ignore[override]
+        # ``timings.__dict__`` (0.2's dataclass) is what apps and benchmarks serialise.
+        return {n: getattr(self, n) for n in self._fields()}
 
 
-@dataclass(frozen=True)
-class LoadResult:
-    """What :meth:`ContextCache.load` returns."""
+class LoadResult(Record):
+    """What :meth:`ContextCache.load` returns: ``session``, ``outcome``, ``key``, ``reason``, ``timings``,
+    ``providers`` (what the session actually runs), ``entry_path``, ``model_digest``, ``tier`` (where a hit's
+    entry came from during this load: "bundle" / "package" / "remote"; ``None``: local or compiled) and
+    ``saved_seconds`` (the compile seconds this hit avoided, for stats)."""
 
+    __slots__ = (
+        "_waiter",
+        "entry_path",
+        "key",
+        "model_digest",
+        "outcome",
+        "providers",
+        "reason",
+        "saved_seconds",
+        "session",
+        "tier",
+        "timings",
+    )
     session: ort.InferenceSession
     outcome: Outcome
-    key: str | None = None
-    reason: Reason | None = None
-    timings: Timings = Timings()
-    #: the providers the session actually runs (``session.get_providers()``)
-    providers: tuple[str, ...] = ()
-    entry_path: Path | None = None
-    model_digest: str | None = None
-    #: where a hit's entry came from during this load: "bundle" / "package" / "remote" (None: local or compiled)
-    tier: str | None = None
-    #: compile seconds this hit avoided (the entry's recorded compile time), for stats
-    saved_seconds: float = 0.0
-    #: for a ``pending`` load: polls for the background compile's entry (see :meth:`ready`)
-    _waiter: object = field(default=None, repr=False, compare=False)
+    key: str | None
+    reason: Reason | None
+    timings: Timings
+    providers: tuple[str, ...]
+    entry_path: Path | None
+    model_digest: str | None
+    tier: str | None
+    saved_seconds: float
+    _waiter: object
+
+    def __init__(self, session: ort.InferenceSession, outcome: Outcome, key: str | None = None,
+                 reason: Reason | None = None, timings: Timings | None = None, providers: tuple[str, ...] = (),
+                 entry_path: Path | None = None, model_digest: str | None = None, tier: str | None = None,
+                 saved_seconds: float = 0.0, _waiter: object = None) -> None:
+        self._set(session=session, outcome=outcome, key=key, reason=reason,
+                  timings=timings if timings is not None else Timings(), providers=providers, entry_path=entry_path,
+                  model_digest=model_digest, tier=tier, saved_seconds=saved_seconds, _waiter=_waiter)
 
     def ready(self, timeout: float | None = 0.0) -> bool:
         """For a ``pending`` load: whether the background compile has published its entry, waiting up to
@@ -168,7 +202,9 @@ class LoadResult:
         return bool(wait(timeout))
 
     def _replace_waiter(self, waiter: object) -> LoadResult:
-        return replace(self, _waiter=waiter)
+        values: dict[str, Any] = {n: getattr(self, n) for n in self._fields()}
+        return LoadResult(**values, _waiter=waiter)
+
     def __repr__(self) -> str:
         why = f", reason={self.reason}" if self.reason else ""
         key = self.key[:12] if self.key else None

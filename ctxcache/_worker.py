@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import replace
 
 log = logging.getLogger("ctxcache")
 
@@ -28,7 +27,7 @@ def main(argv: list[str]) -> int:
 
     config = Config.from_json(job["config"])
     # The worker compiles: in its own process, the app's background mode would only start another worker.
-    cache = ContextCache.from_config(replace(config, on_miss="compile"))
+    cache = ContextCache.from_config(config.replace(on_miss="compile"))
     store = store_of(cache)
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -159,3 +159,13 @@ class SigningKeyError(CtxCacheError, ValueError):
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class DetachError(CtxCacheError, RuntimeError):
+    """A warm-up could not be started in a process of its own (``ctxcache.warm_detached``): a frozen app,
+    an embedded runtime without an interpreter, or the OS refused the process. ``reason`` says which;
+    warm in the foreground instead (``ContextCache.warm``, or ``ctxcache warm`` without ``--detach``)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -13,9 +13,11 @@ PKG = ROOT / "ctxcache"
 #: The layers of README's module map, top (CLI) to bottom. A module may import its own layer or lower.
 LAYERS: dict[str, int] = {
     "ctxcache.cli": 7,
+    "ctxcache.farm": 7,
     "ctxcache.__main__": 7,
     "ctxcache": 6,
     "ctxcache._doctor": 6,
+    "ctxcache._detach": 1,
     "ctxcache._transfer": 6,
     "ctxcache._cache": 5,
     "ctxcache._manage": 4,
@@ -25,6 +27,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._plan": 2,
     "ctxcache._trace": 0,
     "ctxcache._log": 0,
+    "ctxcache._record": 0,
     "ctxcache._loader": 3,
     "ctxcache._servable": 2,
     "ctxcache._seams": 2,
@@ -50,6 +53,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._onnxproto": 0,
     "ctxcache._sessopts": 0,
     "ctxcache._fs": 0,
+    "ctxcache._deadline": 0,
     "ctxcache._locking": 0,
     "ctxcache._fingerprint": 0,
     "ctxcache._types": 0,
@@ -58,7 +62,7 @@ LAYERS: dict[str, int] = {
     "ctxcache._version": 0,
     "ctxcache.errors": 0,
 }
-PUBLIC = {"ctxcache", "ctxcache.errors", "ctxcache.models"}
+PUBLIC = {"ctxcache", "ctxcache.errors", "ctxcache.models", "ctxcache.farm"}
 
 
 def _modules() -> dict[str, Path]:
@@ -180,11 +184,24 @@ def test_public_result_types_are_frozen() -> None:
     import dataclasses
 
     import ctxcache
+    from ctxcache._record import Record
 
-    for name in ("LoadResult", "Timings", "Reason", "EntryInfo", "VerifyResult", "PrunePlan", "PruneReport", "PruneItem",
+    # The hit path's own value objects are Records (no code generated at import: see _record.py).
+    for name in ("LoadResult", "Timings", "Reason", "Config", "Bypass", "Serve", "Fallback", "Miss", "Fingerprint",
+                 "GeneratedKey"):
+        cls = getattr(ctxcache, name)
+        assert issubclass(cls, Record) and "__dict__" not in dir(cls.__mro__[-2]), name
+    reason = ctxcache.Reason("x", "y")
+    try:
+        reason.code = "z"  # type: ignore[misc]
+        raise AssertionError("Reason is not frozen")
+    except AttributeError:
+        pass
+    assert reason == ctxcache.Reason("x", "y") and hash(reason) == hash(ctxcache.Reason("x", "y"))
+    assert reason.replace(code="z") == ctxcache.Reason("z", "y")
+    for name in ("EntryInfo", "VerifyResult", "PrunePlan", "PruneReport", "PruneItem",
                  "Explanation", "Nearest", "Difference", "TierAnswer", "WarmResult", "Stats", "ExportResult",
-                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis", "GeneratedKey",
-                 "Config", "Bypass", "Serve", "Fallback", "Miss"):
+                 "PackageExport", "ImportResult", "PushResult", "ProviderCheck", "Diagnosis"):
         cls = getattr(ctxcache, name)
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
 

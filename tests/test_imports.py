@@ -16,14 +16,14 @@ from ctxcache import models
 #: conscious decision: add it here, and measure it (benchmarks/, question 11).
 HIT_PATH = {
     "ctxcache", "ctxcache._cache", "ctxcache._config", "ctxcache._events", "ctxcache._fingerprint", "ctxcache._fs",
-    "ctxcache._hashing", "ctxcache._inputs", "ctxcache._key", "ctxcache._loader", "ctxcache._log", "ctxcache._manifest",
+    "ctxcache._hashing", "ctxcache._inputs", "ctxcache._key", "ctxcache._loader", "ctxcache._log", "ctxcache._manifest", "ctxcache._record",
     "ctxcache._markers", "ctxcache._negative", "ctxcache._onnxproto", "ctxcache._plan", "ctxcache._seams",
     "ctxcache._servable", "ctxcache._sessopts", "ctxcache._store", "ctxcache._trace", "ctxcache._trust",
     "ctxcache._types", "ctxcache._version", "ctxcache.errors", "ctxcache.providers", "ctxcache.providers._base",
     "ctxcache.providers.qnn",
 }
 #: Standard-library and third-party modules that only the miss, management or tiers need.
-NOT_ON_THE_HIT_PATH = ("logging", "threading", "subprocess", "tarfile", "hmac", "hashlib", "difflib", "shutil", "tempfile", "filelock",
+NOT_ON_THE_HIT_PATH = ("logging", "threading", "dataclasses", "base64", "subprocess", "tarfile", "hmac", "hashlib", "difflib", "shutil", "tempfile", "filelock",
                        "platformdirs", "cryptography", "boto3", "fsspec", "argparse", "multiprocessing", "zipfile")
 
 CODE = """

@@ -24,6 +24,7 @@ from ._common import (
     out,
     providers_or_default,
     seconds,
+    shown,
     table,
     why_not_removed,
 )
@@ -73,7 +74,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json({"cache_dir": str(cache.root), "providers": [c.as_dict() for c in configs], **ex.as_dict()})
         return EXIT_OK if hit else EXIT_FAILED
-    out(f"model     {ex.model}" + (f"  (content {ex.model_digest[:12]})" if ex.model_digest else ""))
+    out(f"model     {shown(ex.model)}" + (f"  (content {ex.model_digest[:12]})" if ex.model_digest else ""))
     out(f"provider  {' / '.join(c.label() for c in configs)}")
     if ex.key:
         out(f"key       {ex.key}")
@@ -82,7 +83,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if ex.side_cache:
         out(f"provider cache  {', '.join(sorted(ex.side_cache['caches']))} in {ex.side_cache['folder']} "
             f"({human_size(ex.side_cache['size'])})")
-    out(f"verdict   {ex.summary()}")
+    out(f"verdict   {shown(ex.summary())}")
     if ex.verdict == "miss":
         if not ex.nearest:
             k = ex.other_entries
@@ -90,7 +91,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             out(f"nearest   none: no entry of this model in {cache.root}{others}; a load would compile")
         for n in ex.nearest:
             what = "same content" if n.same_content else "same file name, other content"
-            out(f"nearest   {n.key[:12]} ({n.model_name}, {what}, created {human_time(n.created)}) "
+            out(f"nearest   {n.key[:12]} ({shown(n.model_name)}, {what}, created {human_time(n.created)}) "
                 f"differs in {len(n.differences)} part{'s' if len(n.differences) != 1 else ''}:")
             for d in n.differences:
                 out(f"            {d}")
@@ -160,7 +161,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{human_size(report.freed)}; {human_size(report.size_after)} left in {cache.root}")
     why = why_not_removed(cache) if report.failed else ""
     for item in report.failed:
-        err(f"not removed: {item.key[:12]} ({item.model_name}): {why}")
+        err(f"not removed: {item.key[:12]} ({shown(item.model_name)}): {why}")
     return EXIT_FAILED if report.failed else EXIT_OK
 
 

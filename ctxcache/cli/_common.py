@@ -350,9 +350,19 @@ def emit_json(data: Any) -> None:
     out(json.dumps(data, indent=2, default=str))
 
 
+def shown(text: object) -> str:
+    """Text for one line of the terminal: characters that are not printable (a tab, a newline, a no-break
+    or ideographic space, a zero-width joiner: all legal in file names) as their escapes. The library's
+    logs use the same escaping (ctxcache._manifest.shown; the CLI sees only the public API)."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in s)
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Iterable[int] = ()) -> str:
-    """A plain text table: a header, a rule, columns padded to their widest cell."""
-    cells = [[str(c) for c in headers]] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    """A plain text table: a header, a rule, columns padded to their widest cell (each cell one line)."""
+    cells = [[shown(c) for c in headers]] + [[("-" if c is None else shown(c)) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     align_right = set(right)
     lines = []

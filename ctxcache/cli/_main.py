@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import tiers  # export / import / push / pull
 
     tiers.add_parsers(subs)
+    from . import farm  # farm device / plan / run / report
+
+    farm.add_parsers(subs)
     return parser
 
 

@@ -1,11 +1,13 @@
 """``ctxcache warm``: precompile models x provider configurations before the user's first launch.
 
-Compiles run in worker processes (``--jobs``), started with ``spawn``: a fork of a process that has
-loaded ONNX Runtime's threads is unsafe, and a compiler that crashes (a segfault in a native SDK) must
-cost one model, not the whole warm-up. Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole
-process group); the parent turns Ctrl-C into SIGTERM, which a worker turns into KeyboardInterrupt so
-the loader's ``finally`` removes its staging folder. A committed entry is one rename, so whatever the
-moment of the interrupt, the cache holds whole entries or none.
+With several models, each compile runs in a process of its own (``ctxcache.warm_detached``, at most
+``--jobs`` at once): a compiler that crashes (a segfault in a native SDK) costs one model, not the whole
+warm-up, and the children start isolated, so nothing another user planted in the working directory is
+imported (a ``multiprocessing`` spawn pool would import ``multiprocessing`` and the main module from it).
+A terminal's Ctrl-C reaches the whole process group: each child turns it into KeyboardInterrupt, so the
+loader's ``finally`` removes its staging folder; the parent passes a Ctrl-C that reached only it on to
+them. A committed entry is one rename, so whatever the moment of the interrupt, the cache holds whole
+entries or none.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import argparse
 import glob
 import json
 import os
-import queue
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +39,7 @@ from ._common import (
     provider_name,
     providers_or_default,
     seconds,
+    shown,
 )
 
 _GLOB_CHARS = set("*?[")
@@ -55,7 +56,7 @@ class Task:
 
     @property
     def label(self) -> str:
-        return f"{Path(self.model).name} [{self.provider.label()}]"
+        return f"{shown(Path(self.model).name)} [{self.provider.label()}]"
 
 
 def expand_models(specs: list[str], base: Path | None = None, where: str = "") -> list[Path]:
@@ -117,7 +118,8 @@ def read_plan(path: Path) -> tuple[list[tuple[Path, ProviderConfig]], dict[str, 
     paths are relative to the plan's folder.
     """
     try:
-        raw = path.read_bytes()
+        # "-": the plan on standard input (how ctxcache.warm_detached hands a warm-up its work, all paths absolute)
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read plan {path}: {e.strerror or e}") from None
     if path.suffix.lower() == ".toml":
@@ -139,7 +141,7 @@ def read_plan(path: Path) -> tuple[list[tuple[Path, ProviderConfig]], dict[str, 
     unknown = set(data) - {"models", "providers", "targets", "cache_dir", "jobs"}
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; use models, providers, targets, cache_dir, jobs")
-    base = path.resolve().parent
+    base = Path.cwd() if str(path) == "-" else path.resolve().parent
     groups = data.get("targets", [])
     if not isinstance(groups, list):
         raise UsageError(f"{path}: 'targets' must be a list")
@@ -183,49 +185,7 @@ def _validate(configs: list[ProviderConfig]) -> dict[int, str]:
     return unavailable
 
 
-# -- the worker (a separate process) ------------------------------------------------------------------
-def _on_term(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _worker(cache_kw: dict[str, Any], verbose: int, tasks: Any, results: Any) -> None:
-    # Native code (the QNN SDK) writes chatter to fd 1: keep the parent's stdout for its own output
-    # (--format json) and its terminal line clean; with -v it goes to stderr.
-    try:
-        if verbose:
-            os.dup2(2, 1)
-        else:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.close(devnull)
-    except OSError:
-        pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_term)
-    import logging
-
-    logger = logging.getLogger("ctxcache")
-    if verbose:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(f"ctxcache[{os.getpid()}]: %(message)s"))
-        logger.addHandler(h)
-        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-    else:
-        logger.addHandler(logging.NullHandler())  # reasons travel back in the results, not as stray lines
-        logger.propagate = False
-    try:
-        cache = ctxcache.ContextCache(**cache_kw)
-        while True:
-            item = tasks.get()
-            if item is None:
-                return
-            task_id, model, name, options = item
-            results.put(("start", task_id, os.getpid()))
-            results.put(("done", task_id, warm_one(cache, model, name, options, verbose)))
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
-
-
+# -- one model, in this process ------------------------------------------------------------------
 def warm_one(cache: ctxcache.ContextCache, model: str, name: str, options: dict[str, Any], verbose: int = 0) -> dict[str, Any]:
     """``cache.warm`` for one model and configuration, as a plain dict for the parent process."""
     import onnxruntime as ort
@@ -276,7 +236,7 @@ class Progress:
         if not self.live or (not running and self.done >= self.total):
             return
         now = time.monotonic()
-        items = ", ".join(f"{Path(t.model).name} {now - (t.started or now):.1f}s" for t in running[:4])
+        items = ", ".join(f"{shown(Path(t.model).name)} {now - (t.started or now):.1f}s" for t in running[:4])
         more = f" +{len(running) - 4}" if len(running) > 4 else ""
         text = f"[{self.done}/{self.total}] compiling: {items}{more}" if running else f"[{self.done}/{self.total}] starting"
         try:
@@ -308,134 +268,115 @@ def run_serially(tasks: list[Task], cache_kw: dict[str, Any], verbose: int, prog
     return True
 
 
+def _failed(reason: str, seconds_: float = 0.0) -> dict[str, Any]:
+    return {"status": "failed", "outcome": None, "key": None, "compile_seconds": 0.0, "reason": reason,
+            "seconds": seconds_}
+
+
 def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: int, progress: Progress) -> bool:
-    """Run ``tasks`` on ``jobs`` worker processes; ``False`` when interrupted (Ctrl-C). Where processes
-    cannot be started with queues between them (Android has no ``sem_open``; a frozen app), serially."""
-    try:
-        import multiprocessing as mp
+    """Run ``tasks`` on up to ``jobs`` processes at once; ``False`` when interrupted (Ctrl-C).
 
-        ctx = mp.get_context("spawn")
-        todo = ctx.Queue()
-        results = ctx.Queue()
-    except (ImportError, OSError, NotImplementedError) as e:
-        err(f"ctxcache warm: cannot run parallel jobs here ({type(e).__name__}: {e}); warming serially in this process")
+    Each task is one ``ctxcache.warm_detached`` child (isolated: nothing from the working directory or a
+    folder another user can write is importable, unlike a multiprocessing pool, whose ``spawn`` children
+    import ``multiprocessing`` and the main module with the working directory first on ``sys.path``), in
+    this process group: a terminal's Ctrl-C reaches each child, which removes its staging folder. A
+    compiler that crashes (a segfault in a native SDK) costs one model. Where no process can be started
+    (a frozen app), serially in this process.
+    """
+    import shutil
+    import tempfile
+
+    if len(tasks) <= 1:
         return run_serially(tasks, cache_kw, verbose, progress)
-    for t in tasks:
-        todo.put((t.id, t.model, t.provider.name, dict(t.provider.options)))
-    by_id = {t.id: t for t in tasks}
-    n = max(1, min(jobs, len(tasks)))
-    for _ in range(n):
-        todo.put(None)
+    logs = Path(tempfile.mkdtemp(prefix="ctxcache-warm-jobs-"))
+    todo = list(tasks)
+    running: dict[int, tuple[Task, ctxcache.WarmProcess]] = {}
 
-    def spawn() -> Any:
-        p = ctx.Process(target=_worker, args=(cache_kw, verbose, todo, results), daemon=True)
-        # Started with SIGINT ignored, a worker is born ignoring it (exec keeps SIG_IGN, and Python then
-        # installs no KeyboardInterrupt handler): a Ctrl-C during its start-up cannot print a traceback.
+    def start(t: Task) -> bool:
         try:
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        except ValueError:  # not the main thread: signals are not ours to change
-            old = None
-        try:
-            p.start()
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
-        return p
+            proc = ctxcache.warm_detached(targets=[(t.model, [t.provider.as_tuple()])], detach=False,
+                                          log=logs / f"{t.id}.log", verbose=verbose,
+                                          **{k: v for k, v in cache_kw.items() if v is not None})
+        except ctxcache.errors.DetachError as e:
+            err(f"ctxcache warm: cannot run parallel jobs here ({e.reason}); warming serially in this process")
+            return False
+        t.started = time.monotonic()
+        running[t.id] = (t, proc)
+        return True
 
-    procs = [spawn() for _ in range(n)]
-    running: dict[int, int] = {}  # pid -> task id
-    finished: set[int] = set()
-    respawns = 0
-    try:
-        while len(finished) < len(tasks):
+    def finish(t: Task, proc: ctxcache.WarmProcess, code: int) -> None:
+        summary = proc.result()
+        results = summary.get("results") if summary else None
+        if isinstance(results, list) and results and isinstance(results[0], dict):
+            t.result = {k: v for k, v in results[0].items() if k not in ("model", "provider")}
+        else:
+            tail = ""
             try:
-                msg = results.get(timeout=0.25)
-            except queue.Empty:
-                for p in list(procs):
-                    if p.is_alive() or p.exitcode is None:
-                        continue
-                    procs.remove(p)
-                    tid = running.pop(p.pid or -1, None)
-                    if tid is not None and tid not in finished:
-                        t = by_id[tid]
-                        t.result = {"status": "failed", "outcome": None, "key": None, "compile_seconds": 0.0,
-                                    "reason": f"the compiling process died (exit code {p.exitcode})",
-                                    "seconds": time.monotonic() - (t.started or time.monotonic())}
-                        finished.add(tid)
-                        progress.finished(t)
-                        if respawns < len(tasks):
-                            # Its end-of-work marker is still queued; a replacement picks the rest up.
-                            respawns += 1
-                            procs.append(spawn())
-                if not procs and len(finished) < len(tasks):
-                    for t in tasks:
-                        if t.id not in finished:
-                            t.result = {"status": "failed", "outcome": None, "key": None, "compile_seconds": 0.0,
-                                        "reason": "no worker process left", "seconds": 0.0}
-                            finished.add(t.id)
-                            progress.finished(t)
-                progress.tick([by_id[i] for i in running.values()])
-                continue
-            kind, tid, payload = msg
-            if kind == "start":
-                running[payload] = tid
-                by_id[tid].started = time.monotonic()
-            else:
-                running = {pid: i for pid, i in running.items() if i != tid}
-                by_id[tid].result = payload
-                finished.add(tid)
-                progress.finished(by_id[tid])
-            progress.tick([by_id[i] for i in running.values()])
+                tail = proc.log.read_text(errors="replace").strip()[-300:]
+            except OSError:
+                pass
+            why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            t.result = _failed(f"the compiling process died ({why}){': ' + tail if tail else ''}",
+                               time.monotonic() - (t.started or time.monotonic()))
+        if verbose:
+            try:
+                sys.stderr.write(proc.log.read_text(errors="replace"))
+            except OSError:
+                pass
+        progress.finished(t)
+
+    serial: list[Task] = []
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                if not start(todo[0]):
+                    serial, todo = todo, []  # the running ones finish; the rest warm in this process
+                    break
+                todo.pop(0)
+            for tid, (t, proc) in list(running.items()):
+                code = proc.poll()
+                if code is not None:
+                    del running[tid]
+                    finish(t, proc, code)
+            progress.tick([t for t, _ in running.values()])
+            time.sleep(0.05)
     except KeyboardInterrupt:
         progress.close()
         err("ctxcache: interrupted; stopping the compiles (no partial entry is kept)")
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+        for _, proc in running.values():
+            proc.interrupt()
         deadline = time.monotonic() + 15
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(2)
+        for _, proc in running.values():
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
         return False
     finally:
         progress.close()
-        todo.cancel_join_thread()
-        results.cancel_join_thread()
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.terminate()
-    return True
+        shutil.rmtree(logs, ignore_errors=True)
+    return run_serially(serial, cache_kw, verbose, progress) if serial else True
 
 
-def _detach(args: argparse.Namespace, argv: list[str]) -> int:
-    """Start this very warm-up (without --detach) in a process of its own session and return at once."""
-    import subprocess
-    import tempfile
-
-    log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ctxcache-warm-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "ctxcache", *argv]
-    kw: dict[str, Any] = {"start_new_session": True} if sys.platform != "win32" else {"creationflags": 0x00000008 | 0x00000200}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, **kw)
+def _detach(args: argparse.Namespace, pairs: list[tuple[Path, ProviderConfig]], settings: dict[str, Any]) -> int:
+    """Start this very warm-up in a process of its own session (ctxcache.warm_detached) and return at once."""
+    cache_dir = cache_dir_arg(args) or settings.get("cache_dir")
+    jobs = args.jobs if args.jobs is not None else settings.get("jobs", 1)
+    try:
+        proc = ctxcache.warm_detached(targets=[(m, [c.as_tuple()]) for m, c in pairs], cache_dir=cache_dir,
+                                      app_name=args.app_name, app_author=args.app_author, extra_key=args.extra_key,
+                                      embed=args.embed, jobs=jobs, log=args.log)
+    except ctxcache.errors.DetachError as e:
+        err(f"ctxcache warm --detach: {e}")
+        return EXIT_FAILED
     if args.format == "json":
-        emit_json({"detached": True, "pid": proc.pid, "log": str(log_path)})
+        emit_json({"detached": True, "pid": proc.pid, "log": str(proc.log)})
     else:
-        out(f"warming in the background (pid {proc.pid}); output: {log_path}")
+        out(f"warming in the background (pid {proc.pid}); output: {proc.log}")
     return EXIT_OK
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    if args.detach:
-        # Validate here (bad input is exit 2 now, not a line in a log nobody reads), then go.
-        argv = [a for a in args.argv if a != "--detach"]
-        if not (args.models or args.plan):
-            raise UsageError("nothing to warm: give model paths (files, globs or folders) or --plan FILE")
-        if args.models:
-            expand_models(args.models)
-        return _detach(args, argv)
     pairs: list[tuple[Path, ProviderConfig]] = []
     settings: dict[str, Any] = {}
     if args.plan:
@@ -447,6 +388,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
         raise UsageError("give model paths (files, globs or folders) or --plan FILE")
     if not pairs:
         raise UsageError("nothing to warm: give model paths (files, globs or folders) or --plan FILE")
+    if args.detach:
+        # Validated here (bad input is exit 2 now, not a line in a log nobody reads), then handed over.
+        _validate([c for _, c in pairs])
+        return _detach(args, pairs, settings)
 
     # One task per (model, configuration); the same pair listed twice is warmed once.
     tasks: list[Task] = []

@@ -309,6 +309,8 @@ def admit(signer: Signer, required: bool, what: str, trust: Trust | None = None)
     if not required:
         return
     note = f" ({trust.problem})" if trust is not None and trust.problem else ""
+    if trust is not None and trust.refused and not trust.problem:
+        note = f" (not trusted: {'; '.join(trust.refused)})"  # an anchor others can write was left out
     if signer.status == "untrusted":
         why = f"signed by key {signer.key_id}, which is not a trusted key (trusted_keys= / $CTXCACHE_TRUSTED_KEYS){note}"
     elif signer.status == "hmac":
@@ -333,13 +335,16 @@ def still_admitted(origin: dict[str, Any], trust: Trust) -> str | None:
     if isinstance(kid, str) and kid:
         # A device that names no trusted key at all has no policy to ask again (the entry was admitted by
         # whoever imported it, with theirs); a revoked key is refused everywhere, policy or not.
+        names_keys = bool(trust.keys) or trust.problem is not None or any(r.startswith("trusted_keys") for r in trust.refused)
         status: SignerStatus = ("revoked" if trust.is_revoked(kid) else
-                                "trusted" if trust.public_key(kid) is not None or not trust.keys else "untrusted")
+                                "trusted" if trust.public_key(kid) is not None or not names_keys else "untrusted")
     else:
         status = "unsigned" if recorded not in ("hmac",) else "hmac"
     location = str(origin.get("location", ""))
     if admitted == "trusted_dir":
-        required = bool(trust.dirs) and not trust.covers(location)  # the app's folders moved elsewhere
+        # The app names its folders (some may have been refused as unsafe): this one must still be among them.
+        names_dirs = bool(trust.dirs) or any(r.startswith("trusted_dirs") for r in trust.refused)
+        required = names_dirs and not trust.covers(location)
     elif admitted == "not_required":
         required = False  # the tier itself said so (require_signature=False), at the app's request
     else:
@@ -397,8 +402,8 @@ def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
         if record.get(name) is not None and not _manifest.printable(record[name], 256):
             raise TierError(f"record field {name!r} is not a printable string", code="tier_record")
     model = record.get("model")
-    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.printable(model["name"]))):
-        raise TierError("record's model name is not printable", code="tier_record")
+    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.file_name(model["name"]))):
+        raise TierError("record's model name is not a file name", code="tier_record")
     files = record.get("files")
     if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
         raise TierError("record has no file table", code="tier_record")

@@ -181,10 +181,16 @@ def _open_archive(location: Path, keys: tuple[SigningKey, ...], trust: Trust | N
     import tarfile
 
     try:
-        tf = tarfile.open(location, "r:*")  # noqa: SIM115 - closed by the `with tf:` below, after the check
-    except (OSError, tarfile.TarError) as e:
+        # A regular file, opened without blocking or following a link (a FIFO swapped in would hang the load).
+        raw_file = os.fdopen(_fs.open_regular(location), "rb")
+    except OSError as e:
         raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
-    with tf:
+    try:
+        tf = tarfile.open(fileobj=raw_file, mode="r:*")  # noqa: SIM115 - closed by the `with tf:` below
+    except (OSError, tarfile.TarError) as e:
+        raw_file.close()
+        raise TierError(f"cannot open archive {location}: {e}", code="tier_unreachable") from None
+    with raw_file, tf:
         try:
             members = check_tar_members(tf, str(location))
         except tarfile.TarError as e:

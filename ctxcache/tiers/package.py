@@ -171,6 +171,44 @@ def is_model_package(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+#: More entries than any package ctxcache writes; a bigger tree is refused rather than walked for long.
+_MAX_TREE = 100_000
+
+
+def plain_tree(root: Path) -> None:
+    """Refuse (``tier_unsafe``) a package holding anything but real folders and regular files.
+
+    ONNX Runtime's package parser opens ``manifest.json``, each ``component.json`` and what they name
+    before any signature of ours is checked, and it opens them blocking: a FIFO there would hang the
+    load for good, a device or a link would be read wherever it leads. So every name under the package
+    is ``lstat``-ed first (never followed, never opened).
+    """
+    import stat as st_
+
+    seen = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            mode = os.lstat(folder).st_mode
+            if not st_.S_ISDIR(mode):
+                raise TierError(f"{folder} is not a real folder (a link?)", code="tier_unsafe")
+            with os.scandir(folder) as it:
+                children = [(e.name, os.lstat(e.path).st_mode) for e in it]
+        except OSError as e:
+            raise TierError(f"cannot read {folder}: {e.strerror or e}", code="tier_unreachable") from None
+        for name, mode in children:
+            seen += 1
+            if seen > _MAX_TREE:
+                raise TierError(f"{root} holds more than {_MAX_TREE} files; not a package ctxcache wrote",
+                                code="tier_unsafe")
+            if st_.S_ISDIR(mode):
+                stack.append(folder / name)
+            elif not st_.S_ISREG(mode):
+                raise TierError(f"{folder / name} is not a regular file (a link, a FIFO or a device); the package "
+                                "is not used", code="tier_unsafe")
+
+
 class ModelPackageTier(LocalTier):
     """A read-only tier over an ORT model package written by :func:`ctxcache.export_model_package`.
 
@@ -193,6 +231,7 @@ class ModelPackageTier(LocalTier):
             raise TierError(f"onnxruntime {ort.__version__} has no ModelPackage (needs >= 1.32)", code="tier_unreachable")
         if not (self.location / PACKAGE_MANIFEST).is_file():
             raise TierError(f"{self.location} is not a model package", code="tier_unreachable")
+        plain_tree(self.location)  # before ORT's own parser opens anything in it
         try:
             pkg = ort.ModelPackage.open(str(self.location), allow_external_paths=False, follow_symlinks=False)
             info = pkg.get_info()

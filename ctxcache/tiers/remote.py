@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
+from .. import _deadline, _fs
 from .._key import portable_key
 from .._manifest import MANIFEST, Entry, is_key, portable
 from .._trust import SigningKeyArg, Trust, ed25519_keys, hmac_secret
@@ -43,6 +44,7 @@ from ._base import (
     check_match,
     check_signature,
     make_record,
+    open_plain,
     parse_json,
     read_signer_or_refuse,
     resolve_signing_keys,
@@ -144,58 +146,68 @@ class _S3:
 
         return isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")
 
-    def get(self, name: str, limit: int | None = None) -> bytes | None:
-        try:
-            resp = self.client().get_object(Bucket=self.bucket, Key=self._key(name))
-        except Exception as e:
-            if self._missing(e):
-                return None
-            raise
-        with contextlib.closing(resp["Body"]) as body:
-            return body.read() if limit is None else body.read(limit + 1)  # type: ignore[no-any-return]
+    def get(self, name: str, limit: int | None, deadline: float) -> bytes | None:
+        def fetch() -> bytes | None:
+            try:
+                resp = self.client().get_object(Bucket=self.bucket, Key=self._key(name))
+            except Exception as e:
+                if self._missing(e):
+                    return None
+                raise
+            with contextlib.closing(resp["Body"]) as body:
+                return _deadline.read_until(body, limit, deadline, name)
+
+        return _deadline.within(deadline, name, fetch)
 
     @contextlib.contextmanager
-    def stream(self, name: str) -> Iterator[IO[bytes]]:
+    def stream(self, name: str, deadline: float) -> Iterator[IO[bytes]]:
         try:
-            resp = self.client().get_object(Bucket=self.bucket, Key=self._key(name))
+            resp = _deadline.within(deadline, name, lambda: self.client().get_object(Bucket=self.bucket, Key=self._key(name)))
         except Exception as e:
             if self._missing(e):
                 raise FileNotFoundError(name) from None
             raise
-        with contextlib.closing(resp["Body"]) as body:
-            yield body
+        with _deadline.DeadlineReader(resp["Body"], deadline, name) as body:
+            yield body  # type: ignore[misc]
 
     def put(self, name: str, data: bytes | IO[bytes]) -> None:
         self.client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
-    def exists(self, name: str) -> bool:
+    def exists(self, name: str, deadline: float) -> bool:
         try:
-            self.client().head_object(Bucket=self.bucket, Key=self._key(name))
+            _deadline.within(deadline, name, lambda: self.client().head_object(Bucket=self.bucket, Key=self._key(name)))
             return True
         except Exception as e:
             if self._missing(e):
                 return False
             raise
 
-    def children(self, name: str) -> list[str]:
+    def _list(self, name: str, field: str, deadline: float) -> list[str]:
         base = self._key(name)
-        out: list[str] = []
-        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
-            out += [cp["Prefix"][len(base):].strip("/") for cp in page.get("CommonPrefixes", [])]
-        return out
 
-    def names(self, name: str) -> list[str]:
+        def pages() -> list[str]:
+            out: list[str] = []
+            for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base,
+                                                                                 Delimiter="/"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"listing {base}: not finished within the fetch deadline")
+                out += [(item["Prefix"] if field == "CommonPrefixes" else item["Key"])[len(base):].strip("/")
+                        for item in page.get(field, [])]
+            return out
+
+        return _deadline.within(deadline, base, pages)
+
+    def children(self, name: str, deadline: float) -> list[str]:
+        return self._list(name, "CommonPrefixes", deadline)
+
+    def names(self, name: str, deadline: float) -> list[str]:
         """Object names directly under ``name`` (a folder-like prefix)."""
-        base = self._key(name)
-        out: list[str] = []
-        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
-            out += [obj["Key"][len(base):] for obj in page.get("Contents", [])]
-        return out
+        return self._list(name, "Contents", deadline)
 
     def transport_error(self, e: Exception) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        return isinstance(e, (BotoCoreError, ClientError))
+        return isinstance(e, (BotoCoreError, ClientError, TimeoutError))
 
 
 class _Fsspec:
@@ -221,16 +233,36 @@ class _Fsspec:
         self.fs()  # sets _root
         return f"{self._root}/{name}" if self._root else name
 
-    def get(self, name: str, limit: int | None = None) -> bytes | None:
+    def _local(self) -> bool:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return isinstance(self.fs(), LocalFileSystem)
+
+    @contextlib.contextmanager
+    def _open(self, name: str, deadline: float) -> Iterator[IO[bytes]]:
+        path = self._path(name)
+        if self._local():
+            # A regular file only, opened without blocking and without following a link: a FIFO at
+            # record.json in a shared folder would otherwise block the load for good.
+            from pathlib import Path
+
+            with open_plain(Path(path)) as f:
+                yield f
+            return
+        f = _deadline.within(deadline, name, lambda: self.fs().open(path, "rb"))
+        with _deadline.DeadlineReader(f, deadline, name) as reader:
+            yield reader  # type: ignore[misc]
+
+    def get(self, name: str, limit: int | None, deadline: float) -> bytes | None:
         try:
-            with self.fs().open(self._path(name), "rb") as f:
-                return f.read() if limit is None else f.read(limit + 1)  # type: ignore[no-any-return]
+            with self._open(name, deadline) as f:
+                return _deadline.read_until(f, limit, deadline, name)
         except FileNotFoundError:
             return None
 
     @contextlib.contextmanager
-    def stream(self, name: str) -> Iterator[IO[bytes]]:
-        with self.fs().open(self._path(name), "rb") as f:
+    def stream(self, name: str, deadline: float) -> Iterator[IO[bytes]]:
+        with self._open(name, deadline) as f:
             yield f
 
     def put(self, name: str, data: bytes | IO[bytes]) -> None:
@@ -243,18 +275,18 @@ class _Fsspec:
             pass  # object stores have no folders
         fs.pipe_file(path, data if isinstance(data, bytes) else data.read())
 
-    def exists(self, name: str) -> bool:
-        return bool(self.fs().exists(self._path(name)))
+    def exists(self, name: str, deadline: float) -> bool:
+        return bool(_deadline.within(deadline, name, lambda: self.fs().exists(self._path(name))))
 
-    def children(self, name: str) -> list[str]:
+    def children(self, name: str, deadline: float) -> list[str]:
         try:
-            items = self.fs().ls(self._path(name).rstrip("/"), detail=False)
+            items = _deadline.within(deadline, name, lambda: self.fs().ls(self._path(name).rstrip("/"), detail=False))
         except FileNotFoundError:
             return []
         return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in items]
 
-    def names(self, name: str) -> list[str]:
-        return self.children(name)
+    def names(self, name: str, deadline: float) -> list[str]:
+        return self.children(name, deadline)
 
     def transport_error(self, e: Exception) -> bool:
         return isinstance(e, (OSError, TimeoutError)) and not isinstance(e, FileNotFoundError)
@@ -275,6 +307,10 @@ class RemoteTier:
             (``ContextCache(trusted_keys=...)``) — the default. ``False`` accepts unsigned records (logged
             once as a warning); a bad or revoked signature is still refused.
         timeout: seconds for connecting and for each read (S3); keep it short, a compile is the fallback.
+        fetch_timeout: seconds for a whole fetch: one entry (record, signatures and every file) or one
+            lookup or listing. A server that is slower, or stalls (headers, then a byte a second), is
+            given up at that point and counted as unreachable for ``retry_after``; the load compiles.
+            Size it to the largest context over the slowest link you support (default 120).
         retry_after: after an outage, seconds during which this process does not try the remote again.
         anonymous: unsigned S3 requests (a public read-only bucket).
         client: a ready boto3 S3 client (overrides endpoint/timeout/anonymous).
@@ -294,6 +330,7 @@ class RemoteTier:
         signing_key: SigningKeyArg = None,
         require_signature: bool = True,
         timeout: float = 3.0,
+        fetch_timeout: float = 120.0,
         retry_after: float = 60.0,
         anonymous: bool = False,
         region: str | None = None,
@@ -308,6 +345,9 @@ class RemoteTier:
         self._signing_key = signing_key
         self.require_signature = bool(require_signature)
         self.timeout = timeout
+        if not fetch_timeout > 0:
+            raise ValueError(f"fetch_timeout is seconds > 0, not {fetch_timeout!r}")
+        self.fetch_timeout = float(fetch_timeout)
         self.retry_after = retry_after
         self.anonymous = anonymous
         self.region = region
@@ -344,21 +384,25 @@ class RemoteTier:
             raise
 
     # -- the tier protocol --------------------------------------------------------------------------
-    def _portable_candidates(self, parts: Parts) -> list[str]:
+    def _deadline(self) -> float:
+        return time.monotonic() + self.fetch_timeout
+
+    def _portable_candidates(self, parts: Parts, deadline: float) -> list[str]:
         # Pointers written by push: v1/portable/<portable key>/<key>. Untrusted like everything else:
         # install() re-checks that the record's parts really match this machine's portable key.
-        names = self._backend.names(self._obj("portable", portable_key(parts)) + "/")
+        names = self._backend.names(self._obj("portable", portable_key(parts)) + "/", deadline)
         return sorted(n for n in names if is_key(n))
 
     @contextlib.contextmanager
     def offer(self, key: str, parts: Parts = (), *, trust: Trust | None = None) -> Iterator[Offer | None]:
         b = self._backend
+        deadline = self._deadline()  # one for the whole fetch: the record, its signatures and every file
         with self._guard(f"fetching {key[:12]}"):
             rkey = key
-            raw = b.get(self._obj(key, RECORD), _MAX_RECORD)
+            raw = b.get(self._obj(key, RECORD), _MAX_RECORD, deadline)
             if raw is None and self.match == "portable" and parts:
-                for rkey in self._portable_candidates(parts):
-                    raw = b.get(self._obj(rkey, RECORD), _MAX_RECORD)
+                for rkey in self._portable_candidates(parts, deadline):
+                    raw = b.get(self._obj(rkey, RECORD), _MAX_RECORD, deadline)
                     if raw is not None:
                         break
             if raw is None:
@@ -369,18 +413,18 @@ class RemoteTier:
             what = f"{self.describe()} record {key[:12]}"
             keys = resolve_signing_keys(self._signing_key)
             secret = hmac_secret(keys)
-            sig = b.get(self._obj(rkey, RECORD_SIG), 4096) if secret is not None else None
+            sig = b.get(self._obj(rkey, RECORD_SIG), 4096, deadline) if secret is not None else None
             check_signature(raw, sig, secret, what)
             if not self.require_signature:
                 _warn_unsigned_once(self)
-            signer = read_signer_or_refuse(raw, b.get(self._obj(rkey, RECORD_ED25519), _MAX_SIG), CONTEXT,
+            signer = read_signer_or_refuse(raw, b.get(self._obj(rkey, RECORD_ED25519), _MAX_SIG, deadline), CONTEXT,
                                            trust if trust is not None else Trust(), what,
                                            hmac_checked=secret is not None, own=ed25519_keys(keys))
             record = parse_json(raw, f"{self.describe()} record for {key[:12]}")
             files_of = rkey
 
             def opener(name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-                return b.stream(self._obj(files_of, "files", name))
+                return self._file(b, self._obj(files_of, "files", name), deadline)
 
             yield Offer(record if isinstance(record, dict) else {}, opener, {"tier": self.kind, "location": self.url}, signer)
 
@@ -388,11 +432,17 @@ class RemoteTier:
         if self.has(key):
             return "exact"
         with self._guard("listing"):
-            return "portable" if parts and self._portable_candidates(parts) else None
+            return "portable" if parts and self._portable_candidates(parts, self._deadline()) else None
 
     def has(self, key: str) -> bool:
         with self._guard(f"looking up {key[:12]}"):
-            return bool(self._backend.exists(self._obj(key, RECORD)))
+            return bool(self._backend.exists(self._obj(key, RECORD), self._deadline()))
+
+    @contextlib.contextmanager
+    def _file(self, b: _S3 | _Fsspec, name: str, deadline: float) -> Iterator[IO[bytes]]:
+        """One file of an offer, read under the offer's deadline; a stall is this tier being unreachable."""
+        with self._guard(f"fetching {name}"), b.stream(name, deadline) as f:
+            yield f
 
     def push(self, entry: Entry, *, overwrite: bool = False, signing_key: SigningKeyArg = None) -> bool:
         """Upload one local entry (the caller verified it), signed with ``signing_key`` (default: the tier's);
@@ -406,8 +456,6 @@ class RemoteTier:
             for art in entry.artifacts:
                 path = entry.path / art["name"]
                 files[art["name"]] = {"size": art["size"], "sha256": sha256_file(path)}
-                from .. import _fs
-
                 with open(_fs.open_regular(path), "rb", closefd=True) as f:
                     b.put(self._obj(entry.key, "files", art["name"]), f)
             manifest = portable(entry)
@@ -431,4 +479,4 @@ class RemoteTier:
     def keys(self) -> list[str]:
         """Every key with an entry folder in the remote store."""
         with self._guard("listing"):
-            return sorted(k for k in self._backend.children(LAYOUT + "/") if is_key(k))
+            return sorted(k for k in self._backend.children(LAYOUT + "/", self._deadline()) if is_key(k))
