@@ -56,6 +56,7 @@ _LAZY = {
     "import_bundle": "._transfer",
     "pull": "._transfer",
     "push": "._transfer",
+    "quiet_native_stdout": "._quiet",
 }
 
 
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # the real types, for type checkers and IDEs
     from ._manage import EntryInfo, ProviderCheck, VerifyResult, check_providers, known_providers
     from ._plan import Bypass, Fallback, Miss, Serve
     from ._prune import PruneItem, PrunePlan, PruneReport
+    from ._quiet import quiet_native_stdout
     from ._stats import Stats
     from ._transfer import ImportResult, PushResult, export_bundle, export_model_package, import_bundle, pull, push
     from ._trust import GeneratedKey, generate_signing_key
@@ -128,5 +130,6 @@ __all__ = [
     "known_providers",
     "pull",
     "push",
+    "quiet_native_stdout",
     "warm_detached",
 ]

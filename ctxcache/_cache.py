@@ -170,7 +170,7 @@ class ContextCache:
         if self._tiers is None:
             from .tiers import coerce
 
-            self._tiers = coerce(self.config.tiers)
+            self._tiers = coerce(self.config.tiers, self.root)
         return self._tiers
 
     # -- loading ------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def warm_detached(models: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                   cache_dir: str | os.PathLike[str] | None = None, app_name: str = "ctxcache",
                   app_author: str | None = None, extra_key: str | None = None, embed: bool = False,
                   jobs: int = 1, log: str | os.PathLike[str] | None = None, detach: bool = True,
-                  verbose: int = 0) -> WarmProcess:
+                  verbose: int = 0, free_dims: Sequence[tuple[str, str, int]] = ()) -> WarmProcess:
     """Warm ``models`` for ``providers`` (and each ``(model, providers)`` of ``targets``) in a process of
     its own and return at once with its :class:`WarmProcess` (``pid``, ``log``).
 
@@ -111,6 +111,8 @@ def warm_detached(models: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     ``providers=None`` warms the default configuration (``--preset qnn-htp``). Output goes to ``log``
     (default: a new file in the temp folder). Raises :class:`~ctxcache.errors.DetachError` where no
     process can be started here (frozen app, no interpreter), ``FileNotFoundError`` for a missing model.
+    ``free_dims``: free-dimension overrides as ``(kind, identifier, size)``, kind ``"name"`` or
+    ``"denotation"`` (as ``SessionOptions.add_free_dimension_override_by_*`` and ``--free-dim``).
     """
     import subprocess
 
@@ -145,6 +147,10 @@ def warm_detached(models: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         argv += ["--extra-key", extra_key]
     if embed:
         argv.append("--embed")
+    for kind, ident, size in free_dims:
+        if kind not in ("name", "denotation"):
+            raise ValueError(f"warm_detached: a free dimension is overridden by 'name' or 'denotation', not {kind!r}")
+        argv += ["--free-dim" if kind == "name" else "--free-dim-denotation", f"{ident}={int(size)}"]
     if log is None:
         fd, name = tempfile.mkstemp(prefix="ctxcache-warm-", suffix=".log")
         os.close(fd)

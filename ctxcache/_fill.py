@@ -233,7 +233,7 @@ def _build(loader: Loader, inputs: Inputs, trace: Trace, decided: Miss, staging:
     except NothingCompiled as e:
         if not rebuild:
             _negative.remember(store.negative_dir, key, "not_compilable", str(e))
-        return Failed("bypass", Reason("not_compilable", f"{inputs.ep.name} compiled no node of this model"))
+        return Failed("bypass", Reason("not_compilable", str(e)))  # names open input dimensions and the fix
     except CompileFailed as e:
         # A compiler that could not write its output (ORT only says "Failed to write context cache
         # file") failed for want of space, not because of the model: remembering that would bypass
@@ -250,7 +250,7 @@ def _build(loader: Loader, inputs: Inputs, trace: Trace, decided: Miss, staging:
         return Failed("fallback", changed)
     if rebuild:
         try:
-            session(str(staging / "ctx.onnx"), inputs.chain, so, target=True, kwargs=inputs.kwargs)
+            session(str(staging / "ctx.onnx"), inputs.chain, so, target=True, kwargs=inputs.kwargs, context=True)
         except Exception as e:  # noqa: BLE001 - the rebuilt context does not load: keep the old one
             log.warning("rebuilt context of %s does not load (%s); keeping the current entry", key[:12], e)
             return Failed("fallback", Reason("load_failed", f"{type(e).__name__}: {e}"[:2000]))

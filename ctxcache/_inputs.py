@@ -178,7 +178,57 @@ def context_target(chain: Chain) -> Reason | None:
 #: share contexts across sessions); ``optimization.*`` entries change the graph a context is compiled from.
 _ASKS_ORT = ("ep.context_enable", "ep.share_ep_contexts", "ep.stop_share_ep_contexts")
 _CHANGES_GRAPH = "optimization."
+#: The ``optimization.*`` entries ONNX Runtime documents (onnxruntime_session_options_config_keys.h):
+#: what can be read back by name from options configured before ``import ctxcache``.
+_GRAPH_KEYS = ("optimization.enable_gelu_approximation", "optimization.minimal_build_optimizations",
+               "optimization.enable_cast_chain_elimination", "optimization.disable_specified_optimizers")
 _LOAD_FORMAT = "session.load_model_format"
+#: What ctxcache itself sets on a context session: ORT then fails the session with
+#: ORT_MODEL_REQUIRES_COMPILATION (onnxruntime PR 24416) instead of quietly compiling what the context
+#: does not cover. Nodes left to the CPU provider are not compilation (measured, ORT 1.32 + QNN 2.7).
+DISABLE_COMPILE = "session.disable_model_compile"
+
+#: Session-config entries that only steer how a session runs (threads, spinning, allocators, denormals,
+#: prepacking, the CPU fallback check at session creation, diagnostics, whether ORT may compile at
+#: session creation): neither keyed nor given to the compile. Every other entry an app sets may change
+#: what a compile produces (QDQ handling, partitioning, function inlining, validation...), so it is part
+#: of the key and the compile gets it too: a context compiled under one setting is never served under
+#: another.
+_RUN_TIME_CONFIG = frozenset({
+    "session.intra_op.allow_spinning",
+    "session.inter_op.allow_spinning",
+    "session.force_spinning_stop",
+    "session.dynamic_block_base",
+    "session.intra_op_thread_affinities",
+    "session.use_env_allocators",
+    "session.use_device_allocator_for_initializers",
+    "session.disable_prepacking",
+    "session.set_denormal_as_zero",
+    "session.disable_cpu_ep_fallback",
+    "session.record_ep_graph_assignment_info",
+    "session.load_model_format",
+    DISABLE_COMPILE,
+    "session.fail_on_suboptimal_compiled_model",
+})
+#: The documented entries that change what a compile produces: keyed and given to the compile.
+_COMPILE_KEYS = (
+    "session.disable_quant_qdq",
+    "session.enable_quant_qdq_cleanup",
+    "session.qdq_matmulnbits_accuracy_level",
+    "session.disable_aot_function_inlining",
+)
+#: What is read by name from options configured before ``import ctxcache`` (ORT cannot list entries;
+#: an object made afterwards has every entry noted): the entries that block a context, those that change
+#: it, and the run-time ones a context session must still get.
+_KNOWN_KEYS = (*_ASKS_ORT, _LOAD_FORMAT, *_GRAPH_KEYS, *_COMPILE_KEYS,
+               *sorted(_RUN_TIME_CONFIG - {_LOAD_FORMAT}))
+_NOT_COPIED = ("ep.context", "ep.share_ep_contexts", "ep.stop_share_ep_contexts", _sessopts.RESERVED)
+
+
+def session_entries(so: ort.SessionOptions) -> dict[str, str]:
+    """The config entries set on ``so`` (see ``_sessopts.config_entries``: all of them after ``import
+    ctxcache``, the :data:`_KNOWN_KEYS` read once for an object made before it)."""
+    return _sessopts.config_entries(so, _KNOWN_KEYS)
 
 
 def cache_blocker(model: Model, so: ort.SessionOptions | None, kwargs: Mapping[str, Any]) -> Reason | None:
@@ -207,14 +257,13 @@ def cache_blocker(model: Model, so: ort.SessionOptions | None, kwargs: Mapping[s
         return Reason("session_settings", f"optimized_model_filepath is set: onnxruntime writes the optimized model "
                                           f"to {so.optimized_model_filepath}, which a cached context cannot give")
     notes = _sessopts.notes(so)
-    if notes is None:
-        # Nothing set through the setters since `import ctxcache`. Probing entries one by one costs ~45 us
-        # each (ORT raises for every unset key): options configured before the import are not probed.
-        return None
-    if notes.calls:
-        return Reason("session_settings", f"the session options have {', '.join(sorted(notes.calls))}: settings "
+    # Free-dimension overrides are noted with their values: keyed, and replayed on the compile and the
+    # context session (see compile_config), so they do not block.
+    calls = sorted(notes.calls - set(_sessopts.FREE_DIM_CALLS)) if notes is not None else []
+    if calls:
+        return Reason("session_settings", f"the session options have {', '.join(calls)}: settings "
                                           "that a cached context cannot carry (onnxruntime cannot read them back)")
-    config = notes.config
+    config = session_entries(so)
     if config.get(_LOAD_FORMAT, "").upper() == "ORT":
         return Reason("ort_format", f"{_LOAD_FORMAT}=ORT: an ORT-format model is not compiled into an EP context")
     for key in _ASKS_ORT:
@@ -226,61 +275,22 @@ def cache_blocker(model: Model, so: ort.SessionOptions | None, kwargs: Mapping[s
     return None
 
 
-#: Session-config entries that only steer how a session runs (threads, spinning, allocators, denormals,
-#: prepacking, the CPU fallback check at session creation, diagnostics): neither keyed nor given to the
-#: compile. Every other entry an app sets may change what a compile produces (QDQ handling, partitioning,
-#: function inlining, validation...), so it is part of the key and the compile gets it too: a context
-#: compiled under one setting is never served under another.
-_RUN_TIME_CONFIG = frozenset({
-    "session.intra_op.allow_spinning",
-    "session.inter_op.allow_spinning",
-    "session.force_spinning_stop",
-    "session.dynamic_block_base",
-    "session.intra_op_thread_affinities",
-    "session.use_env_allocators",
-    "session.use_device_allocator_for_initializers",
-    "session.disable_prepacking",
-    "session.set_denormal_as_zero",
-    "session.disable_cpu_ep_fallback",
-    "session.record_ep_graph_assignment_info",
-    "session.load_model_format",
-})
-
-
 def compile_config(so: ort.SessionOptions | None) -> dict[str, str]:
-    """The session-config entries set on ``so`` that may change a compiled context (see
-    :data:`_RUN_TIME_CONFIG`): a key part, and the compile's own options. Entries set before ``import
-    ctxcache`` are not seen (README, "Differences from onnxruntime.InferenceSession"); probing them by
-    name would cost every hit ~45 us per entry."""
+    """What of ``so`` may change a compiled context, as one ``dict[str, str]``: a key part, the compile's
+    own settings and the background worker's (``_sessopts.apply_config`` sets it on options). The
+    config entries that are not run-time ones (:data:`_RUN_TIME_CONFIG`), and the free-dimension
+    overrides under ``_sessopts.FREE_DIMS``. Entries of options made before ``import ctxcache`` are read
+    by name (:func:`session_entries`)."""
     if so is None:
         return {}
-    notes = _sessopts.notes(so)
-    if notes is None or not notes.config:
-        return {}
-    return {k: v for k, v in sorted(notes.config.items())
-            if k not in _RUN_TIME_CONFIG and not k.startswith(_NOT_COPIED) and not k.startswith(_CHANGES_GRAPH)}
+    out = {k: v for k, v in sorted(session_entries(so).items())
+           if k not in _RUN_TIME_CONFIG and not k.startswith(_NOT_COPIED) and not k.startswith(_CHANGES_GRAPH)}
+    dims = _sessopts.free_dims(so)
+    if dims:
+        out[_sessopts.FREE_DIMS] = _sessopts.encode_free_dims(dims)
+    return out
 
 
-# Session-config entries copied onto the sessions ctxcache creates when the options were configured
-# before ``import ctxcache`` (afterwards every entry is noted by _sessopts and copied). ep.context_* are
-# left out on purpose: they would make ORT dump its own contexts beside ours.
-_CONFIG_KEYS = (
-    "session.disable_cpu_ep_fallback",
-    "session.intra_op.allow_spinning",
-    "session.inter_op.allow_spinning",
-    "session.use_env_allocators",
-    "session.disable_prepacking",
-    "session.set_denormal_as_zero",
-    "session.use_device_allocator_for_initializers",
-    "session.intra_op_thread_affinities",
-    "session.disable_quant_qdq",
-    "session.enable_quant_qdq_cleanup",
-    "session.qdq_matmulnbits_accuracy_level",
-    "session.disable_aot_function_inlining",
-    "session.dynamic_block_base",
-    "session.record_ep_graph_assignment_info",
-)
-_NOT_COPIED = ("ep.context", "ep.share_ep_contexts", "ep.stop_share_ep_contexts")
 _SO_ATTRS = (
     "enable_cpu_mem_arena",
     "enable_mem_pattern",
@@ -300,16 +310,21 @@ _SO_ATTRS = (
 )
 
 
-def clone_session_options(src: ort.SessionOptions | None) -> ort.SessionOptions:
+def clone_session_options(src: ort.SessionOptions | None, entries: Mapping[str, str] | None = None) -> ort.SessionOptions:
     """A fresh SessionOptions with the user's settings, for the sessions on a cached context.
 
     A plugin EP is added to a SessionOptions with ``add_provider_for_devices``, which ORT refuses to
-    do twice on one object; copying keeps the caller's object untouched and reusable. What cannot be
-    copied (initializers, free-dimension overrides...) never gets here: :func:`cache_blocker` makes
-    such a load a bypass on the caller's own object.
+    do twice on one object; copying keeps the caller's object untouched and reusable. Free-dimension
+    overrides are replayed; what else cannot be copied (initializers...) never gets here:
+    :func:`cache_blocker` makes such a load a bypass on the caller's own object. ep.context_* entries
+    are left out on purpose: they would make ORT dump its own contexts beside ours. ``entries``: config
+    entries of ctxcache's own, set over the user's (each key once: ORT warns on stderr when one is set
+    again).
     """
     dst = ort.SessionOptions()
     if src is None:
+        for key, value in (entries or {}).items():
+            dst.add_session_config_entry(key, value)
         return dst
     for attr in _SO_ATTRS:
         if hasattr(src, attr):
@@ -317,19 +332,13 @@ def clone_session_options(src: ort.SessionOptions | None) -> ort.SessionOptions:
                 setattr(dst, attr, getattr(src, attr))
             except Exception:  # noqa: BLE001 - an attribute this ORT build refuses: keep ORT's default
                 pass
-    notes = _sessopts.notes(src)
-    if notes is not None:
-        entries = dict(notes.config)  # every entry set since `import ctxcache`
-    else:
-        entries = {}
-        for key in _CONFIG_KEYS:  # options configured before the import: the documented entries, by name
-            try:
-                entries[key] = src.get_session_config_entry(key)
-            except Exception:  # noqa: BLE001 - ORT raises when the entry is not set
-                pass
-    for key, value in entries.items():
-        if not key.startswith(_NOT_COPIED):
+    mine = dict(entries or {})
+    for key, value in {**session_entries(src), **mine}.items():
+        if not key.startswith(_NOT_COPIED) or key in mine:
             dst.add_session_config_entry(key, value)
+    dims = _sessopts.free_dims(src)
+    if dims:
+        _sessopts.apply_config(dst, {_sessopts.FREE_DIMS: _sessopts.encode_free_dims(dims)})
     return dst
 
 
@@ -354,17 +363,42 @@ def plain_session(raw: Raw, so: ort.SessionOptions | None, kwargs: Mapping[str, 
 
 
 def session(source: str | bytes, chain: Chain, so: ort.SessionOptions | None, *, target: bool,
-            kwargs: Mapping[str, Any] | None = None, whole: bool = False) -> ort.InferenceSession:
+            kwargs: Mapping[str, Any] | None = None, whole: bool = False, context: bool = False) -> ort.InferenceSession:
     """A session on ``source``: with ``target``, ``chain[0]`` set up by its provider module (plugin EPs
     need ``add_provider_for_devices``) and the rest after it, on a copy of the options (``whole``: on the
     caller's own object, for a bypass whose settings cannot be copied); else the classic ``providers=``
-    list on the caller's options."""
+    list on the caller's options.
+
+    ``context``: ``source`` is a cached EP context (a hit, or a fresh context checked before it is
+    published). The copy then gets :data:`DISABLE_COMPILE`, so that a context a provider would quietly
+    ignore and compile again fails the session (see :func:`context_load_reason`) instead of passing for
+    a slow hit. The caller's own object is never changed."""
     kw = dict(kwargs or {})
     if target:
         ep, options = chain[0]
         rest = [(e.name, o) for e, o in chain[1:]]
-        opts = (so if so is not None else ort.SessionOptions()) if whole else clone_session_options(so)
+        if context:
+            opts = clone_session_options(so, {DISABLE_COMPILE: "1"})
+        else:
+            opts = (so if so is not None else ort.SessionOptions()) if whole else clone_session_options(so)
         return ep.session(source, opts, options, rest, kw)
     if chain:
         kw.update(providers=[ep.name for ep, _ in chain], provider_options=[o for _, o in chain])
     return ort.InferenceSession(source, sess_options=so, **kw)
+
+
+def context_load_reason(ep: ExecutionProvider, error: Exception) -> tuple[Reason, bool]:
+    """What a context session that raised ``error`` says, as the loader reports it, and whether the
+    failure is transient (the device busy: retry, keep the entry). The provider classes the message
+    (``load_error_kind``); ``recompiles`` is ORT_MODEL_REQUIRES_COMPILATION under :data:`DISABLE_COMPILE`:
+    the provider would have compiled the model again, so the context is not what it takes here."""
+    text = f"{type(error).__name__}: {error}".strip()[:2000]
+    kind = ep.load_error_kind(text)
+    if kind == "transient":
+        return Reason("device_busy", text), True
+    if kind == "recompiles":
+        return Reason("context_recompiles", f"{ep.name} would compile the model again instead of loading the cached "
+                                            f"context (a context it does not take, or one that covers none of its "
+                                            f"nodes): {text}"), False
+    note = "" if kind == "artifact" else " (not a failure the provider knows; treated as the context's)"
+    return Reason("load_failed", text + note), False

@@ -21,7 +21,16 @@ import onnxruntime as ort
 from . import _events, _key, _negative
 from ._config import Config
 from ._hashing import ModelDigest
-from ._inputs import ProvidersArg, Raw, check_kwargs, plain_session, resolve_model, resolve_providers, session
+from ._inputs import (
+    ProvidersArg,
+    Raw,
+    check_kwargs,
+    context_load_reason,
+    plain_session,
+    resolve_model,
+    resolve_providers,
+    session,
+)
 from ._log import INFO, WARNING, log
 from ._manifest import Entry
 from ._markers import clear as clear_marker
@@ -212,13 +221,12 @@ class Loader:
         for attempt, pause in enumerate((*_RETRY_PAUSES, None)):
             try:
                 return session(str(entry.context_path), inputs.chain, inputs.sess_options, target=True,
-                               kwargs=inputs.kwargs), None
+                               kwargs=inputs.kwargs, context=True), None
             except Exception as e:  # noqa: BLE001 - ORT's exceptions derive from Exception only
-                text = f"{type(e).__name__}: {e}".strip()[:2000]
-                kind = inputs.ep.load_error_kind(text)
-                if kind != "transient":
-                    note = "" if kind == "artifact" else " (not a failure the provider knows; treated as the context's)"
-                    return None, Reason("load_failed", text + note)
+                why, transient = context_load_reason(inputs.ep, e)
+                if not transient:
+                    return None, why
+                text = why.message
                 if pause is None:
                     return None, Reason("device_busy", f"{text} ({attempt + 1} attempts; the entry is kept)")
                 log.info("%s: transient load failure (%s); retrying in %.1f s", inputs.model.shown, text[:200], pause)
@@ -273,7 +281,7 @@ class Loader:
         # Only ORT's own refusal of an intact entry says the context cannot load here; an entry that
         # another process cleared, pruned or replaced in the meantime failed for that reason, once (a
         # concurrent clear once cost the model the cache for negative_ttl).
-        inherent = why.code in ("load_failed", "wrong_provider") and self.intact(entry)
+        inherent = why.code in ("load_failed", "context_recompiles", "wrong_provider") and self.intact(entry)
         self.store.evict(trace.key, why.code, why.message, expect_id=entry.entry_id)
         if inherent:
             # It will fail the same way at the next launch (measured: OpenVINO contexts on this kind of

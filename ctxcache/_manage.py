@@ -214,11 +214,10 @@ def verify(store: Store, env: _key.Environment, *, fix: bool = False, trust: Tru
             options = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
             problem, answer, detail = judge(store, item, ep, digests="all", options=options,
                                             env=_env_digest(env, ep, options))
-            if problem is None and item.origin is not None and trust is not None:
-                from .tiers._base import still_admitted
+            if problem is None:
+                from ._plan import trust_problem  # the hit's own rule: a revoked signer, a TUF target withdrawn
 
-                refused = still_admitted(item.origin, trust)
-                problem = Reason("signer_revoked", refused) if refused is not None else None
+                problem = trust_problem(item, store, trust if trust is not None else Trust())
             compatibility: str | None = f"{answer}: {detail}"
             key, name, prov, size, eid = item.key, item.model_name, item.provider, item.size, item.entry_id
         else:

@@ -40,11 +40,14 @@ class WireError(ValueError):
 class EPContextNode:
     """What ctxcache needs to know about one EPContext node of a compiled model."""
 
-    __slots__ = ("cache_context", "embed_mode", "partition_name", "source")
+    __slots__ = ("cache_context", "embed_mode", "main_context", "partition_name", "source")
 
     def __init__(self) -> None:
         self.source = ""
         self.embed_mode = 1
+        #: 0 for the further partitions of a context whose binary the main node holds (QNN writes one
+        #: .bin for a model it compiles in several parts; the other nodes name no file)
+        self.main_context = 1
         self.cache_context = b""  # a file name when embed_mode == 0, else the binary itself (not kept)
         self.partition_name = ""
 
@@ -185,6 +188,8 @@ class _Walker:
             return
         if name == "embed_mode" and int_value is not None:
             ep.embed_mode = int_value
+        elif name == "main_context" and int_value is not None:
+            ep.main_context = int_value
         elif name == "source" and str_span:
             ep.source = _string(self.buf, *str_span)
         elif name == "partition_name" and str_span:

@@ -34,6 +34,7 @@ from ._manifest import Entry
 from ._record import Record
 from ._servable import Digests, judge
 from ._store import BrokenEntry, InsecureCache, Store
+from ._trust import Trust
 from ._types import Reason
 from .providers import ExecutionProvider
 from .providers._base import Verdict
@@ -239,18 +240,32 @@ def plan(inputs: Inputs, store: Store, env: _key.Environment, config: Config, *,
     return _miss(inputs, store, config, fp, digest, None, None)
 
 
+def trust_problem(entry: Entry, store: Store, trust: Trust) -> Reason | None:
+    """Why an entry a tier brought in must no longer be served here (``None``: it may be, or it is this
+    device's own): its signer or bundle folder is no longer trusted (``signer_revoked``), or its TUF store's
+    current publication no longer lists it (``tuf_revoked``). Asked by every hit and by ``verify``."""
+    origin = entry.origin
+    if origin is None:
+        return None
+    from .tiers._base import still_admitted
+
+    refused = still_admitted(origin, trust)
+    if refused is not None:
+        return Reason("signer_revoked", refused)
+    if "tuf" in origin:
+        from ._tuf import still_trusted
+
+        return still_trusted(origin, store.base)
+    return None
+
+
 def of_entry(inputs: Inputs, store: Store, env: _key.Environment, config: Config, fp: Fingerprint, digest: ModelDigest,
              entry: Entry, *, act: bool) -> Plan:
     """The plan for a committed ``entry`` of the load's key: the servability rule (``_servable.judge``), with
     what ``verify`` asks re-hashed. Also asked by a load that found the entry under the key's lock."""
-    origin = entry.origin
-    if origin is not None:
-        # From a tier: admitted by a signer or a folder the device may no longer trust (a revoked key).
-        from .tiers._base import still_admitted
-
-        refused = still_admitted(origin, config.trust)
-        if refused is not None:
-            return Fallback(fp, digest, entry, Reason("signer_revoked", refused))
+    distrusted = trust_problem(entry, store, config.trust)
+    if distrusted is not None:
+        return Fallback(fp, digest, entry, distrusted)
     digests = _DIGESTS[config.verify]
     why, answer, detail = judge(store, entry, inputs.ep, digests=digests, consume_markers=act,
                                 options=inputs.options, env=env.digest(inputs.ep, inputs.options))

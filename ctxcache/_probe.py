@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from ._childio import child_code, read_result
 from ._spawn import child_cwd, child_env, python_command
 
 log = logging.getLogger("ctxcache")
@@ -25,21 +26,23 @@ Verdict = Literal["loads", "crashes", "fails", "hangs", "unavailable"]
 #: A context load takes well under a second to a few seconds; one that takes this long is hung.
 TIMEOUT = 120.0
 
-_CHILD = r"""
+_CHILD = child_code(r"""
 import json, sys
 name, ctx, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 import onnxruntime as ort
 from ctxcache import providers
+from ctxcache._inputs import DISABLE_COMPILE
 ep = providers.get(name)
 so = ort.SessionOptions()
 so.log_severity_level = 3
+so.add_session_config_entry(DISABLE_COMPILE, "1")  # as a hit loads it: a context that "loads" by compiling does not
 try:
     session = ep.session(ctx, so, ep.normalize_options(options), [])
 except Exception as e:
-    print(json.dumps({"error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+    send_result({"error": f"{type(e).__name__}: {e}"[:2000]})
     sys.exit(3)
-print(json.dumps({"providers": session.get_providers()}), flush=True)
-"""
+send_result({"providers": session.get_providers()})
+""")
 
 
 def probe(context: Path, ep_name: str, options: dict[str, str], *, timeout: float = TIMEOUT) -> tuple[Verdict, str]:
@@ -70,5 +73,5 @@ def probe(context: Path, ep_name: str, options: dict[str, str], *, timeout: floa
         return "crashes", f"the probe load was killed by {name}"
     if proc.returncode == 0:
         return "loads", "the context loads in a fresh process"
-    detail = next((json.loads(line).get("error", "") for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), "")
+    detail = str((read_result(proc.stdout) or {}).get("error", ""))
     return "fails", detail or f"the probe exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"

@@ -96,7 +96,9 @@ def context_problem(folder: Path, names: set[str]) -> Problem | None:
         return Problem("unsafe_context", f"{ctx} has no EPContext node")
     refs = set(facts.external_locations)
     for node in facts.ep_context_nodes:
-        if node.embed_mode == 0:
+        # A further partition (main_context=0) naming no file reads the main node's binary: a model
+        # that leaves some nodes to CPU compiles into several EPContext nodes and one .bin.
+        if node.embed_mode == 0 and (node.main_context != 0 or node.cache_context):
             refs.add(node.cache_context.decode("utf-8", errors="replace"))
     for ref in sorted(refs):
         if ref not in names or not _manifest.safe_name(ref) or ref in (CONTEXT, MANIFEST):

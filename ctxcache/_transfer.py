@@ -226,6 +226,7 @@ def pull(cache: ContextCache, remote: RemoteTier, keys: Sequence[str] | None = N
     """Install remote entries into ``cache`` (all, or those whose key starts with one of ``keys``),
     admitted by the cache's trust and the remote's ``require_signature``.
     Raises :class:`~ctxcache.errors.TierError` when the remote cannot be listed."""
+    remote.attach(cache.root)  # a TUF remote keeps what it verified in this cache (rollback floor)
     wanted = remote.keys()
     if keys is not None:
         wanted = [k for k in wanted if any(k.startswith(p) for p in keys)]

@@ -46,9 +46,12 @@ ReasonCode = Literal[
     "unsafe_context",
     "incompatible",
     "load_failed",
+    "context_recompiles",
     "wrong_provider",
     "crashed_during_load",
     "signer_revoked",
+    "tuf_revoked",
+    "tuf_unverifiable",
     # fallback: compiling or publishing did not produce an entry
     "compile_failed",
     "publish_failed",
@@ -65,10 +68,11 @@ REASONS: dict[str, tuple[str, str]] = {
     "provider_unavailable": ("bypass", "the provider is not installed or lists no device here"),
     "provider_policy": ("bypass", "the session options let ONNX Runtime pick the provider (a selection policy)"),
     "session_settings": ("bypass", "the session settings ask for what a cached context cannot give (optimized_model_filepath, "
-                                   "add_initializer, free-dimension overrides, disabled_optimizers, ep.context_enable...): "
+                                   "add_initializer, custom-op libraries, disabled_optimizers, ep.context_enable...): "
                                    "the provider's session on the original model, on the caller's own options"),
     "ort_format": ("bypass", "an ORT-format model (.ort): no provider compiles it into an EP context"),
-    "not_compilable": ("bypass", "the provider compiled no node of this model (remembered for negative_ttl)"),
+    "not_compilable": ("bypass", "the provider compiled no node of this model (remembered for negative_ttl); open "
+                                 "input dimensions are named, with the override that fixes them"),
     "context_unloadable": ("bypass", "a freshly compiled context of this key failed to load (remembered for negative_ttl)"),
     "cache_unwritable": ("bypass", "the cache folder cannot be created or written"),
     "cache_insecure": ("bypass", "a cache folder is owned or writable by another user; the cache is not used"),
@@ -93,10 +97,17 @@ REASONS: dict[str, tuple[str, str]] = {
     "unsafe_context": ("fallback", "the context model refers to a file that is not a verified file of its entry"),
     "incompatible": ("fallback", "the provider reports the context UNSUPPORTED on this device"),
     "load_failed": ("fallback", "ONNX Runtime refused the context"),
+    "context_recompiles": ("fallback", "the provider would compile the model again instead of loading the context (ONNX "
+                                       "Runtime's MODEL_REQUIRES_COMPILATION: a context it ignores, or one with no "
+                                       "EPContext node): not served as a slow hit"),
     "wrong_provider": ("fallback", "the context session does not run on the requested provider"),
     "crashed_during_load": ("fallback", "a process died while loading this context"),
     "signer_revoked": ("fallback", "a tier's entry whose signer (or install folder) this device no longer trusts: "
                                    "a revoked or removed key reaches the entries it already brought in"),
+    "tuf_revoked": ("fallback", "an entry installed through TUF that its store's current targets no longer list, or list "
+                                "as another build (revoked, replaced)"),
+    "tuf_unverifiable": ("fallback", "an entry installed through TUF whose store's verified metadata is gone from "
+                                     "this cache: it cannot be checked against the current publication"),
     "compile_failed": ("fallback", "the provider failed to compile the model"),
     "publish_failed": ("fallback", "the compiled entry could not be written"),
     "source_changed": ("fallback", "the model changed while it was compiled (an updater?); nothing was published"),

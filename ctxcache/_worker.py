@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     job = json.loads(argv[0])
     import onnxruntime as ort
 
-    from . import _background, _negative
+    from . import _background, _negative, _sessopts
     from ._cache import ContextCache, store_of
     from ._config import Config
 
@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, job["graph_optimization"])
-    for k, v in job.get("session_config", {}).items():  # after import ctxcache: noted, so the key is the app's
-        so.add_session_config_entry(k, v)
+    # After import ctxcache: noted (entries and free-dimension overrides), so the key is the app's.
+    _sessopts.apply_config(so, job.get("session_config", {}))
     providers = [(name, options) for name, options in job["providers"]]
     try:
         fp = cache.key(job["model"], providers=providers, sess_options=so)

@@ -33,8 +33,10 @@ def _save(model: Any, path: Path, external_data: bool) -> Path:
 
 
 def conv_net(path: str | Path, *, layers: int = 4, channels: int = 16, size: int = 32, seed: int = 0,
-             external_data: bool = False) -> Path:
-    """A plain conv/relu stack: input ``input`` [1,3,size,size] -> ``output`` [1,channels,size,size]."""
+             external_data: bool = False, batch: int | str = 1) -> Path:
+    """A plain conv/relu stack: input ``input`` [batch,3,size,size] -> ``output`` [batch,channels,size,size].
+    ``batch="batch"`` makes the batch dimension symbolic (a dynamic-shape model: an NPU compiler needs
+    it fixed, e.g. ``add_free_dimension_override_by_name("batch", 1)``); its denotation is DATA_BATCH."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -49,11 +51,14 @@ def conv_net(path: str | Path, *, layers: int = 4, channels: int = 16, size: int
         out = "output" if i == layers - 1 else f"r{i}"
         nodes.append(helper.make_node("Relu", [f"c{i}"], [out]))
         prev, cin = out, channels
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])
+    if isinstance(batch, str):
+        inp.type.tensor_type.shape.dim[0].denotation = "DATA_BATCH"
     graph = helper.make_graph(
         nodes,
         "conv_net",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, size, size])],
+        [inp],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, channels, size, size])],
         inits,
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), Path(path), external_data)

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _child import run_python
 
 from ctxcache import models
+
+__all__ = ["run_python"]  # tests import it from here, as before: children report through tests/_child.py
 
 ROOT = Path(__file__).resolve().parent.parent
 QNN = "QNNExecutionProvider"
@@ -189,7 +192,6 @@ def killer_context(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     """A QNN context that kills the process loading it, for real (SIGSEGV in session creation): a
     shared-weight context binary, which the x86 HTP simulator of onnxruntime-qnn 2.7 cannot load
     (tests/test_providers_qnn_sharing.py pins that fact). Returns ``(ctx.onnx, its .bin)``."""
-    import textwrap
 
     from test_providers_qnn_sharing import COMPILE
 
@@ -217,43 +219,21 @@ def output_digest(result: Any) -> str:
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())
 
 
-def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter (a real second process, as a second app launch is)."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def last_json(stdout: str) -> Any:
-    """The last line of a subprocess's stdout that is JSON (ORT and QNN print their own lines too)."""
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") or line.startswith("["):
-            return json.loads(line)
-    raise AssertionError(f"no JSON line in output:\n{stdout}")
-
-
 # A launch as an app would do it, in a fresh process: prints outcome, reason, outputs' checksum.
 LAUNCH = """
 import json, sys, numpy as np
 import ctxcache
+from _report import report
 from ctxcache import models
 cache = ctxcache.ContextCache({cache_dir!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 feeds = models.random_input(r.session, seed=7)
 out = r.session.run(None, feeds)[0]
-print(json.dumps({{"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "key": r.key,
-                   "providers": r.providers, "sum": float(np.float64(out.astype(np.float64).sum())),
-                   "out": out.ravel()[:64].tolist()}}))
+report({{"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "key": r.key,
+        "providers": r.providers, "sum": float(np.float64(out.astype(np.float64).sum())),
+        "out": out.ravel()[:64].tolist()}})
 """
 
 
 def launch(cache_dir: Path, model: Path, **kw: Any) -> dict[str, Any]:
-    proc = run_python(LAUNCH.format(cache_dir=str(cache_dir), model=str(model)), **kw)
-    return last_json(proc.stdout)  # type: ignore[no-any-return]
+    return run_python(LAUNCH.format(cache_dir=str(cache_dir), model=str(model)), **kw).result  # type: ignore[no-any-return]

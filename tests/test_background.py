@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QNN, ROOT, Layout, last_json, layout, output_digest
+from _child import Child, run_python
+from conftest import QNN, ROOT, Layout, layout, output_digest
 from test_reliability_support import reference
 
 import ctxcache
@@ -27,6 +28,7 @@ import ctxcache
 APP = r"""
 import json, sys, time
 t0 = time.perf_counter()
+from _report import report
 import ctxcache
 from ctxcache import models
 cache = ctxcache.ContextCache(sys.argv[1], on_miss="background")
@@ -34,18 +36,14 @@ r = cache.load(sys.argv[2], providers=[("QNNExecutionProvider", models.qnn_htp_o
 ready = time.perf_counter() - t0
 import numpy as np, xxhash
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-print(json.dumps({"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "key": r.key,
-                  "providers": list(r.providers), "ready": ready,
-                  "digest": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())}), flush=True)
+report({"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "key": r.key,
+        "providers": list(r.providers), "ready": ready,
+        "digest": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())})
 """  # ... and the process exits at once: the worker must finish on its own
 
 
 def _app(cache_dir: Path, model: Path) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", APP, str(cache_dir), str(model)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return last_json(proc.stdout)  # type: ignore[no-any-return]
+    return run_python(APP, str(cache_dir), str(model)).result  # type: ignore[no-any-return]
 
 
 def _cpu_reference(model: Path) -> str:
@@ -96,10 +94,8 @@ def test_the_app_exits_right_after_a_pending_launch_and_the_entry_appears(tmp_pa
 
 def test_ten_concurrent_pending_launches_start_one_compile(tmp_path: Path, rel_models: list[Path]) -> None:
     cache_dir, model = tmp_path / "cache", rel_models[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", APP, str(cache_dir), str(model)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=env) for _ in range(10)]
-    recs = [last_json(p.communicate(timeout=300)[0]) for p in procs]
+    procs = [Child.python(APP, str(cache_dir), str(model), stderr=subprocess.DEVNULL) for _ in range(10)]
+    recs = [p.finish(timeout=300).result for p in procs]
     assert all(r["outcome"] in ("pending", "hit") for r in recs), recs
     key = recs[0]["key"]
     assert _wait_entry(cache_dir, key)
@@ -200,16 +196,14 @@ def test_where_no_process_can_be_started_the_miss_compiles_in_the_foreground(tmp
     code = r"""
 import json, sys
 sys.frozen = True
+from _report import report
 import ctxcache
 from ctxcache import models
 r = ctxcache.ContextCache(sys.argv[1], on_miss="background").load(sys.argv[2],
         providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-print(json.dumps({"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "msg": r.reason.message if r.reason else ""}))
+report({"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "msg": r.reason.message if r.reason else ""})
 """
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache"), str(rel_models[0])], capture_output=True,
-                          text=True, env=env, timeout=300)
-    r = last_json(proc.stdout)
+    r = run_python(code, str(tmp_path / "cache"), str(rel_models[0])).result
     assert (r["outcome"], r["reason"]) == ("miss", "background_unavailable") and "frozen" in r["msg"], r
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from conftest import QNN, ROOT, last_json, layout, run_python
+from conftest import QNN, ROOT, layout, run_python
 
 from ctxcache import ContextCache, models
 from ctxcache.cli import main
@@ -123,6 +123,7 @@ def test_errors_show_a_traceback_only_with_ctxcache_debug(tmp_path: Path) -> Non
 # -- warm ---------------------------------------------------------------------------------------------
 LAUNCH_ALL = """
 import json, ctxcache
+from _report import report
 from ctxcache import models
 cache = ctxcache.ContextCache({cache_dir!r})
 out = {{}}
@@ -130,7 +131,7 @@ for m in {models!r}:
     r = cache.load(m, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
     r.session.run(None, models.random_input(r.session))
     out[m] = [r.outcome, r.providers[0]]
-print(json.dumps(out))
+report(out)
 """
 
 
@@ -147,7 +148,7 @@ def test_warm_multi_model_multi_job_then_every_app_launch_hits(
 
     # The application, in a fresh process, with its own ordinary call: a hit for every model.
     proc = run_python(LAUNCH_ALL.format(cache_dir=str(cache_dir), models=paths))
-    launched = last_json(proc.stdout)
+    launched = proc.result
     assert launched == {p: ["hit", QNN] for p in paths}
     # Counted across the worker processes and the app's process, into one log.
     code, st = run_json(capsys, "stats", "--cache-dir", str(cache_dir))

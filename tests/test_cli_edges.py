@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, launch, layout
+from conftest import ROOT, launch, layout, run_python
 from test_cli import cli, flip_byte
 
 import ctxcache
@@ -184,14 +184,14 @@ def test_a_missing_boto3_names_the_extra_in_the_log_the_cli_and_doctor(conv_mode
     code = f"""
 import logging, ctxcache
 from ctxcache import models
+from _report import report
 logging.basicConfig(level=logging.INFO)
 c = ctxcache.ContextCache({str(tmp_path / 'c')!r}, tiers=["s3://bucket/prefix"])
 r = c.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-print(r.outcome)
+report(r.outcome)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, **env), check=False)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("miss"), proc.stderr
+    proc = run_python(code, env=env)
+    assert proc.result == "miss", proc.stderr
     assert "needs boto3 for s3:// URLs: pip install 'ctxcache[remote]'" in proc.stderr
     pull = env_cli(env, "pull", "s3://bucket/prefix", "--cache-dir", str(tmp_path / "c"))
     assert pull.returncode == 1 and "pip install 'ctxcache[remote]'" in pull.stderr, pull.stderr
@@ -215,11 +215,14 @@ def test_stats_separates_warm_up_compiles_from_app_loads(two_models: tuple[Path,
 # -- read-only caches ---------------------------------------------------------------------------------
 @pytest.fixture
 def read_only_cache(two_models: tuple[Path, Path], tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A cache with two entries, one damaged, then mounted read-only at another path."""
+    """A cache with two entries, the second model's damaged, then mounted read-only at another path.
+    ``models[0]`` is the intact one: which entry was damaged is known by model, not by key order."""
     src = tmp_path / "src"
-    assert cli("warm", *map(str, two_models), "--cache-dir", str(src)).returncode == 0
     lay = layout(src)
-    damaged = lay.keys()[1]
+    for model in two_models:  # one at a time: the key that appears is this model's
+        before = set(lay.keys())
+        assert cli("warm", str(model), "--cache-dir", str(src)).returncode == 0
+        (damaged,) = set(lay.keys()) - before
     flip_byte(next(p for p in lay.entry_path(damaged).iterdir() if p.suffix == ".bin"))
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from conftest import QNN, Layout, last_json, layout, output_digest, run_python
+from conftest import QNN, Layout, layout, output_digest, run_python
 from test_reliability_support import reference
 
 import ctxcache
@@ -279,13 +279,14 @@ for name in [{missing!r}, "_multiprocessing" if {missing!r} == "multiprocessing"
     sys.modules[name] = None  # import fails
 import json, ctxcache
 from ctxcache import models
+from _report import report
 c = ctxcache.ContextCache({str(tmp_path / 'cache')!r})
 p = [("QNNExecutionProvider", models.qnn_htp_options())]
-print(json.dumps([c.load({str(rel_models[0])!r}, providers=p).outcome, c.load({str(rel_models[0])!r}, providers=p).outcome,
-                  sorted(m for m in sys.modules if m.startswith("multiprocessing") and sys.modules[m] is not None)]))
+report([c.load({str(rel_models[0])!r}, providers=p).outcome, c.load({str(rel_models[0])!r}, providers=p).outcome,
+        sorted(m for m in sys.modules if m.startswith("multiprocessing") and sys.modules[m] is not None)])
 """
     proc = run_python(code)
-    assert last_json(proc.stdout) == ["miss", "hit", []]
+    assert proc.result == ["miss", "hit", []]
 
 
 def test_warm_jobs_need_no_multiprocessing(tmp_path: Path, rel_models: list[Path]) -> None:

@@ -21,7 +21,7 @@ pytest.importorskip("distributed", reason="the farm's Dask engine tests need the
 pytest.importorskip("boto3", reason="the farm publishes to the remote tier: pip install -e '.[remote,test]'")
 pytest.importorskip("moto.server", reason="a local S3 server needs moto[server] (in the 'test' extra)")
 
-from conftest import QNN, last_json, run_python
+from conftest import QNN, run_python
 from test_tiers_remote import CREDS, S3Server
 
 import ctxcache
@@ -90,7 +90,8 @@ def _kill_when_compiling(cluster: Any, key: str, killed: dict[str, Any]) -> None
 
 
 DEVICE = """
-import json, ctxcache
+import ctxcache
+from _report import report
 from ctxcache import models, RemoteTier
 opts = dict(models.qnn_htp_options(), soc_model={soc!r}, htp_arch={arch!r})
 cache = ctxcache.ContextCache({cache!r}, trusted_keys={trusted!r},
@@ -102,7 +103,7 @@ for m in {models_!r}:
     y = again.session.run(None, models.random_input(again.session, seed=7))[0]
     out[m] = {{"outcome": r.outcome, "tier": r.tier, "key": r.key, "compile": r.timings.compile,
               "again": again.outcome, "out": y.ravel()[:64].tolist()}}
-print(json.dumps(out))
+report(out)
 """
 
 
@@ -165,7 +166,7 @@ def test_plan_run_kill_a_worker_rerun_then_devices_hit(tmp_path: Path, s3: S3Ser
     for name, (soc, arch) in CLASSES.items():
         code = DEVICE.format(soc=soc, arch=arch, cache=str(tmp_path / f"device-{name}"), trusted=[keys["a"].public_key],
                              url=url, endpoint=s3.url, models_=[str(m) for m in fleet])
-        got = last_json(run_python(code, env=CREDS).stdout)
+        got = run_python(code, env=CREDS).result
         for m in fleet:
             cell = next(c for c in plan.cells if c.model == str(m) and c.device_class == name)
             r = got[str(m)]
@@ -192,7 +193,7 @@ def test_a_push_cut_before_its_record_is_no_entry(tmp_path: Path, s3: S3Server, 
         assert farm.plan([model], [a], remote=remote).todo[0].key == built.cell.key
         code = DEVICE.format(soc="60", arch="73", cache=str(tmp_path / "device"), trusted=[keys["a"].public_key],
                              url=url, endpoint=s3.url, models_=[str(model)])
-        r = last_json(run_python(code, env=CREDS).stdout)[str(model)]
+        r = run_python(code, env=CREDS).result[str(model)]
         assert (r["outcome"], r["tier"]) == ("miss", None)  # compiled on the device: the half push was not served
         (again,) = farm.run(farm.plan([model], [a], remote=remote).cells, job, engine=engine).cells
     finally:

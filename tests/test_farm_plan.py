@@ -62,7 +62,8 @@ def test_a_device_class_written_on_the_device_gives_the_key_that_device_computes
     plan = farm.plan(fleet_models, classes)
     assert len(plan.cells) == 4 and all(c.state == "todo" for c in plan.cells)
     code = """
-    import json, ctxcache
+    import ctxcache
+    from _report import report
     from ctxcache import models
     cache = ctxcache.ContextCache({d!r})
     out = {{}}
@@ -70,11 +71,9 @@ def test_a_device_class_written_on_the_device_gives_the_key_that_device_computes
         for name, soc, arch in (("a", "60", "73"), ("b", "69", "75")):
             o = dict(models.qnn_htp_options(), soc_model=soc, htp_arch=arch)
             out[m + "@" + name] = cache.load(m, providers=[("QNNExecutionProvider", o)]).key
-    print(json.dumps(out))
+    report(out)
     """
-    from conftest import last_json
-
-    device_keys = last_json(run_python(code.format(d=str(tmp_path / "dev2"), ms=[str(m) for m in fleet_models])).stdout)
+    device_keys = run_python(code.format(d=str(tmp_path / "dev2"), ms=[str(m) for m in fleet_models])).result
     assert {f"{c.model}@{c.device_class}": c.key for c in plan.cells} == device_keys
     # doctor's JSON from the device is a device file too: the same key.
     doctor = _cli("doctor", "--format", "json", "--preset", "qnn-htp", "-o", "soc_model=69", "-o", "htp_arch=75",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import QNN, last_json, run_python
+from conftest import QNN, run_python
 
 import ctxcache
 from ctxcache import models
@@ -34,15 +34,16 @@ import ctxcache
 after_import = set(sys.modules)
 cache = ctxcache.ContextCache({root!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", {options!r})])
-print(json.dumps({{"outcome": r.outcome, "import": sorted(after_import - before),
-                  "hit": sorted(set(sys.modules) - after_import)}}))
+from _report import report
+report({{"outcome": r.outcome, "import": sorted(after_import - before),
+        "hit": sorted(set(sys.modules) - after_import)}})
 """
 
 
 def test_import_and_a_hit_load_only_the_hit_path(tmp_path: Path, conv_model: Path, qnn_options: dict[str, str]) -> None:
     root = tmp_path / "c"
     assert ctxcache.ContextCache(root).load(conv_model, providers=[(QNN, qnn_options)]).outcome == "miss"
-    out: dict[str, Any] = last_json(run_python(CODE.format(root=str(root), model=str(conv_model), options=qnn_options)).stdout)
+    out: dict[str, Any] = run_python(CODE.format(root=str(root), model=str(conv_model), options=qnn_options)).result
     assert out["outcome"] == "hit"
     loaded = set(out["import"]) | set(out["hit"])
     ours = {m for m in loaded if m.split(".")[0] == "ctxcache"}
@@ -58,15 +59,16 @@ import onnxruntime
 before = set(sys.modules)
 import ctxcache
 s = ctxcache.InferenceSession({str(conv_model)!r}, providers=["CPUExecutionProvider"])
-print(json.dumps({{"new": sorted(m for m in set(sys.modules) - before if not m.startswith("ctxcache")),
-                  "default_cache_made": os.path.exists(os.environ["CTXCACHE_DIR"])}}))
+from _report import report
+report({{"new": sorted(m for m in set(sys.modules) - before if not m.startswith("ctxcache")),
+        "default_cache_made": os.path.exists(os.environ["CTXCACHE_DIR"])}})
 """
-    out = last_json(run_python(code, env={"CTXCACHE_DIR": str(tmp_path / "never")}).stdout)
+    out = run_python(code, env={"CTXCACHE_DIR": str(tmp_path / "never")}).result
     assert not out["default_cache_made"]
     assert "platformdirs" not in out["new"] and "filelock" not in out["new"], out
 
 
 def test_models_helper_is_not_imported_by_ctxcache() -> None:
-    code = "import json, sys, ctxcache; print(json.dumps({'models': 'ctxcache.models' in sys.modules}))"
-    assert last_json(run_python(code).stdout) == {"models": False}
+    code = "import json, sys, ctxcache; from _report import report; report({'models': 'ctxcache.models' in sys.modules})"
+    assert run_python(code).result == {"models": False}
     assert models.qnn_htp_options()  # the helper itself works when asked for

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _child import Child, dead_pid
 from conftest import QNN, Layout, layout, output_digest, run_python
 from test_reliability_support import reference
 
@@ -25,6 +26,14 @@ from ctxcache._seams import hooks
 
 
 # -- a real filesystem image -------------------------------------------------------------------------
+def sbin(tool: str) -> str:
+    """The path of a filesystem tool: a plain user's PATH often lacks the sbin folders where they live."""
+    found = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"]))
+    if found is None:
+        pytest.skip(f"{tool} is not installed here (e2fsprogs)")
+    return found
+
+
 class Image:
     """An ext4 image file, mounted on ``mnt`` with a loop device; damaged through the image file while unmounted."""
 
@@ -34,7 +43,7 @@ class Image:
         self.mnt.mkdir()
         with open(self.file, "wb") as f:
             f.truncate(size_mb << 20)
-        for cmd in (["mkfs.ext4", "-q", "-F", "-b", "4096", str(self.file)],):
+        for cmd in ([sbin("mkfs.ext4"), "-q", "-F", "-b", "4096", str(self.file)],):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 pytest.skip(f"cannot make an ext4 image here ({' '.join(cmd[:1])}): {proc.stderr.strip()}")
@@ -51,7 +60,7 @@ class Image:
 
     def blocks(self, rel: str) -> list[int]:
         """The physical 4 KiB blocks of a file in the image (unmounted), in file order."""
-        out = subprocess.run(["debugfs", "-R", f"blocks /{rel}", str(self.file)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sbin("debugfs"), "-R", f"blocks /{rel}", str(self.file)], capture_output=True, text=True, check=True)
         return [int(b) for b in out.stdout.split()]
 
     def write_at(self, rel: str, offset: int, data: bytes) -> None:
@@ -80,25 +89,20 @@ def _stat(path: Path) -> tuple[int, ...]:
 
 LOAD = """
 import json, sys
+from _report import report
 import ctxcache
 from ctxcache import models
 cache = ctxcache.ContextCache(sys.argv[1], verify=sys.argv[3])
 r = cache.load(sys.argv[2], providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 import numpy as np, xxhash
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-print(json.dumps({"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "key": r.key,
-                  "digest": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())}))
+report({"outcome": r.outcome, "reason": r.reason.code if r.reason else None, "key": r.key,
+        "digest": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())})
 """
 
 
 def _launch(cache_dir: Path, model: Path, verify: str = "content") -> dict[str, Any]:
-    import json
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", LOAD, str(cache_dir), str(model), verify], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])  # type: ignore[no-any-return]
+    return run_python(LOAD, str(cache_dir), str(model), verify).result  # type: ignore[no-any-return]
 
 
 # -- 1. content changes that no stat signature sees ---------------------------------------------------
@@ -289,22 +293,24 @@ def test_cli_commands_never_write_through_a_planted_subfolder_link(tmp_path: Pat
     proc = run_python(f"""
 import ctxcache
 from ctxcache import models
-print(ctxcache.ContextCache({str(cache_dir)!r}).load({str(rel_models[0])!r},
-      providers=[("QNNExecutionProvider", models.qnn_htp_options())]).outcome)
+from _report import report
+report(ctxcache.ContextCache({str(cache_dir)!r}).load({str(rel_models[0])!r},
+       providers=[("QNNExecutionProvider", models.qnn_htp_options())]).outcome)
 """)
-    assert proc.stdout.strip().splitlines()[-1] in ("hit", "miss")
+    assert proc.result in ("hit", "miss")
 
 
 # -- 6. a lock holder that is alive but makes no progress ------------------------------------------------
 HOLDER = r"""
 import os, signal, sys, time
+from _report import report
 import ctxcache
 from ctxcache import models
 from ctxcache._seams import hooks
 how = sys.argv[3]
 real = hooks.compile
 def compile_and_stall(*a, **k):
-    sys.stderr.write("COMPILING\n"); sys.stderr.flush()
+    report("COMPILING")
     if how == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)   # a frozen process (SIGSTOP, a frozen cgroup)
     elif how == "pipe":
@@ -317,7 +323,7 @@ def compile_and_stall(*a, **k):
     return real(*a, **k)
 hooks.compile = compile_and_stall
 r = ctxcache.ContextCache(sys.argv[1]).load(sys.argv[2], providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-sys.stderr.write(f"DONE {r.outcome}\n")
+report(f"DONE {r.outcome}")
 """
 
 
@@ -325,19 +331,12 @@ sys.stderr.write(f"DONE {r.outcome}\n")
 def test_a_frozen_lock_holder_costs_a_launch_seconds_not_lock_timeout(tmp_path: Path, rel_models: list[Path], how: str) -> None:
     """With ctxcache.InferenceSession's defaults (lock_timeout 600 s), a launch gets a working session in
     seconds while the compiling process is stopped or blocked on a full pipe; the wait is reported."""
-    import signal
-    import sys
     import time
 
     cache_dir, model = tmp_path / "cache", rel_models[0]
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(cache_dir), str(model), how],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = Child.python(HOLDER, str(cache_dir), str(model), how)  # its stdout: a pipe nobody reads
     try:
-        assert holder.stderr is not None
-        line = holder.stderr.readline()
-        while line and "COMPILING" not in line:
-            line = holder.stderr.readline()
-        assert "COMPILING" in line
+        assert holder.next_report() == "COMPILING"
         time.sleep(0.5)
         t = time.monotonic()
         r = _launch(cache_dir, model)
@@ -346,32 +345,24 @@ def test_a_frozen_lock_holder_costs_a_launch_seconds_not_lock_timeout(tmp_path: 
         assert r["digest"] == reference(model)
         assert elapsed < 15, elapsed  # stall_timeout 5 s + a process start, not 600 s
     finally:
-        if how == "stop":
-            holder.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait()
+        holder.kill()  # SIGKILL ends a stopped process too
     # The holder is gone: the next launch compiles.
     assert _launch(cache_dir, model)["outcome"] == "miss"
 
 
 def test_a_slow_compile_that_makes_progress_is_waited_for(tmp_path: Path, rel_models: list[Path]) -> None:
-    import sys
     import time
 
     cache_dir, model = tmp_path / "cache", rel_models[0]
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(cache_dir), str(model), "busy"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = Child.python(HOLDER, str(cache_dir), str(model), "busy")
     try:
-        assert holder.stderr is not None
-        while "COMPILING" not in (line := holder.stderr.readline()):
-            assert line
+        assert holder.next_report() == "COMPILING"
         t = time.monotonic()
         r = _launch(cache_dir, model)
         assert r["outcome"] == "hit", r  # it waited for the working compiler, then loaded its entry
         assert time.monotonic() - t > 5 and r["digest"] == reference(model)
     finally:
         holder.kill()
-        holder.wait()
 
 
 def test_the_key_lock_is_not_held_while_the_fresh_context_loads(tmp_path: Path, rel_models: list[Path],
@@ -399,12 +390,10 @@ def test_the_key_lock_is_not_held_while_the_fresh_context_loads(tmp_path: Path, 
 def _junk(cache_dir: Path, key: str) -> dict[str, Path]:
     """Plant the leftovers a long-lived cache accumulates (each as the library itself would name it)."""
     import json
-    import sys
     import time
 
     lay = Layout(cache_dir)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
+    pid = dead_pid()
     made = {
         "quarantined": lay.quarantine_dir / f"{key}.{int(time.time())}.abcdef",
         "staging": lay.staging_dir / f"{'d' * 32}.{os.getpid()}.abcd1234",  # pid alive (ours), lock free: dead
@@ -554,12 +543,13 @@ def test_external_data_that_is_not_a_file_is_a_clear_error_not_a_hang(tmp_path: 
     proc = run_python(f"""
 import ctxcache
 from ctxcache import errors, models
+from _report import report
 try:
     ctxcache.ContextCache({str(tmp_path / 'cache')!r}).load({str(model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 except errors.InvalidModelError as e:
-    print("ERR", e)
+    report(f"ERR {{e}}")
 """, timeout=60)
-    line = proc.stdout.strip().splitlines()[-1]
+    line = proc.result
     assert line.startswith("ERR") and data.name in line and "not a regular file" in line
 
 

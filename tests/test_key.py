@@ -134,7 +134,7 @@ def test_provider_registry_is_lazy_and_consistent() -> None:
         cls = providers._provider_class(name)
         assert cls is not None and cls.name == name
     proc = run_python(
-        "import sys, ctxcache; print(sorted(m for m in sys.modules if m.startswith('ctxcache.providers.')))"
+        "import sys, ctxcache; from _report import report; report(sorted(m for m in sys.modules if m.startswith('ctxcache.providers.')))"
     )
     # Only the interface is imported with ctxcache; a provider's module loads when it is first named.
-    assert proc.stdout.strip().splitlines()[-1] == "['ctxcache.providers._base']"
+    assert proc.result == ["ctxcache.providers._base"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import LAUNCH, QNN, ROOT, launch, layout
+from _child import Child, dead_pid
+from conftest import LAUNCH, QNN, launch, layout
 
 import ctxcache
 from ctxcache import errors, models
@@ -194,9 +193,7 @@ def test_crash_marker_of_dead_process_poisons_a_context_that_kills(cache_dir: Pa
     assert first.entry_path is not None
     plant_killer(first.entry_path, killer_context)
     # A process that died while loading this context leaves its marker behind.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    (layout(cache).markers_dir / f"{first.key}.{dead_pid}.abcdef").write_text("")
+    (layout(cache).markers_dir / f"{first.key}.{dead_pid()}.abcdef").write_text("")
     r = cache.load(conv_model, providers=qnn_providers)  # probes in a child (which dies), never loads it here
     assert r.outcome == "fallback"
     assert r.reason is not None and r.reason.code == "crashed_during_load" and "SIGSEGV" in r.reason.message
@@ -209,8 +206,7 @@ def test_crash_marker_of_dead_process_on_a_context_that_loads_is_an_external_kil
 ) -> None:
     cache = ctxcache.ContextCache(cache_dir)
     key = cache.load(conv_model, providers=qnn_providers).key
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (layout(cache).markers_dir / f"{key}.{int(dead.stdout)}.abcdef").write_text("")
+    (layout(cache).markers_dir / f"{key}.{dead_pid()}.abcdef").write_text("")
     r = cache.load(conv_model, providers=qnn_providers)
     assert r.outcome == "hit", r
     assert list(layout(cache).markers_dir.iterdir()) == []  # consumed; the death note is gone after the good load
@@ -225,14 +221,9 @@ def test_marker_of_live_process_does_not_poison(cache_dir: Path, conv_model: Pat
 
 def test_stampede_compiles_once(cache_dir: Path, conv_model_b: Path) -> None:
     n = 4
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     code = LAUNCH.format(cache_dir=str(cache_dir), model=str(conv_model_b))
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    procs = [Child.python(code) for _ in range(n)]
+    results = [p.finish(timeout=300).check().result for p in procs]
     outcomes = sorted(r["outcome"] for r in results)
     assert outcomes == ["hit"] * (n - 1) + ["miss"], outcomes
     assert len({json.dumps(r["out"]) for r in results}) == 1

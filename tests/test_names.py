@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import last_json, output_digest
+from conftest import output_digest, run_python
 
 import ctxcache
 from ctxcache import models
@@ -34,10 +32,11 @@ ESCAPED = {"model\u3000v2.onnx": "model\\u3000v2.onnx", "model\u00a0v2.onnx": "m
            "model\nv2.onnx": "model\\nv2.onnx"}
 
 LAUNCH = """
-import json, sys, ctxcache
+import sys, ctxcache
+from _report import report
 from ctxcache import models
 r = ctxcache.ContextCache(sys.argv[1]).load(sys.argv[2], providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-print(json.dumps({"outcome": r.outcome, "reason": str(r.reason) if r.reason else None}))
+report({"outcome": r.outcome, "reason": str(r.reason) if r.reason else None})
 """
 
 
@@ -56,10 +55,7 @@ def test_a_legal_file_name_caches_miss_then_hit(case: str, tmp_path: Path, qnn_p
     mine = [r.getMessage() for r in caplog.records if "miss" in r.getMessage() or "compiled" in r.getMessage()]
     assert mine and all(ESCAPED[name] in m and "\n" not in m and "\t" not in m for m in mine), mine
     # The next launch, a fresh process: a hit with the same outputs.
-    out = subprocess.run([sys.executable, "-c", LAUNCH, str(cache_dir), str(model)], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert last_json(out.stdout) == {"outcome": "hit", "reason": None}
+    assert run_python(LAUNCH, str(cache_dir), str(model)).result == {"outcome": "hit", "reason": None}
     again = ctxcache.ContextCache(cache_dir).load(model, providers=qnn_providers)
     assert again.outcome == "hit" and output_digest(again) == reference
     assert [e.model_name for e in ctxcache.ContextCache(cache_dir).entries()] == [name]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from conftest import QNN, ROOT, Layout, last_json, run_python
+from _child import Child
+from conftest import QNN, Layout, run_python
 
 import ctxcache
 from ctxcache import models
@@ -97,9 +96,10 @@ for providers, options in ((None, so), (["CPUExecutionProvider"], None)):
     fp = cache.key(m, providers=providers, sess_options=options)
     r = cache.load(m, providers=providers, sess_options=options)
     out.append([ex.verdict, ex.reason.code, fp is None, r.outcome, r.reason.code])
-print(json.dumps(out))
+from _report import report
+report(out)
 """
-    out = last_json(run_python(code).stdout)
+    out = run_python(code).result
     assert out == [["bypass", "provider_policy", True, "bypass", "provider_policy"],
                    ["bypass", "nothing_to_compile", True, "bypass", "nothing_to_compile"]], out
     assert not (tmp_path / "c").exists()  # decided from the inputs: nothing written
@@ -131,9 +131,10 @@ for _ in range(2):
     fp = cache.key({str(conv_model)!r}, providers=p, sess_options=so)
     r = cache.load({str(conv_model)!r}, providers=p, sess_options=so)
     out.append([ex.verdict, r.outcome, fp.key if fp else None, r.key])
-print(json.dumps(out))
+from _report import report
+report(out)
 """
-    out = last_json(run_python(code).stdout)
+    out = run_python(code).result
     assert [o[:2] for o in out] == [["miss", "miss"], ["hit", "hit"]], out
     assert all(o[2] == o[3] for o in out), out
 
@@ -166,19 +167,20 @@ def test_background_first_launch_and_a_running_compile(tmp_path: Path, conv_mode
     assert fp is not None
     # Another process holds the key's lock and makes progress (a worker compiling it right now).
     Layout(root).ensure()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = Child.python(f"""
         import sys, time
         from pathlib import Path
+        from _report import report
         from ctxcache._locking import KeyLock
         lock = KeyLock(Path({str(Layout(root).lock_path(fp.key))!r}))
         lock.acquire(None, "test")
-        print("held", flush=True)
+        report("held")
         end = time.monotonic() + 8
         while time.monotonic() < end:
             sum(range(10000))
-        """)], stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True)
+        """)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert holder.next_report() == "held"
         ex = cache.explain(conv_model, providers=qnn)
         r = cache.load(conv_model, providers=qnn)
         assert ex.verdict == r.outcome == "pending", (ex, r)
@@ -200,17 +202,18 @@ def test_background_mode_with_a_stopped_worker_says_so(tmp_path: Path, conv_mode
     fp = cache.key(conv_model, providers=qnn)
     assert fp is not None
     Layout(root).ensure()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = Child.python(f"""
         import time
         from pathlib import Path
+        from _report import report
         from ctxcache._locking import KeyLock
         lock = KeyLock(Path({str(Layout(root).lock_path(fp.key))!r}))
         lock.acquire(None, "test")
-        print("held", flush=True)
+        report("held")
         time.sleep(600)
-        """)], stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True)
+        """)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert holder.next_report() == "held"
         os.kill(holder.pid, signal.SIGSTOP)
         time.sleep(3.0)
         ex = cache.explain(conv_model, providers=qnn)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QNN, Layout, first_outputs, jit_outputs, last_json, run_python
+from conftest import QNN, Layout, first_outputs, jit_outputs, run_python
 
 import ctxcache
 from ctxcache import export_bundle
@@ -195,18 +195,16 @@ while time.time() < t:
     time.sleep(0.001)
 r = ctxcache.ContextCache({str(root)!r}, on_miss="background").load({str(conv_model)!r},
     providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-print(json.dumps({{"outcome": r.outcome, "why": r.reason.message if r.reason else ""}}))
+from _report import report
+report({{"outcome": r.outcome, "why": r.reason.message if r.reason else ""}})
 """
     import subprocess
-    import sys
 
-    from conftest import ROOT
+    from _child import Child
 
     start = time.time() + 4.0
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(start)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True, env=env) for _ in range(24)]
-    outs = [last_json(p.communicate(timeout=300)[0]) for p in procs]
+    procs = [Child.python(code, str(start), stderr=subprocess.DEVNULL) for _ in range(24)]
+    outs = [p.finish(timeout=300).result for p in procs]
     started = [o for o in outs if "separate process" in o["why"]]
     assert len(started) <= 1 and all(o["outcome"] in ("pending", "hit") for o in outs), outs
     fp = ctxcache.ContextCache(root).key(conv_model, providers=[(QNN, ctxcache.models.qnn_htp_options())])
@@ -344,7 +342,8 @@ def test_the_launch_process_is_a_plain_hit_in_a_fresh_interpreter(tmp_path: Path
 import json, ctxcache
 from ctxcache import models
 c = ctxcache.ContextCache({str(tmp_path / "c")!r})
-print(json.dumps([c.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())]).outcome
-                  for _ in range(2)]))
+from _report import report
+report([c.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())]).outcome
+        for _ in range(2)])
 """
-    assert last_json(run_python(code).stdout) == ["miss", "hit"]
+    assert run_python(code).result == ["miss", "hit"]

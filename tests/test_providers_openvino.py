@@ -16,13 +16,12 @@ tests run a launch in a separate interpreter:
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import _child
 import pytest
 
 import ctxcache
@@ -42,17 +41,13 @@ def _interpreter(env: str, local: str, fallback: str) -> Path | None:
 
 
 def _run_in(python: Path, code: str, timeout: float = 300) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(python), "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"launch in {python} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-    return json.loads(line)  # type: ignore[no-any-return]
+    return _child.run([str(python), "-c", textwrap.dedent(code)], timeout=timeout, check=True).result  # type: ignore[no-any-return]
 
 
 LAUNCHES = """
 import json, numpy as np, onnxruntime as ort
 import ctxcache
+from _report import report
 from ctxcache import models
 model = models.conv_net({model!r}, layers=4, channels=16, seed=5)
 ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -97,8 +92,8 @@ if jit is not None:
     jit_out = jit.run(None, feeds)[0]
 for run, out in zip(runs, outs):
     run["jit_maxdiff"] = float(np.abs(out - jit_out).max()) if jit is not None else None
-print(json.dumps({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
-                  "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}}))
+report({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
+        "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}})
 """
 
 
@@ -218,6 +213,7 @@ BLOB_CACHE = """
 import hashlib, json, os, sys, numpy as np, onnxruntime as ort
 from pathlib import Path
 import ctxcache
+from _report import report
 from ctxcache import models
 from ctxcache._cache import store_of
 tmp = Path(sys.argv[1])
@@ -270,11 +266,11 @@ planted = cache.load(ms[1], providers=[("OpenVINOExecutionProvider", {"device_ty
 planted_diff = run(planted.session, ms[1])
 junk = [j.kind for j in store.junk(negative_ttl=1e9)]
 report = cache.prune()
-print(json.dumps({"plain": plain, "launches": launches, "explain": ex.side_cache, "damaged": [damaged.outcome, damaged_diff],
+report({"plain": plain, "launches": launches, "explain": ex.side_cache, "damaged": [damaged.outcome, damaged_diff],
                   "linked": [linked_diff, outside.read_bytes().decode()], "fifo": fifo_diff,
                   "planted": [planted.outcome, planted_diff, planted.session.get_providers()[0]], "junk": junk,
                   "side_left": sorted(os.listdir(store.side_root)), "pruned": len(report.removed),
-                  "cwd_files": sorted(os.listdir("."))}))
+                  "cwd_files": sorted(os.listdir("."))})
 """
 
 
@@ -288,11 +284,8 @@ def test_openvino_blob_cache_gets_one_folder_per_model(tmp_path: Path) -> None:
         pytest.skip("no onnxruntime-openvino venv (.ci/run creates .venv-openvino; set CTXCACHE_OPENVINO_PYTHON)")
     work = tmp_path / "cwd"
     work.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(python), "-c", textwrap.dedent(BLOB_CACHE), str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=work)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    res = _child.run([str(python), "-c", textwrap.dedent(BLOB_CACHE), str(tmp_path)], timeout=600, check=True,
+                     cwd=work).result
     # without ctxcache: both models' blobs under one file name in the one folder, each session overwriting it
     # (onnxruntime-openvino 1.24.1 on CPU rewrites the blob at every session, even for the same model)
     plain = res["plain"]

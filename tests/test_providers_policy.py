@@ -13,7 +13,7 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from conftest import last_json, run_python
+from conftest import run_python
 
 import ctxcache
 
@@ -23,17 +23,18 @@ def test_policy_is_a_bypass_that_names_the_pick(conv_model: Path, cache_dir: Pat
     code = f"""
 import json, onnxruntime as ort, ctxcache
 from ctxcache import models
+from _report import report
 so = ort.SessionOptions()
 so.set_provider_selection_policy(ort.OrtExecutionProviderDevicePolicy.PREFER_CPU)
 cache = ctxcache.ContextCache({str(cache_dir)!r})
 r = cache.load({str(conv_model)!r}, providers=None, sess_options=so)
 out = r.session.run(None, models.random_input(r.session))[0]
-print(json.dumps({{"outcome": r.outcome, "code": r.reason.code if r.reason else None,
-                  "message": r.reason.message if r.reason else "", "shape": list(out.shape),
-                  "entries": len(cache.entries()),
-                  "key": cache.key({str(conv_model)!r}, providers=None, sess_options=so) is None}}))
+report({{"outcome": r.outcome, "code": r.reason.code if r.reason else None,
+        "message": r.reason.message if r.reason else "", "shape": list(out.shape),
+        "entries": len(cache.entries()),
+        "key": cache.key({str(conv_model)!r}, providers=None, sess_options=so) is None}})
 """
-    res = last_json(run_python(code).stdout)
+    res = run_python(code).result
     assert res["outcome"] == "bypass" and res["code"] == "provider_policy"
     assert "picked CPUExecutionProvider" in res["message"]
     assert res["shape"] == [1, 16, 32, 32]

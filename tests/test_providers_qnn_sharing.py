@@ -21,14 +21,11 @@ the sessions it creates.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from _child import Finished, run_python
 
 from ctxcache import models
 
@@ -62,14 +59,13 @@ so.add_session_config_entry("ep.share_ep_contexts", "1")
 so.add_provider_for_devices(devs, dict(models.qnn_htp_options(), enable_htp_weight_sharing="1"))
 s = ort.InferenceSession(sys.argv[1], sess_options=so)
 s.run(None, models.random_input(s))
-print("LOADED")
+from _report import report
+report("LOADED")
 """
 
 
-def _py(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    root = str(Path(__file__).resolve().parent.parent)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=root))
+def _py(code: str, *args: str) -> Finished:
+    return run_python(code, *args, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +92,7 @@ def test_shared_binaries_do_not_load_on_the_simulator(pair: tuple[Path, Path], t
     out = tmp_path / "shared"
     assert _py(COMPILE, str(out), "1", *map(str, pair)).returncode == 0
     proc = _py(LOAD, str(out / "ctx_0.onnx"))
-    if proc.returncode == 0 and "LOADED" in proc.stdout:
+    if proc.returncode == 0 and proc.reports == ["LOADED"]:
         pytest.fail("shared QNN context binaries now load here: ctxcache can build and test group entries "
                     "(published, verified, evicted and invalidated together) - see issue 6")
     # SIGSEGV (-11) in a fresh process, or ORT's NOT_SUPPORTED error: either way no usable session

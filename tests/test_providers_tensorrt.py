@@ -17,6 +17,7 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
+from _child import run, run_python
 
 import ctxcache
 from ctxcache import models
@@ -111,10 +112,9 @@ def test_importing_ctxcache_probes_no_driver() -> None:
     code = (
         "import ctxcache, ctxcache.providers as p; from ctxcache.providers import _nvidia; "
         "p.get('TensorrtExecutionProvider'); "
-        "print(_nvidia.driver_info.cache_info().currsize, _nvidia.tensorrt_library.cache_info().currsize)"
+        "from _report import report; report([_nvidia.driver_info.cache_info().currsize, _nvidia.tensorrt_library.cache_info().currsize])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[-2:] == ["0", "0"]
+    assert run_python(code).result == [0, 0]
 
 
 def test_no_gpu_here_is_an_answer_not_an_error() -> None:
@@ -324,6 +324,7 @@ def test_compile_keeps_engine_and_timing_cache_inside_the_entry(tmp_path: Path) 
 # -- the real onnxruntime-gpu build, on this GPU-less machine --------------------------------------
 GPU_BUILD = """
 import json, sys, warnings
+from _report import report
 import ctxcache
 from ctxcache import models
 from ctxcache.providers import _nvidia, tensorrt
@@ -338,10 +339,10 @@ p = tensorrt.TensorRTProvider()
 r = ctxcache.ContextCache(sys.argv[3]).load(m, providers=[("TensorrtExecutionProvider", {"trt_fp16_enable": "1"}),
                                                          "CUDAExecutionProvider", "CPUExecutionProvider"])
 out = r.session.run(None, models.random_input(r.session))[0]
-print(json.dumps({"listed": "TensorrtExecutionProvider" in ort.get_available_providers(),
-                  "outcome": r.outcome, "code": r.reason.code if r.reason else None,
-                  "message": r.reason.message if r.reason else "", "providers": r.providers,
-                  "shape": list(out.shape), "libs": [f.name for f in p.library_files({})]}))
+report({"listed": "TensorrtExecutionProvider" in ort.get_available_providers(),
+        "outcome": r.outcome, "code": r.reason.code if r.reason else None,
+        "message": r.reason.message if r.reason else "", "providers": r.providers,
+        "shape": list(out.shape), "libs": [f.name for f in p.library_files({})]})
 """
 
 
@@ -362,19 +363,13 @@ def test_onnxruntime_gpu_build_without_a_usable_tensorrt_is_a_bypass(with_driver
     """onnxruntime-gpu lists TensorRT as available on any machine; a session asked for it then silently
     runs elsewhere. ctxcache must say why instead, and still give the app a working session."""
     import json
-    import os
 
     python = _gpu_build_python()
     if python is None:
         pytest.skip("no onnxruntime-gpu venv (.ci/run creates .venv-ort-gpu; set CTXCACHE_ORT_GPU_PYTHON)")
     fake = {k: str(v) for k, v in fake_libs.items()} if with_driver else {}
-    proc = subprocess.run(
-        [str(python), "-c", GPU_BUILD, json.dumps(fake), str(tmp_path / "m.onnx"), str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    res = run([str(python), "-c", GPU_BUILD, json.dumps(fake), str(tmp_path / "m.onnx"), str(tmp_path / "cache")],
+              timeout=300, check=True).result
     assert res["listed"], "onnxruntime-gpu is expected to list TensorRT whatever the machine"
     assert res["outcome"] == "bypass" and res["code"] == "provider_unavailable"
     if with_driver:

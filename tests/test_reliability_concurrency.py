@@ -10,24 +10,23 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _child import Child, dead_pid, run
 from conftest import layout
 from test_reliability_support import (
     QNN,
     SOAK,
-    _env,
-    _records,
     app_cmd,
     assert_consistent,
     assert_correct,
     hold_lock,
     launch,
+    records,
     reference,
     report,
     tree_size,
@@ -39,6 +38,7 @@ from ctxcache._seams import hooks
 
 DISRUPTOR = r'''
 import json, os, random, sys, time
+from _report import report
 import ctxcache
 cfg = json.loads(sys.argv[1])
 cache = ctxcache.ContextCache(cfg["cache_dir"])
@@ -73,7 +73,7 @@ while not os.path.exists(cfg["stop"]):
         done["errors"] += 1
         print("DISRUPTOR ERROR", op, type(e).__name__, e, file=sys.stderr, flush=True)
     peak = max(peak, size())
-print(json.dumps({"disruptor": done, "peak_bytes": peak}), flush=True)
+report({"disruptor": done, "peak_bytes": peak})
 '''
 
 
@@ -84,13 +84,10 @@ def test_soak_many_processes_with_a_disruptor(tmp_path: Path, rel_models: list[P
     for m in rel_models:
         reference(m)
     stop = tmp_path / "stop"
-    disruptor = subprocess.Popen(
-        [sys.executable, "-c", DISRUPTOR, json.dumps({"cache_dir": str(cache_dir), "models": [str(m) for m in rel_models],
-                                                      "stop": str(stop), "seed": 1})],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-    )
+    disruptor = Child.python(DISRUPTOR, json.dumps({"cache_dir": str(cache_dir), "models": [str(m) for m in rel_models],
+                                                   "stop": str(stop), "seed": 1}))
     start = time.perf_counter()
-    records: list[dict[str, Any]] = []
+    recs: list[dict[str, Any]] = []
     failures: list[str] = []
     launches = killed = 0
     chaos = random.Random(7)
@@ -104,30 +101,29 @@ def test_soak_many_processes_with_a_disruptor(tmp_path: Path, rel_models: list[P
                 cfg: dict[str, Any] = {"loads": loads, "lock_timeout": 120}
                 if w == 0:
                     cfg["max_size"] = 200_000
-                procs.append(subprocess.Popen(app_cmd(cache_dir, order, **cfg), stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True, env=_env()))
+                procs.append(Child(app_cmd(cache_dir, order, **cfg)))
             # Chaos: one app per round is SIGKILLed at a random instant (mid-hash, mid-compile,
             # mid-publish or mid-load): the others must not notice anything but a fallback at worst.
             time.sleep(chaos.uniform(0.3, 2.0))
             procs[-1].send_signal(signal.SIGKILL)
             for i, p in enumerate(procs):
-                out, err = p.communicate(timeout=600)
+                done = p.finish(timeout=600)
                 launches += 1
-                if i == len(procs) - 1 and p.returncode == -signal.SIGKILL:
+                if i == len(procs) - 1 and done.returncode == -signal.SIGKILL:
                     killed += 1
-                elif p.returncode != 0:
-                    failures.append(f"worker exited {p.returncode}: {err[-2000:]}")
-                records.extend(_records(out))
+                elif done.returncode != 0:
+                    failures.append(f"worker exited {done.returncode}: {done.stderr[-2000:]}")
+                recs.extend(records(done))
     finally:
         stop.touch()
-        d_out, d_err = disruptor.communicate(timeout=120)
+        d_done = disruptor.finish(timeout=120)
     wall = time.perf_counter() - start
-    disrupted = json.loads(d_out.strip().splitlines()[-1])
+    disrupted, d_err = d_done.result, d_done.stderr
     by_model = {str(m): m for m in rel_models}
     outcomes: dict[str, int] = {}
     wrong = 0
     reasons: dict[str, int] = {}
-    for rec in records:
+    for rec in recs:
         outcomes[rec["outcome"]] = outcomes.get(rec["outcome"], 0) + 1
         if rec.get("reason") and rec["outcome"] != "error":
             reasons[rec["reason"]] = reasons.get(rec["reason"], 0) + 1
@@ -136,13 +132,13 @@ def test_soak_many_processes_with_a_disruptor(tmp_path: Path, rel_models: list[P
         elif rec["digest"] != reference(by_model[rec["model"]]):
             wrong += 1
             failures.append(f"wrong output: {rec}")
-    seconds = sorted(rec["seconds"] for rec in records)
+    seconds = sorted(rec["seconds"] for rec in recs)
     entry_bytes = max(tree_size(p) for p in cache_dir.glob("v1/quarantine/*")) if any(cache_dir.glob("v1/quarantine/*")) else 200_000
     # Bounded: live entries (one per model) + quarantine (8 kept) + one staging folder per worker, + logs.
     bound = (len(rel_models) + 8 + workers) * max(entry_bytes, 200_000) + 2 * 1024 * 1024
     final = tree_size(cache_dir)
     figures = {
-        "processes": launches, "apps_killed": killed, "loads": len(records), "outcomes": outcomes, "reasons": reasons, "faults_injected": disrupted["disruptor"],
+        "processes": launches, "apps_killed": killed, "loads": len(recs), "outcomes": outcomes, "reasons": reasons, "faults_injected": disrupted["disruptor"],
         "app_visible_errors": outcomes.get("error", 0), "wrong_outputs": wrong,
         "load_seconds_median": seconds[len(seconds) // 2], "load_seconds_max": seconds[-1],
         "peak_cache_bytes": disrupted["peak_bytes"], "final_cache_bytes": final, "bound_bytes": bound,
@@ -151,8 +147,8 @@ def test_soak_many_processes_with_a_disruptor(tmp_path: Path, rel_models: list[P
     report("soak", figures)
     assert not failures, failures[:5]
     # Nothing here may turn the cache off for a model but two crashes inside a load of the same key.
-    assert all(r["reason"] == "crashed_during_load" for r in records if r["outcome"] == "bypass"), reasons
-    assert len(records) >= (workers - 1) * rounds * loads
+    assert all(r["reason"] == "crashed_during_load" for r in recs if r["outcome"] == "bypass"), reasons
+    assert len(recs) >= (workers - 1) * rounds * loads
     assert disrupted["disruptor"]["errors"] == 0, d_err[-3000:]
     assert sum(v for k, v in disrupted["disruptor"].items() if k != "errors") >= 3, "the disruptor never ran"
     assert disrupted["peak_bytes"] <= bound and final <= bound, figures
@@ -170,15 +166,11 @@ def test_lock_holder_killed_waiter_proceeds(tmp_path: Path, rel_models: list[Pat
     cache_dir, model = tmp_path / "cache", rel_models[0]
     lock = cache_dir / "v1" / "locks" / f"{_key(cache_dir, model)}.lock"
     holder = hold_lock(lock, 600)
-    waiter = subprocess.Popen(app_cmd(cache_dir, model, lock_timeout=120), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env())
+    waiter = Child(app_cmd(cache_dir, model, lock_timeout=120))
     time.sleep(2.0)
     assert waiter.poll() is None, "the waiter did not wait for the lock"
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
-    out, err = waiter.communicate(timeout=120)
-    assert waiter.returncode == 0, err[-2000:]
-    rec = _records(out)[0]
+    holder.kill()
+    rec = records(waiter.finish(timeout=120).check())[0]
     assert rec["outcome"] == "miss", rec
     assert_correct(rec, model)
     assert rec["seconds"] >= 1.5  # it really waited, then went on as soon as the holder died
@@ -189,18 +181,15 @@ def test_lock_file_deleted_under_a_waiter(tmp_path: Path, rel_models: list[Path]
     cache_dir, model = tmp_path / "cache", rel_models[1]
     lock = cache_dir / "v1" / "locks" / f"{_key(cache_dir, model)}.lock"
     holder = hold_lock(lock, 4)
-    waiter = subprocess.Popen(app_cmd(cache_dir, model, lock_timeout=120), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env())
+    waiter = Child(app_cmd(cache_dir, model, lock_timeout=120))
     time.sleep(1.5)
     lock.unlink()  # the waiter is blocked on the old inode; a newcomer creates a new lock file
     newcomer = launch(cache_dir, model, lock_timeout=120)
     # filelock re-opens the path at each poll, so the waiter may take the new file first: either may compile.
     assert newcomer["outcome"] in ("hit", "miss"), newcomer
     assert_correct(newcomer, model)
-    out, err = waiter.communicate(timeout=120)
+    rec = records(waiter.finish(timeout=120).check())[0]
     holder.wait(timeout=60)
-    assert waiter.returncode == 0, err[-2000:]
-    rec = _records(out)[0]
     # Two locks means two compilers may publish: the atomic rename keeps each entry whole either way.
     assert rec["outcome"] in ("hit", "miss"), rec
     assert_correct(rec, model)
@@ -274,7 +263,7 @@ def test_staging_of_a_live_process_survives_a_clock_jump(tmp_path: Path, rel_mod
         live = layout(cache).new_staging("a" * 32, pid=holder.pid)
         (live / "ctx.onnx").write_bytes(b"partial")
         os.utime(live, (PAST, PAST))
-        dead = layout(cache).staging_dir / f"{'b' * 32}.{_dead_pid()}.abcd"
+        dead = layout(cache).staging_dir / f"{'b' * 32}.{dead_pid()}.abcd"
         dead.mkdir()
         # Its pid belongs to a live process now (pid reuse), but nobody holds its lock: a dead compile.
         reused = layout(cache).staging_dir / f"{'c' * 32}.{os.getpid()}.abcd"
@@ -285,12 +274,6 @@ def test_staging_of_a_live_process_survives_a_clock_jump(tmp_path: Path, rel_mod
     finally:
         holder.kill()
         holder.wait()
-
-
-def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
 
 
 def test_model_edited_with_mtime_restored_gets_a_new_key(tmp_path: Path, rel_models: list[Path],
@@ -319,6 +302,7 @@ def test_model_edited_with_mtime_restored_gets_a_new_key(tmp_path: Path, rel_mod
 
 THREADS = r"""
 import json, sys, threading
+from _report import report
 import numpy as np, xxhash
 import ctxcache
 from ctxcache import models
@@ -340,7 +324,7 @@ def work(i):
 ts = [threading.Thread(target=work, args=(i,)) for i in range(cfg["threads"])]
 [t.start() for t in ts]
 [t.join() for t in ts]
-print(json.dumps({"records": out, "errors": errors}))
+report({"records": out, "errors": errors})
 """
 
 
@@ -348,10 +332,7 @@ def test_threads_of_one_app_load_at_once(tmp_path: Path, rel_models: list[Path])
     """Apps load their models on several threads: one ContextCache shared by 4 threads, first loads at
     the same instant in a fresh process (QNN's plugin registration included)."""
     cfg = {"cache_dir": str(tmp_path / "cache"), "models": [str(m) for m in rel_models], "threads": 4, "loads": 6}
-    proc = subprocess.run([sys.executable, "-c", THREADS, json.dumps(cfg)], capture_output=True, text=True,
-                          env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run([sys.executable, "-c", THREADS, json.dumps(cfg)], timeout=600, check=True).result
     assert result["errors"] == [], result["errors"]
     assert len(result["records"]) == 24
     by_model = {str(m): m for m in rel_models}

@@ -523,10 +523,7 @@ def _big_external_model(d: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc (Linux)")
 def test_model_over_2gb_with_external_data(tmp_path: Path, qnn_providers: list[Any]) -> None:
-    import subprocess
-    import sys
-
-    from test_reliability_support import _env
+    from _child import run_python
 
     model = _big_external_model(tmp_path)
     data = tmp_path / "big weights.data"
@@ -539,14 +536,12 @@ def test_model_over_2gb_with_external_data(tmp_path: Path, qnn_providers: list[A
     assert second.outcome == "hit" and second.timings.hash < 0.5, second.timings  # the stat memo, not 2 GB read
     # Hashing streams: memory stays flat whatever the data size (measured in a fresh process).
     # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child of a big pytest process reports its parent's peak.
-    probe = subprocess.run(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from ctxcache._hashing import model_digest;"
-         "model_digest(Path(sys.argv[1]), None);"
-         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])", str(model)],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )
-    assert probe.returncode == 0, probe.stderr
-    assert int(probe.stdout.split()[-1]) < 300 * 1024, f"peak RSS {probe.stdout} KiB while hashing 2 GB"
+    peak_kib = run_python(
+        "import sys; from pathlib import Path; from ctxcache._hashing import model_digest; from _report import report;"
+        "model_digest(Path(sys.argv[1]), None);"
+        "report(int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]))", str(model),
+    ).result
+    assert peak_kib < 300 * 1024, f"peak RSS {peak_kib} KiB while hashing 2 GB"
     # A byte changed past 2**31 (in the weights) is a new key, and the outputs follow the new weights.
     with open(data, "r+b") as f:
         f.seek((1 << 31) + 4096 + 3)  # the sign byte of the first weight

@@ -7,17 +7,15 @@ the original model, and the launch after that is a hit (the cache healed itself)
 
 from __future__ import annotations
 
-import json
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from _child import Child, run
 from test_reliability_support import (
     SOAK,
-    _env,
     app,
     app_cmd,
     app_killed,
@@ -72,7 +70,7 @@ def test_an_external_kill_during_a_context_load_keeps_the_entry(tmp_path: Path, 
     context loads, so the entry is kept and the next launch hits."""
     cache_dir, model = tmp_path / "cache", rel_models[0]
     proc = app_killed(cache_dir, model, "load_any")
-    dying = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"event"')]
+    dying = [r for r in proc.reports if isinstance(r, dict) and r.get("event") == "dying_in_load"]
     assert dying and any(m.count(".") == 2 for m in dying[0]["markers"]), dying  # the marker was in place
     second = launch(cache_dir, model)
     assert second["outcome"] == "hit", second
@@ -101,7 +99,7 @@ def test_a_context_that_kills_its_loader_is_condemned_by_the_probe(tmp_path: Pat
     cache_dir, model = tmp_path / "cache", rel_models[0]
     first = launch(cache_dir, model)
     plant_killer(cache_dir / "v1" / "entries" / first["key"], killer_context)
-    died = subprocess.run(app_cmd(cache_dir, model), capture_output=True, text=True, env=_env(), timeout=300)
+    died = run(app_cmd(cache_dir, model), timeout=300)
     assert died.returncode == -signal.SIGSEGV, (died.returncode, died.stderr[-2000:])
     second = launch(cache_dir, model)
     assert (second["outcome"], second["reason"]) == ("fallback", "crashed_during_load"), second
@@ -168,7 +166,7 @@ def test_crash_marker_survives_pid_reuse(tmp_path: Path, rel_models: list[Path],
     first = launch(cache_dir, model)
     assert first["outcome"] == "miss"
     plant_killer(cache_dir / "v1" / "entries" / first["key"], killer_context)
-    died = subprocess.run(app_cmd(cache_dir, model), capture_output=True, text=True, env=_env(), timeout=300)
+    died = run(app_cmd(cache_dir, model), timeout=300)
     assert died.returncode == -signal.SIGSEGV
     markers = list((cache_dir / "v1" / "markers").iterdir())
     assert len(markers) == 1, markers
@@ -183,30 +181,24 @@ HOLD_MARKER = r"""
 import sys, time
 from pathlib import Path
 from ctxcache import _markers  # a loader holding its crash marker while it loads
+from _report import report
 m = _markers.mark(Path(sys.argv[1]) / "v1" / "markers", sys.argv[2])
-print("MARKED", flush=True)
+report("MARKED")
 time.sleep(60)
 """
 
 
 def test_marker_of_a_loader_still_loading_does_not_poison(tmp_path: Path, rel_models: list[Path]) -> None:
-    import subprocess
-    import sys
-
-    from test_reliability_support import _env
-
     cache_dir, model = tmp_path / "cache", rel_models[2]
     first = launch(cache_dir, model)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_MARKER, str(cache_dir), first["key"]],
-                              stdout=subprocess.PIPE, text=True, env=_env())
+    holder = Child.python(HOLD_MARKER, str(cache_dir), first["key"])
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "MARKED"
+        assert holder.next_report() == "MARKED"
         rec = launch(cache_dir, model)
         assert rec["outcome"] == "hit", rec
         assert_correct(rec, model)
     finally:
         holder.kill()
-        holder.wait()
     # Its holder is gone now: the same marker is a dead loader's, but the context loads in a probe.
     assert launch(cache_dir, model)["outcome"] == "hit"
 
@@ -220,7 +212,7 @@ def test_crashed_entry_is_quarantined_even_while_its_lock_is_held(tmp_path: Path
     cache_dir, model = tmp_path / "cache", rel_models[0]
     first = launch(cache_dir, model)
     plant_killer(cache_dir / "v1" / "entries" / first["key"], killer_context)
-    died = subprocess.run(app_cmd(cache_dir, model), capture_output=True, text=True, env=_env(), timeout=300)
+    died = run(app_cmd(cache_dir, model), timeout=300)
     assert died.returncode == -signal.SIGSEGV
     holder = hold_lock(cache_dir / "v1" / "locks" / f"{first['key']}.lock", 600)
     try:
@@ -241,7 +233,7 @@ def test_a_context_that_kills_every_load_stops_being_loaded(tmp_path: Path, rel_
         rec = launch(cache_dir, model)
         assert rec["outcome"] == "miss", (round_, rec)  # compiled (again)
         plant_killer(cache_dir / "v1" / "entries" / rec["key"], killer_context)  # ... and it kills
-        died = subprocess.run(app_cmd(cache_dir, model), capture_output=True, text=True, env=_env(), timeout=300)
+        died = run(app_cmd(cache_dir, model), timeout=300)
         assert died.returncode == -signal.SIGSEGV
         r = launch(cache_dir, model)
         assert (r["outcome"], r["reason"]) == ("fallback", "crashed_during_load"), r
@@ -286,17 +278,15 @@ elif op == "invalidate":
     cache.invalidate(key=sys.argv[4])
 elif op == "prune":
     cache.prune(max_size=0)
-print("NOT KILLED")
+from _report import report
+report("NOT KILLED")
 """
 
 
 @pytest.mark.parametrize("op,point", [("clear", "removing"), ("invalidate", "quarantined"), ("prune", "removing")])
 def test_kill_during_cache_management(tmp_path: Path, rel_models: list[Path], op: str, point: str) -> None:
     """`ctxcache clear / prune` or an invalidation killed half way: the apps never see half an entry."""
-    import subprocess
     import sys
-
-    from test_reliability_support import _env
 
     import ctxcache
 
@@ -306,9 +296,8 @@ def test_kill_during_cache_management(tmp_path: Path, rel_models: list[Path], op
     key = recs[0]["key"]
     if op == "prune" and not hasattr(ctxcache.ContextCache, "prune"):
         pytest.skip("ContextCache.prune is not in this tree")
-    proc = subprocess.run([sys.executable, "-c", MANAGE, str(cache_dir), op, point, key], capture_output=True,
-                          text=True, env=_env(), timeout=300)
-    assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    proc = run([sys.executable, "-c", MANAGE, str(cache_dir), op, point, key], timeout=300)
+    assert proc.returncode == -9, (proc.returncode, proc.reports, proc.stderr[-2000:])
     assert_consistent(cache_dir)
     outcomes = []
     for m in rel_models:

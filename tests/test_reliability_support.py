@@ -1,7 +1,7 @@
 """Shared machinery of the reliability suite (tests/test_reliability_*.py); holds no tests itself.
 
 - ``APP``: a tiny application, run as a real process, that loads a model through ctxcache, runs it and
-  prints one JSON line per load (outcome, reason, a digest of the FULL output tensor). It can SIGKILL
+  reports one record per load (tests/_child.py's channel, not its stdout) (outcome, reason, a digest of the FULL output tensor). It can SIGKILL
   itself at a named point of the load (``kill_at``) by wrapping library functions *in the child only*:
   the library carries no test hooks, and the kill is a real ``kill -9`` of a real process.
 - ``reference``: the output digest of a JIT session on the original model (QNN, no cache), computed
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _child import Child, Finished, run, run_python
+
 import ctxcache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,7 @@ SOAK = int(os.environ.get("CTXCACHE_SOAK", "1"))
 
 APP = r'''
 import json, os, random, signal, sys, threading, time
+from _report import report
 cfg = json.loads(sys.argv[1])
 import numpy as np, xxhash
 import onnxruntime as ort
@@ -64,7 +67,7 @@ if kill_at in ("before_compile", "mid_compile", "after_compile"):
     hooks.compile = compile_into
 if kill_at in ("locked",):
     def locked(key):
-        print("LOCKED", flush=True)
+        report("LOCKED")
         die()
     hooks.locked = locked
 if kill_at in ("manifest_tmp", "before_rename", "after_rename"):
@@ -94,7 +97,7 @@ if kill_at in ("load_any", "load_hit"):
         def __init__(self, model, *a, **k):
             if isinstance(model, str) and model.startswith(entries_dir) and model.endswith("ctx.onnx"):
                 markers = os.listdir(os.path.join(cfg["cache_dir"], "v1", "markers"))
-                print(json.dumps({"event": "dying_in_load", "markers": markers}), flush=True)
+                report({"event": "dying_in_load", "markers": markers})
                 die()
             super().__init__(model, *a, **k)
     ort.InferenceSession = Session
@@ -102,7 +105,7 @@ if kill_at in ("load_any", "load_hit"):
 cache = ctxcache.ContextCache(cfg["cache_dir"], lock_timeout=cfg.get("lock_timeout", 120),
                               extra_key=cfg.get("extra_key"), max_size=cfg.get("max_size"))
 providers = [("QNNExecutionProvider", models.qnn_htp_options())]
-print("READY", flush=True)
+report("READY")
 for i in range(cfg.get("loads", 1)):
     model = cfg["models"][i % len(cfg["models"])]
     t = time.perf_counter()
@@ -114,11 +117,12 @@ for i in range(cfg.get("loads", 1)):
                "seconds": round(time.perf_counter() - t, 4)}
     except Exception as e:  # an app-visible error: exactly what the suite counts
         rec = {"model": model, "outcome": "error", "reason": f"{type(e).__name__}: {e}"[:500], "seconds": round(time.perf_counter() - t, 4)}
-    print(json.dumps(rec), flush=True)
+    report(rec)
 '''
 
 REFERENCE = r'''
 import json, sys
+from _report import report
 import numpy as np, xxhash
 import onnxruntime as ort, onnxruntime_qnn
 from ctxcache import models
@@ -129,26 +133,13 @@ so.add_provider_for_devices(devs, models.qnn_htp_options())
 s = ort.InferenceSession(sys.argv[1], sess_options=so)
 assert "QNNExecutionProvider" in s.get_providers(), s.get_providers()
 out = s.run(None, models.random_input(s, seed=7))[0]
-print(json.dumps({"digest": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())}))
+report({"digest": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(out).tobytes())})
 '''
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra or {})
-    return env
-
-
-def _records(stdout: str) -> list[dict[str, Any]]:
-    out = []
-    for line in stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            rec = json.loads(line)
-            if "outcome" in rec:
-                out.append(rec)
-    return out
+def records(child: Finished) -> list[dict[str, Any]]:
+    """The app's per-load records, in order (its other reports are handshakes and events)."""
+    return [r for r in child.reports if isinstance(r, dict) and "outcome" in r]
 
 
 def app_cmd(cache_dir: Path, models: list[Path] | Path, **cfg: Any) -> list[str]:
@@ -159,10 +150,7 @@ def app_cmd(cache_dir: Path, models: list[Path] | Path, **cfg: Any) -> list[str]
 
 def app(cache_dir: Path, models: list[Path] | Path, *, timeout: float = 300, **cfg: Any) -> list[dict[str, Any]]:
     """Run the app to completion (it must exit 0); its per-load records."""
-    proc = subprocess.run(app_cmd(cache_dir, models, **cfg), capture_output=True, text=True, env=_env(), timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"app exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}")
-    return _records(proc.stdout)
+    return records(run(app_cmd(cache_dir, models, **cfg), timeout=timeout, check=True))
 
 
 def launch(cache_dir: Path, model: Path, **cfg: Any) -> dict[str, Any]:
@@ -171,10 +159,9 @@ def launch(cache_dir: Path, model: Path, **cfg: Any) -> dict[str, Any]:
     return recs[0]
 
 
-def app_killed(cache_dir: Path, model: Path, kill_at: str, *, timeout: float = 300, **cfg: Any) -> subprocess.CompletedProcess[str]:
+def app_killed(cache_dir: Path, model: Path, kill_at: str, *, timeout: float = 300, **cfg: Any) -> Finished:
     """Run the app with a kill point; it must die by SIGKILL (a test whose kill never fires would prove nothing)."""
-    proc = subprocess.run(app_cmd(cache_dir, model, kill_at=kill_at, **cfg), capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+    proc = run(app_cmd(cache_dir, model, kill_at=kill_at, **cfg), timeout=timeout)
     assert proc.returncode == -signal.SIGKILL, (
         f"kill point {kill_at!r} never fired (exit {proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     )
@@ -184,33 +171,28 @@ def app_killed(cache_dir: Path, model: Path, kill_at: str, *, timeout: float = 3
 def kill_randomly(cache_dir: Path, model: Path, delay: float, **cfg: Any) -> int:
     """Start the app, SIGKILL it ``delay`` seconds after it is ready to load; returns its exit code
     (``-9`` when the kill landed, ``0`` when the load had already finished)."""
-    proc = subprocess.Popen(app_cmd(cache_dir, model, **cfg), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=_env())
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip() == "READY":
-            break
+    proc = Child(app_cmd(cache_dir, model, **cfg), stderr=subprocess.DEVNULL)
+    assert proc.next_report() == "READY"
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
-    proc.stdout.read()
-    return proc.wait(timeout=60)  # reaped: a zombie's pid would still read as alive
+    return proc.finish(timeout=60).returncode  # reaped: a zombie's pid would still read as alive
 
 
 HOLDER = r"""
 import sys, time
 import filelock
+from _report import report
 with filelock.FileLock(sys.argv[1], is_singleton=False):  # as a compiling process holds a key's lock
-    print("LOCKED", flush=True)
+    report("LOCKED")
     time.sleep(float(sys.argv[2]))
 """
 
 
-def hold_lock(lock: Path, seconds: float) -> subprocess.Popen[str]:
+def hold_lock(lock: Path, seconds: float) -> Child:
     """A process holding a key's lock (as a compiler does) for ``seconds``; returns once it holds it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True,
-                         env=_env())
-    assert p.stdout is not None and p.stdout.readline().strip() == "LOCKED"
+    p = Child.python(HOLDER, str(lock), str(seconds))
+    assert p.next_report() == "LOCKED"
     return p
 
 
@@ -223,9 +205,7 @@ def reference(model: Path, *, fresh: bool = False) -> str:
     Memoised per path; ``fresh`` recomputes it (for a test that changed the model in place)."""
     key = str(model)
     if fresh or key not in _REFERENCES:
-        proc = subprocess.run([sys.executable, "-c", REFERENCE, key], capture_output=True, text=True, env=_env(), timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        _REFERENCES[key] = json.loads(proc.stdout.strip().splitlines()[-1])["digest"]
+        _REFERENCES[key] = run_python(REFERENCE, key).result["digest"]
     return _REFERENCES[key]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, hmac_sign, last_json, launch, layout, run_python
+from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, hmac_sign, launch, layout, run_python
 
 import ctxcache
 from ctxcache import Bundle, errors, export_bundle, import_bundle
@@ -32,9 +32,10 @@ cache = ctxcache.ContextCache({cache_dir!r}, tiers=[Bundle({bundle!r}, signing_k
                               trusted_keys={trusted!r}, trusted_dirs={dirs!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "reason": r.reason.code if r.reason else None,
-                   "compile": r.timings.compile, "fetch": r.timings.fetch, "providers": r.providers,
-                   "out": out.ravel()[:64].tolist(), "stats": cache.stats().as_dict()}}))
+from _report import report
+report({{"outcome": r.outcome, "tier": r.tier, "reason": r.reason.code if r.reason else None,
+         "compile": r.timings.compile, "fetch": r.timings.fetch, "providers": r.providers,
+         "out": out.ravel()[:64].tolist(), "stats": cache.stats().as_dict()}})
 """
 
 
@@ -43,7 +44,7 @@ def tier_launch(cache_dir: Path, bundle: Path, model: Path, key: str | None = No
     """A fresh-process launch; ``own``: the bundle's folder is the app's own (``trusted_dirs``)."""
     code = TIER_LAUNCH.format(cache_dir=str(cache_dir), bundle=str(bundle), model=str(model), key=key,
                               trusted=trusted or [], dirs=[str(bundle.parent)] if own else [])
-    return last_json(run_python(code).stdout)  # type: ignore[no-any-return]
+    return run_python(code).result  # type: ignore[no-any-return]
 
 
 @pytest.fixture(autouse=True)
@@ -363,19 +364,12 @@ def test_portable_match_still_requires_the_same_binary_options(built: dict[str, 
 def test_concurrent_first_launches_fetch_once(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
     """Four processes start at once on an empty cache: one fills from the bundle under the key's lock,
     the others find the published entry when they look again. All hit, nobody compiles."""
-    import subprocess
-    import sys
+    from _child import Child
 
     code = TIER_LAUNCH.format(cache_dir=str(tmp_path / "shared"), bundle=str(built["folder"]), model=str(conv_model), key=None,
                               trusted=[], dirs=[str(built["folder"])])
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(4)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
-        results.append(last_json(out))
+    procs = [Child.python(code) for _ in range(4)]
+    results = [p.finish(timeout=300).check().result for p in procs]
     assert [r["outcome"] for r in results] == ["hit"] * 4
     assert sorted(str(r["tier"]) for r in results) == ["None", "None", "None", "bundle"]
     assert all(r["compile"] == 0.0 and r["out"] == built["reference"]["out"] for r in results)
@@ -405,10 +399,11 @@ from ctxcache import models
 cache = ctxcache.ContextCache({str(built['cache'].root)!r}, tiers=[{str(built['tar'])!r}, "s3://bucket/prefix"],
                               trusted_keys={built['trusted']!r})
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-print(json.dumps({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules if m.startswith("ctxcache.tiers")
-                                                           or m == "ctxcache._transfer" or m.startswith("cryptography"))}}))
+from _report import report
+report({{"outcome": r.outcome, "loaded": sorted(m for m in sys.modules if m.startswith("ctxcache.tiers")
+                                                 or m == "ctxcache._transfer" or m.startswith("cryptography"))}})
 """
-    r = last_json(run_python(code).stdout)
+    r = run_python(code).result
     assert r == {"outcome": "hit", "loaded": []}
 
 

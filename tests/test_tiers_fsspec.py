@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fsspec", reason="fsspec URLs for the remote tier need fsspec (in the 'remote' and 'test' extras)")
 
-from conftest import QNN, SIGNING_KEY_ENV, last_json, launch, layout, run_python
+from conftest import QNN, SIGNING_KEY_ENV, launch, layout, run_python
 
 import ctxcache
 from ctxcache import (
@@ -28,7 +28,8 @@ cache = ctxcache.ContextCache({cache_dir!r}, tiers=[ctxcache.RemoteTier({url!r},
                               trusted_keys={trusted!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "out": out.ravel()[:64].tolist()}}))
+from _report import report
+report({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "out": out.ravel()[:64].tolist()}})
 """
 
 
@@ -59,7 +60,7 @@ def test_shared_folder_write_back_then_hit_in_fresh_process(tmp_path: Path, conv
     reference = launch(tmp_path / "builder", conv_model)
     code = LAUNCH.format(cache_dir=str(tmp_path / "device"), url=url, key=SECRET, model=str(conv_model),
                          trusted=signer["trusted"])
-    r: dict[str, Any] = last_json(run_python(code).stdout)
+    r: dict[str, Any] = run_python(code).result
     assert (r["outcome"], r["tier"], r["compile"]) == ("hit", "remote", 0.0)
     assert r["out"] == reference["out"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, last_json, launch, layout, run_python
+from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, launch, layout, run_python
 
 import ctxcache
 from ctxcache import ModelPackageTier, _fingerprint, export_model_package, models
@@ -31,8 +31,9 @@ ctx = ort.ModelPackageContext({pkg!r})
 comp = ctx.select_component({component!r}, ort.ModelPackageOptions(so()))
 sess = comp.create_session(so())
 out = sess.run(None, models.random_input(sess, seed=7))[0]
-print(json.dumps({{"variant": comp.get_selected_variant_name(), "providers": sess.get_providers(),
-                   "out": out.ravel()[:64].tolist()}}))
+from _report import report
+report({{"variant": comp.get_selected_variant_name(), "providers": sess.get_providers(),
+         "out": out.ravel()[:64].tolist()}})
 """
 
 TIER_LAUNCH = """
@@ -41,7 +42,8 @@ from ctxcache import models
 cache = ctxcache.ContextCache({cache_dir!r}, tiers=[{pkg!r}], trusted_keys={trusted!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "out": out.ravel()[:64].tolist()}}))
+from _report import report
+report({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "out": out.ravel()[:64].tolist()}})
 """
 
 
@@ -70,7 +72,7 @@ def test_plain_ort_opens_selects_and_runs_the_package(built: dict[str, Any]) -> 
     (variant,) = info["components"][0]["variants"]
     assert variant["ep"] == QNN and json.loads(variant["executor_info"]["ort"])["model_file"] == "ctx.onnx"
     component, vname = built["variant"].split("/")
-    r = last_json(run_python(PLAIN_ORT.format(pkg=str(built["pkg"]), component=component)).stdout)
+    r = run_python(PLAIN_ORT.format(pkg=str(built["pkg"]), component=component)).result
     assert r["variant"] == vname and r["providers"][0] == QNN
     assert r["out"] == built["reference"]["out"]
 
@@ -78,13 +80,13 @@ def test_plain_ort_opens_selects_and_runs_the_package(built: dict[str, Any]) -> 
 def test_package_as_tier_in_fresh_process(built: dict[str, Any], tmp_path: Path, conv_model: Path) -> None:
     code = TIER_LAUNCH.format(cache_dir=str(tmp_path / "device"), pkg=str(built["pkg"]), model=str(conv_model),
                               trusted=built["trusted"])
-    r = last_json(run_python(code).stdout)
+    r = run_python(code).result
     assert (r["outcome"], r["tier"], r["compile"]) == ("hit", "package", 0.0)
     assert r["out"] == built["reference"]["out"]
     # The same package for a device that trusts another key: refused (a signature it cannot trust), compiled.
     code = TIER_LAUNCH.format(cache_dir=str(tmp_path / "other"), pkg=str(built["pkg"]), model=str(conv_model),
                               trusted=[built["keys"]["b"].public_key])
-    r = last_json(run_python(code).stdout)
+    r = run_python(code).result
     assert (r["outcome"], r["tier"], r["out"]) == ("miss", None, built["reference"]["out"])
 
 

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("boto3", reason="remote tier tests need the 'remote' extra: pip install -e '.[remote,test]'")
 pytest.importorskip("moto.server", reason="remote tier tests need moto[server] (in the 'test' extra) for a local S3 server")
 
-from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, first_outputs, hmac_sign, jit_outputs, last_json, launch, run_python
+from conftest import QNN, SIGNING_KEY_ENV, ed25519_lines, first_outputs, hmac_sign, jit_outputs, launch, run_python
 
 import ctxcache
 from ctxcache import RemoteTier, errors, models, pull, push
@@ -100,15 +100,16 @@ cache = ctxcache.ContextCache({cache_dir!r}, tiers=[RemoteTier({url!r}, endpoint
                               trusted_keys={trusted!r})
 r = cache.load({model!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "fetch": r.timings.fetch,
-                   "out": out.ravel()[:64].tolist()}}))
+from _report import report
+report({{"outcome": r.outcome, "tier": r.tier, "compile": r.timings.compile, "fetch": r.timings.fetch,
+         "out": out.ravel()[:64].tolist()}})
 """
 
 
 def remote_launch(cache_dir: Path, url: str, endpoint: str, model: Path, key: str | None, trusted: list[str]) -> dict[str, Any]:
     code = REMOTE_LAUNCH.format(cache_dir=str(cache_dir), url=url, endpoint=endpoint, model=str(model), key=key,
                                 trusted=trusted)
-    return last_json(run_python(code, env=CREDS).stdout)  # type: ignore[no-any-return]
+    return run_python(code, env=CREDS).result  # type: ignore[no-any-return]
 
 
 @pytest.fixture

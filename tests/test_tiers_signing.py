@@ -22,7 +22,6 @@ from conftest import (
     first_outputs,
     hmac_sign,
     jit_outputs,
-    last_json,
     run_python,
 )
 
@@ -122,14 +121,15 @@ from ctxcache import models
 cache = ctxcache.ContextCache({str(tmp_path / 'device')!r}, tiers=[{str(bundle)!r}])
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
 out = r.session.run(None, models.random_input(r.session, seed=7))[0]
-print(json.dumps({{"outcome": r.outcome, "tier": r.tier, "out": [float(x) for x in out.ravel()[:64]]}}))
+from _report import report
+report({{"outcome": r.outcome, "tier": r.tier, "out": [float(x) for x in out.ravel()[:64]]}})
 """
     env = {TRUSTED_KEYS_ENV: f"{keys['a'].public_key}, {keys['b'].public_key}"}
-    r = last_json(run_python(code, env=env).stdout)
+    r = run_python(code, env=env).result
     assert (r["outcome"], r["tier"], r["out"]) == ("hit", "bundle", build["ref_a"])
     # The same launch with key b revoked through the environment: refused, compiled, same outputs.
     env[REVOKED_KEYS_ENV] = keys["b"].key_id
-    r = last_json(run_python(code.replace("device", "device2"), env=env).stdout)
+    r = run_python(code.replace("device", "device2"), env=env).result
     assert (r["outcome"], r["tier"], r["out"]) == ("miss", None, build["ref_a"])
 
 
@@ -397,11 +397,12 @@ from ctxcache import models
 after_import = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")
 cache = ctxcache.ContextCache({str(build['cache'].root)!r}, tiers=["s3://bucket/p"], trusted_keys=[{keys['a'].public_key!r}])
 r = cache.load({str(conv_model)!r}, providers=[("QNNExecutionProvider", models.qnn_htp_options())])
-print(json.dumps({{"outcome": r.outcome, "after_import": after_import,
-                   "after_hit": sorted(m for m in sys.modules if m.split(".")[0] == "cryptography"
-                                       or m.startswith("ctxcache.tiers"))}}))
+from _report import report
+report({{"outcome": r.outcome, "after_import": after_import,
+         "after_hit": sorted(m for m in sys.modules if m.split(".")[0] == "cryptography"
+                             or m.startswith("ctxcache.tiers"))}})
 """
-    assert last_json(run_python(code).stdout) == {"outcome": "hit", "after_import": [], "after_hit": []}
+    assert run_python(code).result == {"outcome": "hit", "after_import": [], "after_hit": []}
 
 
 def test_readme_documents_every_tier_code() -> None:

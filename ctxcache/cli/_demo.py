@@ -39,7 +39,9 @@ _TOLERANCE = 0.02
 
 # -- the child: one app launch ----------------------------------------------------------------------
 def _child() -> None:
-    """Entry point of a launch process: ``python -c ... MODE MODEL CACHE_DIR OUT_NPY``."""
+    """Entry point of a launch process: ``python -c ... MODE MODEL CACHE_DIR OUT_NPY``. Its outputs go to
+    ``OUT_NPY`` and its report to ``OUT_NPY`` with ``.json``, files of the demo's own folder: not to its stdout,
+    which native libraries share (QNN's simulator prints ``# LIBNATIVE: ...`` there at exit)."""
     start = time.perf_counter()
     mode, model, cache_dir, out_npy = sys.argv[1:5]
     import numpy as np
@@ -63,7 +65,7 @@ def _child() -> None:
     y = session.run(None, models.random_input(session, seed=7))[0]
     np.save(out_npy, y)
     report["process_s"] = time.perf_counter() - start
-    print(json.dumps(report), flush=True)
+    Path(out_npy).with_suffix(".json").write_text(json.dumps(report))
 
 
 _CHILD_CODE = "from ctxcache.cli._demo import _child; _child()"
@@ -77,17 +79,18 @@ def _launch(mode: str, model: Path, cache_dir: Path, out_npy: Path) -> dict[str,
     pkg_root = str(Path(ctxcache.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["CTXCACHE_STRICT"] = "0"  # the demo shows the fallback; a CI shell's strict mode would turn it into an error
+    report = out_npy.with_suffix(".json")
+    report.unlink(missing_ok=True)  # a --dir used before holds an older run's reports
     t = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD_CODE, mode, str(model), str(cache_dir), str(out_npy)],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     wall = time.perf_counter() - t
-    for line in reversed(proc.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            data: dict[str, Any] = json.loads(line)
-            data["wall_s"] = wall
-            return data
+    if report.is_file():
+        data: dict[str, Any] = json.loads(report.read_text())
+        data["wall_s"] = wall
+        return data
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     raise CommandFailed(f"demo launch ({mode}) exited with code {proc.returncode}: {tail}")
 

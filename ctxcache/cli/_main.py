@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "temp folder, printed)")
     p.add_argument("-j", "--jobs", type=int, metavar="N",
                    help="compile N models at once, in N processes (0: one per CPU; default 1)")
+    p.add_argument("--free-dim", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix the input dimension named NAME to VALUE, as the app's "
+                        "SessionOptions.add_free_dimension_override_by_name does: a model with dynamic shapes compiles "
+                        "only with them fixed, and the app's loads with the same overrides hit; repeatable")
+    p.add_argument("--free-dim-denotation", action="append", default=[], metavar="DENOTATION=VALUE",
+                   help="the same by dimension denotation (add_free_dimension_override_by_denotation, e.g. "
+                        "DATA_BATCH=1); repeatable")
     add_provider_flags(p, what="each one is a configuration to warm (default: --preset qnn-htp)")
     add_key_flags(p)
 
@@ -122,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import farm  # farm device / plan / run / report
 
     farm.add_parsers(subs)
+    from . import tuf  # tuf init / rotate / timestamp / remove / status
+
+    tuf.add_parsers(subs)
     return parser
 
 

@@ -53,6 +53,8 @@ class Task:
     provider: ProviderConfig
     result: dict[str, Any] = field(default_factory=dict)
     started: float | None = None
+    #: free-dimension overrides (--free-dim...), as (kind, identifier, size)
+    dims: list[tuple[str, str, int]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -186,13 +188,20 @@ def _validate(configs: list[ProviderConfig]) -> dict[int, str]:
 
 
 # -- one model, in this process ------------------------------------------------------------------
-def warm_one(cache: ctxcache.ContextCache, model: str, name: str, options: dict[str, Any], verbose: int = 0) -> dict[str, Any]:
-    """``cache.warm`` for one model and configuration, as a plain dict for the parent process."""
+def warm_one(cache: ctxcache.ContextCache, model: str, name: str, options: dict[str, Any], verbose: int = 0,
+             dims: list[tuple[str, str, int]] | None = None) -> dict[str, Any]:
+    """``cache.warm`` for one model and configuration, as a plain dict for the parent process. ``dims``:
+    free-dimension overrides, set as the app sets them (so the key is the app's)."""
     import onnxruntime as ort
 
     start = time.perf_counter()
     so = ort.SessionOptions()
     so.log_severity_level = 0 if verbose > 1 else 3  # ORT's and QNN's own warnings are noise here
+    for kind, ident, size in dims or []:
+        if kind == "name":
+            so.add_free_dimension_override_by_name(ident, size)
+        else:
+            so.add_free_dimension_override_by_denotation(ident, size)
     try:
         return cache.warm(model, providers=[(name, options)], sess_options=so).as_dict()
     except Exception as e:  # noqa: BLE001 - a worker reports, it never dies on one model
@@ -259,7 +268,7 @@ def run_serially(tasks: list[Task], cache_kw: dict[str, Any], verbose: int, prog
     try:
         for t in tasks:
             t.started = time.monotonic()
-            t.result = warm_one(cache, t.model, t.provider.name, dict(t.provider.options), verbose)
+            t.result = warm_one(cache, t.model, t.provider.name, dict(t.provider.options), verbose, t.dims)
             progress.finished(t)
     except KeyboardInterrupt:
         progress.close()
@@ -295,7 +304,7 @@ def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: i
     def start(t: Task) -> bool:
         try:
             proc = ctxcache.warm_detached(targets=[(t.model, [t.provider.as_tuple()])], detach=False,
-                                          log=logs / f"{t.id}.log", verbose=verbose,
+                                          log=logs / f"{t.id}.log", verbose=verbose, free_dims=t.dims,
                                           **{k: v for k, v in cache_kw.items() if v is not None})
         except ctxcache.errors.DetachError as e:
             err(f"ctxcache warm: cannot run parallel jobs here ({e.reason}); warming serially in this process")
@@ -358,14 +367,15 @@ def run_tasks(tasks: list[Task], jobs: int, cache_kw: dict[str, Any], verbose: i
     return run_serially(serial, cache_kw, verbose, progress) if serial else True
 
 
-def _detach(args: argparse.Namespace, pairs: list[tuple[Path, ProviderConfig]], settings: dict[str, Any]) -> int:
+def _detach(args: argparse.Namespace, pairs: list[tuple[Path, ProviderConfig]], settings: dict[str, Any],
+            dims: list[tuple[str, str, int]]) -> int:
     """Start this very warm-up in a process of its own session (ctxcache.warm_detached) and return at once."""
     cache_dir = cache_dir_arg(args) or settings.get("cache_dir")
     jobs = args.jobs if args.jobs is not None else settings.get("jobs", 1)
     try:
         proc = ctxcache.warm_detached(targets=[(m, [c.as_tuple()]) for m, c in pairs], cache_dir=cache_dir,
                                       app_name=args.app_name, app_author=args.app_author, extra_key=args.extra_key,
-                                      embed=args.embed, jobs=jobs, log=args.log)
+                                      embed=args.embed, jobs=jobs, log=args.log, free_dims=dims)
     except ctxcache.errors.DetachError as e:
         err(f"ctxcache warm --detach: {e}")
         return EXIT_FAILED
@@ -376,7 +386,23 @@ def _detach(args: argparse.Namespace, pairs: list[tuple[Path, ProviderConfig]], 
     return EXIT_OK
 
 
+def free_dims(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """``--free-dim NAME=VALUE`` / ``--free-dim-denotation DENOTATION=VALUE`` as (kind, identifier, size),
+    in the order given: what warm_one sets on the SessionOptions of each compile."""
+    out: list[tuple[str, str, int]] = []
+    for flag, kind, items in (("--free-dim", "name", args.free_dim or []),
+                              ("--free-dim-denotation", "denotation", args.free_dim_denotation or [])):
+        for item in items:
+            ident, sep, value = item.partition("=")
+            if not sep or not ident.strip() or not value.strip().isdigit():
+                raise UsageError(f"{flag} takes NAME=VALUE with a whole number, e.g. {flag} "
+                                 f"{'batch' if kind == 'name' else 'DATA_BATCH'}=1; not {item!r}")
+            out.append((kind, ident.strip(), int(value)))
+    return out
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
+    dims = free_dims(args)  # bad input is exit 2 now, before anything (or any detached process) starts
     pairs: list[tuple[Path, ProviderConfig]] = []
     settings: dict[str, Any] = {}
     if args.plan:
@@ -391,7 +417,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if args.detach:
         # Validated here (bad input is exit 2 now, not a line in a log nobody reads), then handed over.
         _validate([c for _, c in pairs])
-        return _detach(args, pairs, settings)
+        return _detach(args, pairs, settings, dims)
 
     # One task per (model, configuration); the same pair listed twice is warmed once.
     tasks: list[Task] = []
@@ -400,7 +426,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         ident = json.dumps([os.path.realpath(model), cfg.name, sorted((k, str(v)) for k, v in cfg.options.items())])
         if ident not in seen:
             seen.add(ident)
-            tasks.append(Task(len(tasks), str(model), cfg))
+            tasks.append(Task(len(tasks), str(model), cfg, dims=dims))
     unavailable = _validate([t.provider for t in tasks])
 
     cache_dir = cache_dir_arg(args) or settings.get("cache_dir")

@@ -104,7 +104,8 @@ def _remote(args: argparse.Namespace) -> ctxcache.RemoteTier:
         raise UsageError(f"a remote is a URL (s3://bucket/prefix, file:///share/ctxcache, ...), not {args.url!r}")
     try:
         return ctxcache.RemoteTier(args.url, endpoint_url=args.endpoint_url, signing_key=_signing_key(args),
-                                   timeout=args.timeout, require_signature=not getattr(args, "allow_unsigned", False))
+                                   timeout=args.timeout, require_signature=not getattr(args, "allow_unsigned", False),
+                                   tuf_root=getattr(args, "tuf_root", None), tuf_keys=getattr(args, "tuf_keys", None))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -113,6 +114,8 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", metavar="URL", help="s3://bucket/prefix, or any fsspec URL (file:///mnt/share/ctxcache, gcs://...)")
     p.add_argument("--endpoint-url", metavar="URL", help="an S3-compatible server (MinIO, Ceph...); also $AWS_ENDPOINT_URL")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect/read timeout in seconds (default 10)")
+    p.add_argument("--tuf-root", metavar="FILE", help="pull: read records only through TUF, trusting this root.json")
+    p.add_argument("--tuf-keys", metavar="DIR", help="push: also publish TUF metadata with the keys in DIR (ctxcache tuf init)")
 
 
 # -- commands ---------------------------------------------------------------------------------------

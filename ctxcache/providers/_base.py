@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from ..errors import ProviderOptionError
 
-LoadErrorKind = Literal["transient", "artifact", "unknown"]
+LoadErrorKind = Literal["transient", "artifact", "recompiles", "unknown"]
 
 #: The key part (inside ``ep_options``) that says a provider's own cache is kept beside the entry.
 SIDE_CACHE_PART = "ctxcache.side_cache"
@@ -273,9 +273,13 @@ class ExecutionProvider:
 
     #: How a failed context load reads, per provider: (kind, substring) checked in order. ``transient``:
     #: the device was busy or short of memory, the entry is fine (retried, then the original model is
-    #: served and the entry kept); ``artifact``: the context itself is wrong here (invalidated and rebuilt).
-    #: Anything else is ``unknown`` and treated as an artifact fault (the conservative answer), and counted.
+    #: served and the entry kept); ``artifact``: the context itself is wrong here (invalidated and rebuilt);
+    #: ``recompiles``: the provider would compile the model again rather than load the context (ORT's
+    #: ORT_MODEL_REQUIRES_COMPILATION under session.disable_model_compile=1, set on every context session),
+    #: a fault of the context too. Anything else is ``unknown`` and treated as an artifact fault (the
+    #: conservative answer), and counted.
     load_errors: ClassVar[tuple[tuple[LoadErrorKind, str], ...]] = (
+        ("recompiles", "MODEL_REQUIRES_COMPILATION"),
         ("transient", "out of memory"),
         ("transient", "ENGINE_ERROR"),
         ("artifact", "InvalidProtobuf"),

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from ._base import Tier
 
 
-def coerce(items: Iterable[object] | None) -> list[Tier]:
+def coerce(items: Iterable[object] | None, cache_root: str | os.PathLike[str] | None = None) -> list[Tier]:
     """``ContextCache(tiers=...)`` items: tier objects, bundle paths (folder or .tar), ORT model package
-    folders, ``s3://`` and other fsspec URLs."""
+    folders, ``s3://`` and other fsspec URLs. A tier that keeps state of its own (a remote's verified TUF
+    metadata) is told ``cache_root`` through its ``attach``, so that state stays inside the cache."""
     out: list[Tier] = []
     for item in items or ():
         if isinstance(item, (str, os.PathLike)):
@@ -37,6 +38,10 @@ def coerce(items: Iterable[object] | None) -> list[Tier]:
             out.append(item)
         else:
             raise TypeError(f"a tier must be a bundle path, a URL or a tier object, not {type(item).__name__}")
+    for tier in out if cache_root is not None else ():
+        attach = getattr(tier, "attach", None)
+        if callable(attach):
+            attach(cache_root)
     return out
 
 

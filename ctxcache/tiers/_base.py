@@ -73,6 +73,11 @@ TIER_CODES: dict[str, tuple[bool, str]] = {
     "tier_unsafe": (True, "a link, device, climbing path or unexpected member in the tier"),
     "tier_bad_context": (True, "the context model refers to files outside its entry"),
     "tier_unreachable": (False, "the tier is absent, down, or lacks a library it needs"),
+    # TUF (RemoteTier(tuf_root=...), ctxcache._tuf):
+    "tier_stale": (False, "the store's TUF metadata has expired: a frozen store, or a publisher that stopped "
+                          "refreshing its timestamp"),
+    "tier_rollback": (True, "TUF metadata older than what this device already verified (a rollback)"),
+    "tier_mixed": (True, "TUF metadata from different publications (mix-and-match), or not matching its snapshot"),
 }
 #: Codes that mean the bytes (or who signed them) were wrong, as opposed to a tier being absent or down.
 INTEGRITY_CODES = frozenset(c for c, (fault, _) in TIER_CODES.items() if fault)

@@ -27,9 +27,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from .. import _deadline, _fs
@@ -317,6 +318,10 @@ class RemoteTier:
         storage_options: passed to fsspec for non-S3 URLs.
         match: ``"exact"``, or ``"portable"`` to also use an entry pushed from another host (a build
             farm) whose key differs only in ``host``, ``devices`` and ``ep_libraries`` (as for Bundle).
+        tuf_root: a device's TUF trust root (the publisher's ``root.json``, shipped with the app): records
+            are then read only through TUF (freshness, rollback, consistent snapshots, rotation; see
+            ``ctxcache._tuf``), before the checks above, which stay.
+        tuf_keys: a publisher's TUF key folder (``ctxcache tuf init``): every ``push`` is also a TUF publication.
     """
 
     kind = "remote"
@@ -337,6 +342,8 @@ class RemoteTier:
         client: Any = None,
         storage_options: dict[str, Any] | None = None,
         match: Match = "exact",
+        tuf_root: str | os.PathLike[str] | None = None,
+        tuf_keys: str | os.PathLike[str] | None = None,
     ) -> None:
         self.match: Match = check_match(match)
         self.url = url
@@ -354,6 +361,10 @@ class RemoteTier:
         self.storage_options = dict(storage_options or {})
         self._backend: _S3 | _Fsspec = _S3(self, client) if url.startswith("s3://") else _Fsspec(self)
         self._down_until = 0.0
+        self._tuf = self._tuf_client(tuf_root)
+        self.tuf_keys = None if tuf_keys is None else os.fspath(tuf_keys)
+        self._tuf_lock = threading.Lock()
+        self._tuf_pending: dict[str, tuple[bytes, bytes]] | None = None
 
     def __repr__(self) -> str:
         return f"RemoteTier({self.url!r})"
@@ -399,8 +410,12 @@ class RemoteTier:
         deadline = self._deadline()  # one for the whole fetch: the record, its signatures and every file
         with self._guard(f"fetching {key[:12]}"):
             rkey = key
-            raw = b.get(self._obj(key, RECORD), _MAX_RECORD, deadline)
-            if raw is None and self.match == "portable" and parts:
+            tuf_origin: dict[str, Any] | None = None
+            if self._tuf is not None:  # TUF: the record only as the store's current targets list it
+                rkey, raw, tuf_origin = self._tuf_record(key, parts)
+            else:
+                raw = b.get(self._obj(key, RECORD), _MAX_RECORD, deadline)
+            if raw is None and self.match == "portable" and parts and self._tuf is None:
                 for rkey in self._portable_candidates(parts, deadline):
                     raw = b.get(self._obj(rkey, RECORD), _MAX_RECORD, deadline)
                     if raw is not None:
@@ -417,7 +432,11 @@ class RemoteTier:
             check_signature(raw, sig, secret, what)
             if not self.require_signature:
                 _warn_unsigned_once(self)
-            signer = read_signer_or_refuse(raw, b.get(self._obj(rkey, RECORD_ED25519), _MAX_SIG, deadline), CONTEXT,
+            # Under TUF the record's Ed25519 lines come from the same publication as the record (its target's
+            # custom field), never from a separately writable object.
+            ed_lines = (tuf_origin.pop("ed25519", b"") if tuf_origin is not None
+                        else b.get(self._obj(rkey, RECORD_ED25519), _MAX_SIG, deadline))
+            signer = read_signer_or_refuse(raw, ed_lines, CONTEXT,
                                            trust if trust is not None else Trust(), what,
                                            hmac_checked=secret is not None, own=ed25519_keys(keys))
             record = parse_json(raw, f"{self.describe()} record for {key[:12]}")
@@ -426,7 +445,10 @@ class RemoteTier:
             def opener(name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
                 return self._file(b, self._obj(files_of, "files", name), deadline)
 
-            yield Offer(record if isinstance(record, dict) else {}, opener, {"tier": self.kind, "location": self.url}, signer)
+            origin: dict[str, Any] = {"tier": self.kind, "location": self.url}
+            if tuf_origin is not None:
+                origin["tuf"] = tuf_origin  # what still_trusted() re-checks on every hit
+            yield Offer(record if isinstance(record, dict) else {}, opener, origin, signer)
 
     def lookup(self, key: str, parts: Parts = ()) -> Match | None:
         if self.has(key):
@@ -473,6 +495,8 @@ class RemoteTier:
             parts = entry.manifest.get("parts")
             if isinstance(parts, list):  # then the pointer that portable readers (other hosts) look for
                 b.put(self._obj("portable", portable_key(parts), entry.key), entry.key.encode())
+            if self.tuf_keys is not None:  # a TUF publication listing this record (consistent snapshot)
+                self._tuf_publish(entry.key, raw, sign_ed25519(raw, keys, CONTEXT))
         log.info("pushed %s to %s", entry.key[:12], self.describe())
         return True
 
@@ -480,3 +504,181 @@ class RemoteTier:
         """Every key with an entry folder in the remote store."""
         with self._guard("listing"):
             return sorted(k for k in self._backend.children(LAYOUT + "/", self._deadline()) if is_key(k))
+
+    # -- TUF (ctxcache._tuf): hooks kept apart from the fetch code above; one call site each ----------
+    def _tuf_client(self, root: str | os.PathLike[str] | None) -> Any:
+        if root is None:
+            return None
+        from .._tuf import Client
+
+        return Client(self.url, root, self._tuf_read, budget=max(self.timeout, 1.0) * 4)
+
+    def _tuf_read(self, name: str, limit: int) -> bytes | None:
+        """One object for ngclient, with the backend's own read (its timeouts and deadline)."""
+        data = self._backend.get(name, limit, self._deadline())
+        if data is not None and len(data) > limit:
+            raise TierError(f"{self.describe()}: {name} is larger than {limit} bytes", code="tier_mixed")
+        return data
+
+    def attach(self, cache_root: str | os.PathLike[str]) -> None:
+        """Keep this device's verified TUF metadata (rollback floor, root chain) under ``cache_root``."""
+        if self._tuf is not None:
+            self._tuf.attach(cache_root)
+
+    def tuf_refresh(self) -> int:
+        """Verify the store's current TUF metadata now (what :func:`~ctxcache._tuf.still_trusted`
+        judges installed entries by); returns the targets version. Raises :class:`TierError`."""
+        if self._tuf is None:
+            raise TierError(f"{self.describe()} has no tuf_root", code="tier_unreachable")
+        with self._guard("refreshing TUF metadata"):
+            up = self._tuf.refresh()
+            return int(up._trusted_set.targets.version)
+
+    def _tuf_record(self, key: str, parts: Parts) -> tuple[str, bytes | None, dict[str, Any] | None]:
+        """(record key, TUF-verified record bytes or ``None``, what the manifest keeps of it)."""
+        up = self._tuf.refresh()
+        found = self._tuf.record(key, up)
+        if found is None and self.match == "portable" and parts:
+            # The portable pointers are hints, not trusted: each candidate's record must be a TUF target too.
+            for cand in self._portable_candidates(parts, self._deadline()):
+                found = self._tuf.record(cand, up)
+                if found is not None:
+                    return cand, found.raw, dict(found.origin, ed25519=found.ed25519)
+        return (key, found.raw, dict(found.origin, ed25519=found.ed25519)) if found is not None else (key, None, None)
+
+    def tuf_objects(self) -> Any:
+        """The store as the TUF publisher sees it (get, put, create-only put)."""
+        return _TufObjects(self._backend)
+
+    @contextlib.contextmanager
+    def tuf_batch(self) -> Iterator[None]:
+        """Pushes inside the block make ONE TUF publication when it ends (a build farm's run: one new targets
+        version instead of one per entry; devices see none of the run's entries until then, then all)."""
+        with self._tuf_lock:
+            if self._tuf_pending is not None:
+                raise RuntimeError("tuf_batch() blocks do not nest")
+            self._tuf_pending = {}
+        try:
+            yield
+        finally:
+            with self._tuf_lock:
+                pending, self._tuf_pending = self._tuf_pending or {}, None
+            if pending:
+                from .. import _tuf_publish
+
+                assert self.tuf_keys is not None
+                _tuf_publish.publish(self.tuf_objects(), _tuf_publish.load_keys(self.tuf_keys), self.url,
+                                     add={k: raw for k, (raw, _) in pending.items()},
+                                     signatures={k: sig for k, (_, sig) in pending.items()})
+
+    def _tuf_publish(self, key: str, raw: bytes, ed25519: bytes) -> None:
+        from .. import _tuf_publish
+
+        assert self.tuf_keys is not None
+        with self._tuf_lock:
+            if self._tuf_pending is not None:
+                self._tuf_pending[key] = (raw, ed25519)
+                return
+        _tuf_publish.publish(self.tuf_objects(), _tuf_publish.load_keys(self.tuf_keys), self.url, add={key: raw},
+                             signatures={key: ed25519})
+
+    # The publisher's ceremony (``ctxcache tuf ...``), on this store; keys come from a folder, never arguments.
+    def tuf_init(self, keys: str | os.PathLike[str], *, thresholds: dict[str, int] | None = None,
+                 expiry: dict[str, float] | None = None) -> str:
+        """New TUF keys in ``keys`` and root v1 for this store; returns the root.json to ship with the app."""
+        from .. import _tuf_publish
+
+        return str(_tuf_publish.init(self.tuf_objects(), keys, self.url, thresholds=thresholds, expiry=expiry))
+
+    def tuf_rotate(self, keys: str | os.PathLike[str], role: str, *, add: int = 1, revoke: Sequence[str] = (),
+                   threshold: int | None = None) -> int:
+        """Root version N+1 with new keys for ``role`` and/or ``revoke``d ones; returns the root version."""
+        from .. import _tuf_publish
+
+        return _tuf_publish.rotate(self.tuf_objects(), keys, self.url, role, add=add, revoke=revoke, threshold=threshold)
+
+    def tuf_timestamp(self, keys: str | os.PathLike[str]) -> int:
+        """A fresh timestamp (run it more often than it expires); returns its version."""
+        from .. import _tuf_publish
+
+        return _tuf_publish.refresh_timestamp(self.tuf_objects(), _tuf_publish.load_keys(keys), self.url)
+
+    def tuf_remove(self, keys: str | os.PathLike[str], entry_keys: Sequence[str]) -> int:
+        """A publication that no longer lists ``entry_keys`` (devices stop serving them after a refresh)."""
+        from .. import _tuf_publish
+
+        return _tuf_publish.publish(self.tuf_objects(), _tuf_publish.load_keys(keys), self.url, remove=entry_keys)
+
+
+#: A publisher's reads of the store's TUF metadata are bounded like a device's fetch.
+_PUBLISH_DEADLINE = 120.0
+
+
+class _TufObjects:
+    """The remote backends plus a create that never overwrites (how concurrent publishers are detected)."""
+
+    def __init__(self, backend: _S3 | _Fsspec) -> None:
+        self.b = backend
+
+    def get(self, name: str, limit: int | None = None) -> bytes | None:
+        return self.b.get(name, limit, time.monotonic() + _PUBLISH_DEADLINE)
+
+    def _local(self) -> _Fsspec | None:
+        """The backend when the store is a folder (``file://``), else ``None``."""
+        if isinstance(self.b, _S3):
+            return None
+        fs = self.b.fs()
+        return self.b if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)) else None
+
+    def put(self, name: str, data: bytes) -> None:
+        local = self._local()
+        if local is not None:
+            # timestamp.json is overwritten while devices and other publishers read it: never a torn file.
+            from pathlib import Path
+
+            from .. import _fs
+
+            path = Path(local._path(name))
+            local.fs().makedirs(str(path.parent), exist_ok=True)
+            _fs.atomic_write(path, data)
+            os.chmod(path, 0o644)
+            return
+        self.b.put(name, data)
+
+    def put_new(self, name: str, data: bytes) -> bool:
+        if isinstance(self.b, _S3):
+            from botocore.exceptions import ClientError
+
+            try:
+                self.b.client().put_object(Bucket=self.b.bucket, Key=self.b._key(name), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+        local = self._local()
+        if local is not None:
+            from pathlib import Path
+
+            from .. import _fs
+
+            path = Path(local._path(name))
+            local.fs().makedirs(str(path.parent), exist_ok=True)
+            # Written whole under a private name, then linked to its name: link() fails if the name exists,
+            # so a reader never sees a half-written version and a taken name is never overwritten.
+            tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+            fd = _fs.create_exclusive(tmp, 0o644)  # readable by the devices that share the folder (umask applies)
+            with open(fd, "wb", closefd=True) as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                _fs.remove_file(tmp)
+        # Other fsspec stores have no create-if-absent: a narrow race remains.
+        if self.b.exists(name, time.monotonic() + _PUBLISH_DEADLINE):
+            return False
+        self.b.put(name, data)
+        return True
