@@ -265,11 +265,11 @@ import shutil; shutil.rmtree(store.side_dir(key1)); store.side_dir(key1).write_b
 planted = cache.load(ms[1], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
 planted_diff = run(planted.session, ms[1])
 junk = [j.kind for j in store.junk(negative_ttl=1e9)]
-report = cache.prune()
+pruned = cache.prune()
 report({"plain": plain, "launches": launches, "explain": ex.side_cache, "damaged": [damaged.outcome, damaged_diff],
                   "linked": [linked_diff, outside.read_bytes().decode()], "fifo": fifo_diff,
                   "planted": [planted.outcome, planted_diff, planted.session.get_providers()[0]], "junk": junk,
-                  "side_left": sorted(os.listdir(store.side_root)), "pruned": len(report.removed),
+                  "side_left": sorted(os.listdir(store.side_root)), "pruned": len(pruned.removed),
                   "cwd_files": sorted(os.listdir("."))})
 """
 
