@@ -15,20 +15,16 @@ fails and says which feature can now be keyed, measured and offered.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _child import run_python
 
 import ctxcache
 from ctxcache import models
 from ctxcache.errors import ProviderOptionError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import json, os, sys, onnxruntime as ort, onnxruntime_qnn
@@ -53,18 +49,17 @@ try:
         answer = {"ok": True, "providers": s.get_providers()}
 except Exception as e:
     answer = {"ok": False, "error": type(e).__name__ + ": " + str(e)}
-print("ANSWER " + json.dumps(answer))
+from _report import report
+report(answer)
 """
 
 
 def _child(mode: str, path: Path, config: dict[str, str], options: dict[str, str], *extra: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), mode, str(path), json.dumps(config),
-                           json.dumps(options), *extra], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ANSWER ")]
-    if not lines:
+    proc = run_python(textwrap.dedent(CHILD), mode, str(path), json.dumps(config), json.dumps(options), *extra,
+                      check=False)
+    if not proc.reports:
         return {"ok": False, "error": f"the child died (return code {proc.returncode}): {proc.stderr[-500:]}"}
-    return json.loads(lines[-1][7:])  # type: ignore[no-any-return]
+    return proc.reports[-1]  # type: ignore[no-any-return]
 
 
 def _error_line(answer: dict[str, Any]) -> str:

@@ -409,8 +409,9 @@ store = store_of(cache)
 store.ensure()
 governed = {name: _side.govern(store, key, resolve_providers([("TensorrtExecutionProvider", opts("app_a"))], None))[0][1]
             for name, key in keys.items()}
-print(json.dumps({"keys": keys, "governed": governed, "side": str(store.side_root),
-                  "user_files": sorted(str(p) for p in tmp.glob("app_*/trt*"))}))
+from _report import report
+report({"keys": keys, "governed": governed, "side": str(store.side_root),
+        "user_files": sorted(str(p) for p in tmp.glob("app_*/trt*"))})
 """
 
 
@@ -418,16 +419,12 @@ def test_each_model_gets_its_own_engine_folder_in_the_gpu_build(fake_libs: dict[
     """The real onnxruntime-gpu build and TensorRT provider module (the stand-in driver answers; nothing
     runs on a GPU): engine and timing caches of two same-named models land in two folders of their keys."""
     import json
-    import os
 
     python = _gpu_build_python()
     if python is None:
         pytest.skip("no onnxruntime-gpu venv (.ci/run creates .venv-ort-gpu; set CTXCACHE_ORT_GPU_PYTHON)")
-    proc = subprocess.run([str(python), "-c", GPU_SIDE, json.dumps({k: str(v) for k, v in fake_libs.items()}),
-                           str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    res = run([str(python), "-c", GPU_SIDE, json.dumps({k: str(v) for k, v in fake_libs.items()}), str(tmp_path)],
+              timeout=300, check=True).result
     keys = res["keys"]
     assert keys["app_a:app_a"] == keys["app_a:app_b"] != keys["app_b:app_a"] == keys["app_b:app_b"]
     for name, options in res["governed"].items():
