@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _fingerprint, _key, _negative
+from . import _fingerprint, _key, _negative, _side
 from ._manage import entries
 from ._plan import Bypass, Fallback, Inputs, Miss, Plan, Serve
 from ._trust import Trust
@@ -98,6 +98,8 @@ class Explanation:
     tiers: tuple[TierAnswer, ...] = ()
     #: the provider's verdict on the entry a load would use (``optimal: ...``, ``unknown: ...``), if one exists
     compatibility: str | None = None
+    #: the provider's own caches a load would keep for this key: ``{"folder", "caches", "size"}``, else ``None``
+    side_cache: dict[str, Any] | None = None
 
     @property
     def hit(self) -> bool:
@@ -137,7 +139,7 @@ class Explanation:
                 "reason": {"code": self.reason.code, "message": self.reason.message} if self.reason else None,
                 "summary": self.summary(), "nearest": [n.as_dict() for n in self.nearest],
                 "other_entries": self.other_entries, "tiers": [t.as_dict() for t in self.tiers],
-                "compatibility": self.compatibility,
+                "compatibility": self.compatibility, "side_cache": self.side_cache,
                 "served_by_tier": served.tier if served else None}
 
 
@@ -147,7 +149,8 @@ def explain(loader: Loader, tiers: Sequence[Tier], inputs: Inputs, *, limit: int
     ``pending``). On a miss, which key parts differ from the nearest entries of the same model (same
     content first, then same file name). Read-only: nothing is compiled, loaded, invalidated or counted."""
     decided = loader.plan(inputs)
-    return report(loader, tiers, inputs, decided, limit=limit)
+    found = report(loader, tiers, inputs, decided, limit=limit)
+    return replace(found, side_cache=_side.describe(loader.store, found.key, inputs.chain))
 
 
 def report(loader: Loader, tiers: Sequence[Tier], inputs: Inputs, decided: Plan, *, limit: int = 3) -> Explanation:

@@ -126,10 +126,12 @@ class Loader:
         trace.digest = decided.digest.digest if decided.digest is not None else None
         if isinstance(decided, Bypass):
             trace.key = decided.fingerprint.key if decided.fingerprint is not None else None
+            inputs = self._provider_caches(inputs, trace.key)
             if decided.fault:
                 self.fault(trace.key, decided.reason)
             return self.bypass(inputs, trace, decided)
         trace.key = decided.key
+        inputs = self._provider_caches(inputs, trace.key)
         if isinstance(decided, Serve):
             return self.serve(inputs, trace, decided.entry, "hit", answer=decided.answer, detail=decided.detail,
                               checked=decided.checked)
@@ -138,6 +140,15 @@ class Loader:
         from . import _fill
 
         return _fill.miss(self, inputs, trace, decided)
+
+    def _provider_caches(self, inputs: Inputs, key: str | None) -> Inputs:
+        """The provider's own caches (OpenVINO ``cache_dir``, TensorRT engines) in the key's folder, or off
+        without a key (``_side``); imported only by loads that ask for one, so a hit pays nothing."""
+        if not inputs.chain or not inputs.ep.side_cache_layout(inputs.options):
+            return inputs
+        from . import _side
+
+        return _side.inputs_for(self.store, key, inputs)
 
     # ---- the ways a load ends ----------------------------------------------------------------
     def bypass(self, inputs: Inputs, trace: Trace, decided: Bypass) -> LoadResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,8 @@ class EntryInfo:
     #: where a tier-filled entry came from (``{"tier": "bundle", "location": ...}``), else ``None``
     origin: dict[str, Any] | None = None
     entry_id: str = ""
+    #: bytes of the providers' own caches kept for this key (``Store.side_dir``), included in ``size``
+    side_size: int = 0
 
     @classmethod
     def of(cls, entry: Entry, hits: int = 0) -> EntryInfo:
@@ -85,7 +87,8 @@ class EntryInfo:
         return {"key": self.key, "model": self.model_name, "provider": self.provider, "size": self.size,
                 "created": self.created, "last_used": self.last_used, "hits": self.hits,
                 "compile_seconds": self.compile_seconds, "broken": self.broken,
-                "ep_options": self.parts.get("ep_options"), "path": str(self.path), "origin": self.origin}
+                "ep_options": self.parts.get("ep_options"), "path": str(self.path), "origin": self.origin,
+                "side_size": self.side_size}
 
 
 def entries(store: Store, *, include_broken: bool = False) -> list[EntryInfo]:
@@ -94,7 +97,9 @@ def entries(store: Store, *, include_broken: bool = False) -> list[EntryInfo]:
     out: list[EntryInfo] = []
     for item in store.iter_entries():
         if isinstance(item, Entry):
-            out.append(EntryInfo.of(item, hits.get(item.key, 0)))
+            info = EntryInfo.of(item, hits.get(item.key, 0))
+            side = store.side_size(item.key)  # a provider's own cache kept for this key counts as the entry's
+            out.append(replace(info, size=info.size + side, side_size=side) if side else info)
         elif include_broken:
             key, err = item
             out.append(EntryInfo(key, store.entry_path(key), "?", "?", 0, 0.0, 0.0, 0.0, broken=f"{err.code}: {err.message}"))

@@ -118,6 +118,7 @@ _JUNK = {
     "lock": "the lock of a key without an entry",
     "marker": "a crash marker or death note of a key without an entry",
     "negative": "an expired failure record",
+    "side": "a provider's own cache (OpenVINO blobs, TensorRT engines) of a key without an entry",
 }
 
 

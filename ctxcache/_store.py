@@ -9,6 +9,7 @@ newer one)::
       quarantine/<key>.<time>.<rand>/  + reason.json                   (invalidated, kept for a post-mortem)
       locks/<key>.lock      memo/<hash>.json      markers/<key>.<pid>.<rand>
       negative/<key>.json   (keys that cannot compile or load here)    events.log (stats)
+      side/<key>/openvino/, tensorrt_engines/ ...  (a provider's own cache for that key: see side_dir)
 
 An entry is staged in its own folder, fsynced, and committed by ONE rename of that folder: a reader
 sees a whole entry or none. The manifest is written inside the staging folder before the rename, so a
@@ -35,7 +36,7 @@ from ._onnxproto import WireError, read_facts
 
 LAYOUT = "v1"
 _KEEP_QUARANTINED = 8
-_SUBFOLDERS = ("entries", "staging", "quarantine", "locks", "memo", "markers", "negative")
+_SUBFOLDERS = ("entries", "staging", "quarantine", "locks", "memo", "markers", "negative", "side")
 
 
 class InsecureCache(PermissionError):
@@ -118,6 +119,7 @@ class Store:
         self.memo_dir = self.root / "memo"
         self.markers_dir = self.root / "markers"
         self.negative_dir = self.root / "negative"
+        self.side_root = self.root / "side"
         self.events_path = self.root / "events.log"
 
     def __repr__(self) -> str:
@@ -180,6 +182,19 @@ class Store:
 
     def entry_path(self, key: str) -> Path:
         return self.entries_dir / key
+
+    def side_dir(self, key: str) -> Path:
+        """Where the providers' own caches for ``key`` live (OpenVINO's blobs, TensorRT's engines and
+        timing cache), written by the provider while a session is created, not by ctxcache.
+
+        Beside the entry, not in it: an entry is immutable once published (its manifest lists every file),
+        and a provider cache is wanted even when the context is not (served on the original model). It
+        goes with its entry (removed, pruned, quarantined together) and is junk once the key has none.
+        """
+        return self.side_root / key
+
+    def side_size(self, key: str) -> int:
+        return _fs.tree_size(self.side_dir(key))
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, key: str) -> Entry | None:
@@ -453,14 +468,38 @@ class Store:
             _fs.write_new(dst / "reason.json", json.dumps(note).encode())
         except OSError:
             pass
+        self._quarantine_side(key, dst)
         self._trim_quarantine()
         return True
+
+    def _quarantine_side(self, key: str, dst: Path) -> None:
+        """The provider caches of a quarantined entry go with it (they may be why it failed to load)."""
+        side = self.side_dir(key)
+        try:
+            st = os.lstat(side)
+        except OSError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                self.check(dst)
+                _fs.rename(side, dst / "side")
+                return
+            except OSError as e:
+                log.debug("could not quarantine %s (%s); deleting it", side, e)
+        self._discard(side)
 
     def remove(self, key: str) -> bool:
         path = self.entries_dir / key
         if not _fs.exists(path):  # lexists: a dangling link planted as an entry is removed too
             return False
-        return self._discard(path)
+        gone = self._discard(path)
+        if gone:
+            self._discard_side(key)
+        return gone
+
+    def _discard_side(self, key: str) -> None:
+        if _fs.exists(self.side_dir(key)):
+            self._discard(self.side_dir(key))
 
     def evict(self, key: str, code: str, message: str, *, expect_id: str | None = None, keep: bool = True,
               even_if_locked: bool = False) -> bool:
@@ -554,7 +593,8 @@ class Store:
         """What housekeeping may delete: quarantined copies (all but the ``keep_quarantined`` newest),
         staging folders of compiles that are over, memos of files that no longer exist, lock files and
         heartbeats of keys without an entry that nobody holds (older than ``lock_age``), dead crash
-        markers and death notes of keys without an entry, expired negative records."""
+        markers and death notes of keys without an entry, expired negative records, provider caches
+        (:meth:`side_dir`) of keys without an entry."""
         from . import _negative
         from ._markers import _dead
 
@@ -589,6 +629,9 @@ class Store:
         for name, st in _fs.iter_children(self.negative_dir):
             if not _negative.alive(self.negative_dir / name, negative_ttl):
                 out.append(Junk("negative", self.negative_dir / name, st.st_size, st.st_mtime))
+        for name, st in _fs.iter_children(self.side_root):
+            if name not in keys:
+                out.append(Junk("side", self.side_root / name, _fs.tree_size(self.side_root / name), st.st_mtime))
         return out
 
     def _hidden_ids(self, key: str) -> tuple[str, ...]:
@@ -619,6 +662,8 @@ class Store:
             return self._discard(item.path) and not _fs.exists(item.path)
         if item.kind == "lock" and item.path.name.endswith(".lock") and not self._lock_free(item.path.name[:-5]):
             return False
+        if item.kind == "side" and _fs.exists(self.entries_dir / item.path.name):
+            return False  # its key got an entry since the plan: the cache belongs to it now
         return _fs.remove_tree(item.path)
 
     # -- listing ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Real TensorRT check: compile, hit, damage -> fallback -> heal, and issue 6455, on an NVIDIA GPU.
+"""Real TensorRT check: compile, hit, damage -> fallback -> heal, issue 6455, and engine caches kept per key, on an NVIDIA GPU.
 
 It cannot run on the development machines or in CI (no GPU, and the CPU onnxruntime wheel); run it on a
 machine with an NVIDIA GPU and driver, in a venv with::
@@ -158,6 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     refb = run(REFERENCE, str(b), json.dumps(["CPUExecutionProvider"]))
     check(ra["key"] != rb["key"] and rb["outcome"] == "miss", "6455: same file name, other weights -> own entry")
     check(close(rb["out"], refb["out"], tol), "6455: the second model runs with its own weights")
+
+    # The engine and timing caches an app turns on (onnxruntime#6455, #32254: ORT keys engines on the graph
+    # name): one shared path given by both apps, one folder per key under ctxcache's root, right outputs each.
+    shared = work / "shared-engines"
+    side_opts = dict(opts, trt_engine_cache_enable="1", trt_engine_cache_path=str(shared),
+                     trt_timing_cache_enable="1", trt_timing_cache_path=str(shared))
+    cache = work / "cache-side"
+    sa = [run(LAUNCH, str(cache), str(m), json.dumps(side_opts)) for m in (a, b, a, b)]
+    check(sa[0]["key"] != sa[1]["key"] and sa[0]["key"] == sa[2]["key"], "engine cache: one key per model")
+    check(close(sa[1]["out"], refb["out"], tol) and close(sa[3]["out"], refb["out"], tol),
+          "engine cache: the second model runs with its own weights, first launch and later")
+    check(not shared.exists(), "engine cache: nothing written at the path the app gave")
+    folders = [cache / "v1" / "side" / str(r["key"]) for r in sa[:2]]
+    for f in folders:
+        print("   side folder:", f, sorted(str(p.relative_to(f)) for p in f.rglob("*") if p.is_file()) if f.exists() else "-")
+    check(all(f.is_dir() for f in folders), "engine cache: a side folder per key")
+    import ctxcache
+
+    listed = {e.key: e.side_size for e in ctxcache.ContextCache(cache).entries()}
+    check(all(listed.get(str(r["key"]), -1) >= 0 for r in sa[:2]), f"engine cache: entries list their side sizes {listed}")
 
     print("\n| model | compile s | TensorRT JIT session s | session on cached context s | launch speed-up |")
     print("|---|---|---|---|---|")

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "ctxcache.tiers": 2,
     "ctxcache._key": 2,
     "ctxcache._inputs": 2,
+    "ctxcache._side": 2,
     "ctxcache._compile": 2,
     "ctxcache._store": 1,
     "ctxcache._tuf_publish": 1,

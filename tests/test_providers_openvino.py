@@ -56,6 +56,8 @@ expected = ref.run(None, feeds)[0]
 cache = ctxcache.ContextCache({cache!r})
 # True reaches the EP as "true": as "1" ORT would silently drop the EP and run on CPU
 providers = [("OpenVINOExecutionProvider", {{"device_type": "CPU", "enable_qdq_optimizer": True}})]
+# the key before the first load: once a context failed to load here, later loads bypass and key() is None
+fp = cache.key(model, providers=providers)
 runs, outs = [], []
 for _ in range(2):
     r = cache.load(model, providers=providers)
@@ -90,7 +92,6 @@ if jit is not None:
     jit_out = jit.run(None, feeds)[0]
 for run, out in zip(runs, outs):
     run["jit_maxdiff"] = float(np.abs(out - jit_out).max()) if jit is not None else None
-fp = cache.key(model, providers=providers)
 report({{"ort": ort.__version__, "runs": runs, "parts": fp.as_dict() if fp else None,
         "quarantined": len(list((cache.root / "v1" / "quarantine").iterdir())) if (cache.root / "v1" / "quarantine").exists() else 0}})
 """
@@ -111,7 +112,9 @@ def test_binary_options_keep_device_and_precision_only() -> None:
     p = OpenVINOProvider()
     opts = p.normalize_options({"device_type": "GPU.1", "precision": "FP16", "num_of_threads": 4, "num_streams": "2",
                                 "cache_dir": "/tmp/ov", "model_priority": "HIGH", "enable_qdq_optimizer": "True"})
-    assert p.binary_options(opts) == {"device_type": "GPU.1", "enable_qdq_optimizer": "true", "precision": "FP16"}
+    assert p.binary_options(opts) == {"device_type": "GPU.1", "enable_qdq_optimizer": "true", "precision": "FP16",
+                                      # where the blob cache lives is not keyed; that one is kept is
+                                      "ctxcache.side_cache": "openvino"}
     # the EP reads only true/false: a 1 or Python True would make ORT drop the provider silently
     for spelling in (True, 1, "1", "TRUE", "true"):
         assert p.normalize_options({"enable_qdq_optimizer": spelling})["enable_qdq_optimizer"] == "true"
@@ -203,3 +206,109 @@ def test_openvino_plugin_without_a_device_is_a_bypass(tmp_path: Path) -> None:
         assert runs[0]["providers"] == ["CPUExecutionProvider"]
     else:  # an Intel host: the plugin has devices and compiles
         assert runs[0]["outcome"] in ("miss", "fallback"), runs
+
+
+# -- OpenVINO's own blob cache (cache_dir), kept under the key ---------------------------------------
+BLOB_CACHE = """
+import hashlib, json, os, sys, numpy as np, onnxruntime as ort
+from pathlib import Path
+import ctxcache
+from _report import report
+from ctxcache import models
+from ctxcache._cache import store_of
+tmp = Path(sys.argv[1])
+# two apps' models of one structure and other weights, each app with its own cache_dir
+ms = [models.conv_net(tmp / f"app{i}" / "model.onnx", layers=4, channels=16, seed=5 + i) for i in range(2)]
+def blobs(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*.blob"))} if Path(folder).exists() else {}
+def run(session, m):
+    feeds = models.random_input(session, seed=3)
+    ref = ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return float(np.abs(session.run(None, feeds)[0] - ref).max())
+
+# Without ctxcache: one cache_dir shared by both models (what an app does with one setting).
+shared = tmp / "shared"
+plain = []
+for m in ms + ms:
+    s = ort.InferenceSession(str(m), providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": str(shared)})])
+    run(s, m)
+    plain.append(blobs(shared))
+
+cache = ctxcache.ContextCache(tmp / "cache")
+store = store_of(cache)
+launches = []
+for rnd in range(2):
+    for i, m in enumerate(ms):
+        user = tmp / f"user_cache_{rnd}_{i}"
+        r = cache.load(m, providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": str(user)})])
+        launches.append({"model": i, "outcome": r.outcome, "key": r.key, "maxdiff": run(r.session, m),
+                         "providers": r.session.get_providers(), "user_created": user.exists(),
+                         "side": blobs(store.side_dir(r.key))})
+ex = cache.explain(ms[0], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "/elsewhere"})])
+key0 = launches[0]["key"]
+# a blob damaged on disk, and a file planted where the folder goes: still right outputs
+blob = next(store.side_dir(key0).rglob("*.blob"))
+data = bytearray(blob.read_bytes()); data[len(data) // 2] ^= 0xFF; blob.write_bytes(bytes(data))
+damaged = cache.load(ms[0], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
+damaged_diff = run(damaged.session, ms[0])
+# a link planted at the blob's name pointing outside, and a FIFO: nothing outside changes, no hang
+outside = tmp / "outside.txt"; outside.write_bytes(b"precious")
+blob.unlink(); blob.symlink_to(outside)
+linked = cache.load(ms[0], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
+linked_diff = run(linked.session, ms[0])
+os.unlink(next(p for p in store.side_dir(key0).rglob("*.blob"))); os.mkfifo(blob)
+fifo = cache.load(ms[0], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
+fifo_diff = run(fifo.session, ms[0])
+key1 = launches[1]["key"]
+import shutil; shutil.rmtree(store.side_dir(key1)); store.side_dir(key1).write_bytes(b"in the way")
+planted = cache.load(ms[1], providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "x"})])
+planted_diff = run(planted.session, ms[1])
+junk = [j.kind for j in store.junk(negative_ttl=1e9)]
+pruned = cache.prune()
+report({"plain": plain, "launches": launches, "explain": ex.side_cache, "damaged": [damaged.outcome, damaged_diff],
+                  "linked": [linked_diff, outside.read_bytes().decode()], "fifo": fifo_diff,
+                  "planted": [planted.outcome, planted_diff, planted.session.get_providers()[0]], "junk": junk,
+                  "side_left": sorted(os.listdir(store.side_root)), "pruned": len(pruned.removed),
+                  "cwd_files": sorted(os.listdir("."))})
+"""
+
+
+def test_openvino_blob_cache_gets_one_folder_per_model(tmp_path: Path) -> None:
+    """The real OpenVINO CPU plugin: its blob's file name ignores the weights, so two models of one structure
+    in one cache_dir overwrite each other's blob. Through ctxcache each model's blobs live
+    in its key's folder, the app's own path is never written, and a damaged blob or a file planted where
+    the folder goes still gives right outputs."""
+    python = _interpreter("CTXCACHE_OPENVINO_PYTHON", ".venv-openvino", "/tmp/venv-ovc/bin/python")
+    if python is None:
+        pytest.skip("no onnxruntime-openvino venv (.ci/run creates .venv-openvino; set CTXCACHE_OPENVINO_PYTHON)")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    res = _child.run([str(python), "-c", textwrap.dedent(BLOB_CACHE), str(tmp_path)], timeout=600, check=True,
+                     cwd=work).result
+    # without ctxcache: both models' blobs under one file name in the one folder, each session overwriting it
+    # (onnxruntime-openvino 1.24.1 on CPU rewrites the blob at every session, even for the same model)
+    plain = res["plain"]
+    assert all(len(b) == 1 for b in plain) and len({n for b in plain for n in b}) == 1
+    assert all(plain[i] != plain[i + 1] for i in range(len(plain) - 1))
+    launches = res["launches"]
+    for run in launches:
+        assert run["maxdiff"] < 1e-4, run
+        assert run["providers"][0] == OV
+        assert not run["user_created"], "the app's own cache_dir must not be written"
+        assert len(run["side"]) == 1, run
+    first, second = launches[:2], launches[2:]
+    # one key per model whatever the app's path, so each model's blob in a folder of its own
+    assert first[0]["key"] != first[1]["key"]
+    assert [r["key"] for r in first] == [r["key"] for r in second]
+    assert first[0]["side"] != first[1]["side"]
+    assert res["explain"]["caches"] == {"cache_dir": "openvino"} and res["explain"]["size"] > 0
+    assert res["damaged"][1] < 1e-4
+    assert res["linked"][0] < 1e-4 and res["linked"][1] == "precious"
+    assert res["fifo"] < 1e-4
+    assert res["planted"][1] < 1e-4 and res["planted"][2] == OV
+    # every context load fails on this host (no entry): the side folders are junk (the planted file too),
+    # and a prune takes them
+    assert res["junk"].count("side") == 2
+    assert res["side_left"] == []
+    assert res["cwd_files"] == []

@@ -12,13 +12,16 @@ ctxcache does not offer group entries yet, because here a group could be built b
 
 A group entry whose members cannot be loaded cannot be verified or tested, so the feature waits for a
 QNN that loads shared binaries here, or for a device. These tests pin both facts: the day the load works,
-the second one fails and says that group entries can now be built and tested.
+the second one fails and says that group entries can now be built and tested; until then it asserts the
+failure and skips, naming the signal (re-tried 2026-12-04: still SIGSEGV with and without
+``ep.share_ep_contexts`` / ``enable_htp_weight_sharing`` at load).
 ctxcache's own sessions never share contexts by accident: ``ep.*`` session entries are not copied onto
 the sessions it creates.
 """
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,9 @@ def test_shared_binaries_do_not_load_on_the_simulator(pair: tuple[Path, Path], t
                     "(published, verified, evicted and invalidated together) - see issue 6")
     # SIGSEGV (-11) in a fresh process, or ORT's NOT_SUPPORTED error: either way no usable session
     assert proc.returncode != 0
+    if proc.returncode < 0:
+        crash = f"killed by {signal.Signals(-proc.returncode).name}"
+    else:
+        crash = f"raised: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    pytest.skip(f"QNN shared-weight groups: loading a shared context binary in a child process is {crash} "
+                "(onnxruntime-qnn 2.7, x86 HTP simulator); group entries wait for a QNN that loads them")

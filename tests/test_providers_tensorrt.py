@@ -213,14 +213,26 @@ def test_runtime_options_and_spellings_do_not(fake_gpu: None, conv_model: Path, 
     same = [
         {"trt_fp16_enable": True},
         {"trt_fp16_enable": "true", "trt_int8_enable": "False", "trt_engine_hw_compatible": 0},
-        {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(tmp_path / "a"),
-         "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(tmp_path / "b")},
+        {"trt_fp16_enable": "1", "trt_engine_cache_path": str(tmp_path / "a"), "trt_timing_cache_path": str(tmp_path / "b")},
         {"trt_fp16_enable": "1", "trt_cuda_graph_enable": "1", "trt_detailed_build_log": "1", "trt_dump_subgraphs": "1"},
         {"trt_fp16_enable": "1", "trt_dump_ep_context_model": "1", "trt_ep_context_file_path": "x.onnx"},
         # device 1 is the same GPU model as device 0 here: identical cards share an entry
         {"trt_fp16_enable": "1", "device_id": "1"},
     ]
     assert [_key(cache, conv_model, s) for s in same] == [base] * len(same)
+
+
+def test_engine_and_timing_caches_key_on_being_kept_not_on_where(fake_gpu: None, conv_model: Path, cache_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    # Two apps with other cache paths share one entry; a cache kept (in the key's own folder) is another.
+    cache = ctxcache.ContextCache(cache_dir)
+    base = _key(cache, conv_model, {"trt_fp16_enable": "1"})
+    cached = [_key(cache, conv_model, {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1",
+                                       "trt_engine_cache_path": str(tmp_path / app), "trt_timing_cache_enable": "1",
+                                       "trt_timing_cache_path": str(tmp_path / app / "t")}) for app in ("a", "b")]
+    engine_only = _key(cache, conv_model, {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1"})
+    assert cached[0] == cached[1]
+    assert len({base, cached[0], engine_only}) == 3
 
 
 def test_profile_order_between_inputs_does_not_matter(fake_gpu: None, conv_model: Path, cache_dir: Path) -> None:
@@ -368,3 +380,57 @@ def test_onnxruntime_gpu_build_without_a_usable_tensorrt_is_a_bypass(with_driver
     assert "TensorrtExecutionProvider" not in res["providers"]
     assert res["shape"] == [1, 16, 32, 32]
     assert res["libs"] == ["libonnxruntime_providers_tensorrt.so"]
+
+
+GPU_SIDE = """
+import json, os, sys
+from pathlib import Path
+import ctxcache
+from ctxcache import _side, models
+from ctxcache._cache import store_of
+from ctxcache._inputs import resolve_providers
+from ctxcache.providers import _nvidia, tensorrt
+fake = json.loads(sys.argv[1])
+_nvidia._cuda_names = lambda: [fake["libcuda.so.1"]]
+_nvidia._nvml_names = lambda: [fake["libnvidia-ml.so.1"]]
+_nvidia.tensorrt_library_names = lambda: [fake["libnvinfer.so.10"]]
+tensorrt.provider_library_problem = lambda: None  # as on a machine whose CUDA libraries all load
+tmp = Path(sys.argv[2])
+# onnxruntime#6455 / #32254: two apps' model.onnx, one structure, other weights
+a = models.conv_net(tmp / "app_a" / "model.onnx", seed=1)
+b = models.conv_net(tmp / "app_b" / "model.onnx", seed=2)
+cache = ctxcache.ContextCache(tmp / "cache")
+def opts(app):
+    return {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(tmp / app / "trt"),
+            "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(tmp / app / "trt")}
+keys = {f"{m.parent.name}:{app}": cache.key(m, providers=[("TensorrtExecutionProvider", opts(app))]).key
+        for m in (a, b) for app in ("app_a", "app_b")}
+store = store_of(cache)
+store.ensure()
+governed = {name: _side.govern(store, key, resolve_providers([("TensorrtExecutionProvider", opts("app_a"))], None))[0][1]
+            for name, key in keys.items()}
+from _report import report
+report({"keys": keys, "governed": governed, "side": str(store.side_root),
+        "user_files": sorted(str(p) for p in tmp.glob("app_*/trt*"))})
+"""
+
+
+def test_each_model_gets_its_own_engine_folder_in_the_gpu_build(fake_libs: dict[str, Path], tmp_path: Path) -> None:
+    """The real onnxruntime-gpu build and TensorRT provider module (the stand-in driver answers; nothing
+    runs on a GPU): engine and timing caches of two same-named models land in two folders of their keys."""
+    import json
+
+    python = _gpu_build_python()
+    if python is None:
+        pytest.skip("no onnxruntime-gpu venv (.ci/run creates .venv-ort-gpu; set CTXCACHE_ORT_GPU_PYTHON)")
+    res = run([str(python), "-c", GPU_SIDE, json.dumps({k: str(v) for k, v in fake_libs.items()}), str(tmp_path)],
+              timeout=300, check=True).result
+    keys = res["keys"]
+    assert keys["app_a:app_a"] == keys["app_a:app_b"] != keys["app_b:app_a"] == keys["app_b:app_b"]
+    for name, options in res["governed"].items():
+        folder = Path(res["side"]) / keys[name]
+        assert options["trt_engine_cache_path"] == str(folder / "tensorrt_engines")
+        assert options["trt_timing_cache_path"] == str(folder / "tensorrt_timing")
+        assert Path(options["trt_engine_cache_path"]).is_dir()
+    assert res["governed"]["app_a:app_a"]["trt_engine_cache_path"] != res["governed"]["app_b:app_a"]["trt_engine_cache_path"]
+    assert res["user_files"] == []

@@ -48,6 +48,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         out(f"key       {ex.key}")
     if ex.compatibility:
         out(f"device    {ex.compatibility}")
+    if ex.side_cache:
+        out(f"provider cache  {', '.join(sorted(ex.side_cache['caches']))} in {ex.side_cache['folder']} "
+            f"({human_size(ex.side_cache['size'])})")
     out(f"verdict   {shown(ex.summary())}")
     if ex.verdict == "miss":
         if not ex.nearest:

@@ -16,6 +16,9 @@ from ..errors import ProviderOptionError
 
 LoadErrorKind = Literal["transient", "artifact", "recompiles", "unknown"]
 
+#: The key part (inside ``ep_options``) that says a provider's own cache is kept beside the entry.
+SIDE_CACHE_PART = "ctxcache.side_cache"
+
 #: ONNX Runtime's answers (``OrtCompiledModelCompatibility``), and ``unknown`` where none could be had.
 Verdict = Literal["optimal", "prefer_recompilation", "unsupported", "not_applicable", "unknown"]
 _VERDICTS: dict[str, Verdict] = {
@@ -149,7 +152,34 @@ class ExecutionProvider:
         """Raise :class:`ProviderOptionError` for values the provider would reject or misread."""
 
     def binary_options(self, options: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in options.items() if k not in self.runtime_options}
+        out = {k: v for k, v in options.items() if k not in self.runtime_options}
+        side = self.side_cache_layout(options)
+        if side:
+            # Where the provider's own cache lives is never keyed (ctxcache points it into the key's folder,
+            # so two apps with other paths share one entry); that one is kept, and which, is.
+            out[SIDE_CACHE_PART] = ",".join(sorted(side.values()))
+        return out
+
+    # -- the provider's own caches ------------------------------------------------------------
+    def side_cache_layout(self, options: Mapping[str, str]) -> dict[str, str]:
+        """The provider's own caches ``options`` turn on, as ``{path option: subfolder}`` (OpenVINO's
+        ``cache_dir``, TensorRT's engine and timing caches); ``{}`` for none. ctxcache points each path
+        option at that subfolder of the key's side folder (``Store.side_dir``), so no two models or option
+        sets share one, and the folder is counted, pruned and quarantined with the key's entry."""
+        return {}
+
+    def side_cache_options(self, options: Mapping[str, str], folder: Path) -> dict[str, str]:
+        """``options`` with each cache path of :meth:`side_cache_layout` pointed into ``folder`` (the
+        key's side folder): the user's own path is dropped. The key is unchanged by this rewrite."""
+        out = dict(options)
+        for option, sub in self.side_cache_layout(options).items():
+            out[option] = str(folder / sub)
+        return out
+
+    def without_side_cache(self, options: Mapping[str, str]) -> dict[str, str]:
+        """``options`` with the provider's own caches turned off: what a session gets when ctxcache cannot
+        give them a folder of their own (the provider then rebuilds at every launch, never shares)."""
+        return {k: v for k, v in options.items() if k not in self.side_cache_layout(options)}
 
     # -- key parts ----------------------------------------------------------------------------
     def versions(self) -> dict[str, str]:

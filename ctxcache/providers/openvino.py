@@ -12,9 +12,15 @@ Two ways it reaches a Python process:
   Intel hardware only), so there it is unavailable and a load is a bypass.
 
 Key: the OpenVINO version and the device the blob is built for. ``device_type`` (CPU, GPU.1, NPU,
-AUTO:GPU,CPU, HETERO:...) and ``precision`` shape the compiled blob; thread and stream counts, priority
-and OpenVINO's own ``cache_dir`` (which OpenVINO keys on content itself) do not. A CPU blob depends on the
-instruction set it was compiled for, so the CPU's model and ISA level are keyed too.
+AUTO:GPU,CPU, HETERO:...) and ``precision`` shape the compiled blob; thread and stream counts and priority
+do not. A CPU blob depends on the instruction set it was compiled for, so the CPU's model and ISA level are
+keyed too.
+
+OpenVINO's own blob cache (``cache_dir``): measured with onnxruntime-openvino 1.24.1 on CPU, the blob's
+file name does not depend on the weights, so two models of one structure in one ``cache_dir`` overwrite
+each other's blob at every launch; and a ``cache_dir`` that cannot be created (a file in the way) fails
+the session. ctxcache gives it one folder per key instead (``side_cache_layout``): the path the app passed
+is not keyed, the fact that a blob cache is kept is.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ _RUNTIME = frozenset(
     {
         "num_of_threads",
         "num_streams",
-        "cache_dir",  # OpenVINO's own blob cache: keyed on content by OpenVINO, a location here
+        "cache_dir",  # where OpenVINO's blob cache lives (whether it is kept is keyed: side_cache_layout)
         "context",  # an OpenCL context pointer
         "enable_opencl_throttling",
         "model_priority",
@@ -193,6 +199,9 @@ class OpenVINOProvider(ExecutionProvider):
                     provider=self.name,
                     option=key,
                 )
+
+    def side_cache_layout(self, options: Mapping[str, str]) -> dict[str, str]:
+        return {"cache_dir": "openvino"} if options.get("cache_dir") else {}
 
     def binary_options(self, options: dict[str, str]) -> dict[str, str]:
         out = super().binary_options(options)

@@ -14,9 +14,13 @@ What shapes a TensorRT engine, and so the key:
 What is left out: where caches live, logging and debug dumps, CUDA graphs, the stream, ``device_id``
 (the selected GPU's identity is keyed instead: two identical cards share an entry).
 
-ONNX Runtime's own engine cache keys on the model's *file name* (onnxruntime issue 6455): two models
-called ``model.onnx`` share one engine and the second runs with the first one's weights. ctxcache never
-uses that cache across models: it compiles into the entry's own staging folder, keyed on content.
+ONNX Runtime's own engine cache keys on the model's *file name* or graph name (onnxruntime issues 6455,
+32254): two models called ``model.onnx`` share one engine and the second runs with the first one's
+weights. ctxcache never uses that cache across models: it compiles into the entry's own staging folder,
+keyed on content, and when the app turns the engine or timing cache on (``trt_engine_cache_enable``,
+``trt_timing_cache_enable``) their paths are pointed into a folder of the key's own
+(``side_cache_layout``), whatever path the app gave. This EP has no runtime cache option (1.31.1's library
+lists none; the runtime cache belongs to the TensorRT-RTX EP, which ctxcache has no module for).
 
 The context is produced the way the TensorRT EP documents it (a session on the original model with
 ``ep.context_enable`` and ``trt_dump_ep_context_model``), which works with every onnxruntime-gpu since
@@ -352,6 +356,38 @@ class TensorRTProvider(ExecutionProvider):
             # TensorRT EP opens the table relative to its engine cache folder.
             path = Path(options.get("trt_engine_cache_path") or ".") / name
         return path if path.is_file() else None
+
+    # -- the provider's own caches ------------------------------------------------------------
+    def side_cache_layout(self, options: Mapping[str, str]) -> dict[str, str]:
+        # ORT reads a cache path only with its enable switch; its default path is the working directory.
+        out = {}
+        if options.get("trt_engine_cache_enable") == "1":
+            out["trt_engine_cache_path"] = "tensorrt_engines"
+        if options.get("trt_timing_cache_enable") == "1":
+            out["trt_timing_cache_path"] = "tensorrt_timing"
+        return out
+
+    def side_cache_options(self, options: Mapping[str, str], folder: Path) -> dict[str, str]:
+        out = super().side_cache_options(options, folder)
+        name = options.get("trt_int8_calibration_table_name")
+        table = self._calibration_table(options)
+        if name and table is not None and not Path(name).is_absolute() and "trt_engine_cache_path" in out:
+            # TensorRT opens a relative calibration table in the engine cache folder, which is now the key's:
+            # the table goes there too (its content is keyed, so the copy is never stale).
+            from .. import _fs
+            from .._manifest import safe_name
+
+            target = Path(out["trt_engine_cache_path"]) / name
+            if not _fs.exists(target) and safe_name(name):
+                _fs.atomic_write(target, _fs.read_small(table, 1 << 30))
+        return out
+
+    def without_side_cache(self, options: Mapping[str, str]) -> dict[str, str]:
+        # Off, not just without a path: an enabled cache without one is written into the working directory.
+        out = super().without_side_cache(options)
+        for switch in ("trt_engine_cache_enable", "trt_timing_cache_enable"):
+            out.pop(switch, None)
+        return out
 
     # -- key parts ----------------------------------------------------------------------------
     def versions(self) -> dict[str, str]:
