@@ -33,7 +33,8 @@ from ._inputs import Chain, Model, Raw, cache_blocker, chosen_by_policy, compile
 from ._manifest import Entry
 from ._record import Record
 from ._servable import Digests, judge
-from ._store import BrokenEntry, InsecureCache, Store
+from ._store import BrokenEntry, Store
+from ._storebase import InsecureCache
 from ._trust import Trust
 from ._types import Reason
 from .providers import ExecutionProvider

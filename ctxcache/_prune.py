@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 from . import _key
 from ._config import DEFAULT_NEGATIVE_TTL
+from ._housekeeping import Junk
 from ._manage import EntryInfo, entries, env_mismatch
 from ._manifest import shown
-from ._store import Junk, Store
+from ._store import Store
 
 log = logging.getLogger("ctxcache")
 

@@ -1,4 +1,5 @@
-"""On-disk layout, lookup, integrity checks, atomic publish, and removal of entries.
+"""On-disk layout, lookup, integrity checks and atomic publish of entries (taking them out: ``_removal``;
+what housekeeping may delete: ``_housekeeping``; paths and shared helpers: ``_storebase``).
 
 Layout under the cache root (one folder per layout version, so an older ctxcache never misreads a
 newer one)::
@@ -20,7 +21,6 @@ read from or written into, and every file goes through :mod:`._fs`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 import time
@@ -30,18 +30,12 @@ from typing import Any, NamedTuple
 
 from . import _fs, _manifest
 from ._hashing import file_digest, signature
+from ._housekeeping import Housekeeping
 from ._log import log
 from ._manifest import CONTEXT, MANIFEST, Entry
 from ._onnxproto import WireError, read_facts
-
-LAYOUT = "v1"
-_KEEP_QUARANTINED = 8
-_SUBFOLDERS = ("entries", "staging", "quarantine", "locks", "memo", "markers", "negative", "side")
-
-
-class InsecureCache(PermissionError):
-    """A cache folder is a link, or can be written by another user: a context from it could be anyone's
-    (like ssh refusing a key file others can write). The load bypasses the cache."""
+from ._removal import Removal
+from ._storebase import _SUBFOLDERS, InsecureCache
 
 
 class BrokenEntry(Exception):
@@ -51,25 +45,6 @@ class BrokenEntry(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class Junk(NamedTuple):
-    """Something the cache keeps that is not an entry, and may go (see :meth:`Store.junk`)."""
-
-    kind: str
-    path: Path
-    size: int
-    mtime: float
-
-
-def _memo_alive(path: Path) -> bool:
-    """A memo whose files all still exist (the memo of a deleted model is junk)."""
-    try:
-        data = json.loads(_fs.read_small(path, 1 << 20))
-        files = data["files"]
-        return bool(files) and all(os.path.exists(f[0]) for f in files)
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, IndexError):
-        return False
 
 
 class Problem(NamedTuple):
@@ -106,24 +81,12 @@ def context_problem(folder: Path, names: set[str]) -> Problem | None:
     return None
 
 
-class Store:
-    """One cache folder's entries. Knows where things are and how to change them safely; no policy."""
+class Store(Removal, Housekeeping):
+    """One cache folder's entries. Knows where things are and how to change them safely; no policy.
 
-    def __init__(self, root: Path) -> None:
-        self.base = root
-        self.root = root / LAYOUT
-        self.entries_dir = self.root / "entries"
-        self.staging_dir = self.root / "staging"
-        self.quarantine_dir = self.root / "quarantine"
-        self.locks_dir = self.root / "locks"
-        self.memo_dir = self.root / "memo"
-        self.markers_dir = self.root / "markers"
-        self.negative_dir = self.root / "negative"
-        self.side_root = self.root / "side"
-        self.events_path = self.root / "events.log"
-
-    def __repr__(self) -> str:
-        return f"Store({str(self.base)!r})"
+    Paths and the small shared helpers are :class:`~ctxcache._storebase.StoreBase`; taking entries out
+    is :class:`~ctxcache._removal.Removal`; what housekeeping may delete, :class:`~ctxcache._housekeeping.Housekeeping`.
+    """
 
     # -- setup --------------------------------------------------------------------------------
     def ensure(self) -> None:
@@ -170,31 +133,6 @@ class Store:
         """The longest path this store writes (a staging folder's binary): checked against MAX_PATH."""
         return len(str(self.staging_dir / f"{'0' * 32}.{'0' * 10}.{'0' * 8}" / ("x" * 48)))
 
-    def check(self, folder: Path) -> None:
-        """The folder rule for one folder of this store (``InsecureCache`` when it fails)."""
-        try:
-            _fs.check_folder(folder)
-        except _fs.UnsafeFolder as e:
-            raise InsecureCache(*e.args) from None
-
-    def lock_path(self, key: str) -> Path:
-        return self.locks_dir / f"{key}.lock"
-
-    def entry_path(self, key: str) -> Path:
-        return self.entries_dir / key
-
-    def side_dir(self, key: str) -> Path:
-        """Where the providers' own caches for ``key`` live (OpenVINO's blobs, TensorRT's engines and
-        timing cache), written by the provider while a session is created, not by ctxcache.
-
-        Beside the entry, not in it: an entry is immutable once published (its manifest lists every file),
-        and a provider cache is wanted even when the context is not (served on the original model). It
-        goes with its entry (removed, pruned, quarantined together) and is junk once the key has none.
-        """
-        return self.side_root / key
-
-    def side_size(self, key: str) -> int:
-        return _fs.tree_size(self.side_dir(key))
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, key: str) -> Entry | None:
@@ -381,295 +319,7 @@ class Store:
             return Entry(key, newest, data)
         return self.lookup(key)
 
-    # -- removal ------------------------------------------------------------------------------
-    def _discard(self, path: Path) -> bool:
-        """Remove a folder atomically from readers' view (rename into staging), then delete it.
-
-        Never raises: on a read-only cache the rename fails, and a cache fault must not become an app
-        error. Junk that is a file or a link, not a folder, goes too (never followed).
-        """
-        trash = self.staging_dir / f"trash.{path.name}.{os.urandom(4).hex()}"
-        try:
-            self.check(self.staging_dir)
-            _fs.rename(path, trash)
-        except FileNotFoundError:
-            return False
-        except OSError as e:
-            if _fs.sharing_violation(e) and path.parent == self.entries_dir:
-                return self._hide(path, "removed")
-            log.warning("cannot remove %s: %s", path, e.strerror or e)
-            return False
-        _fs.remove_tree(trash)
-        return True
-
-    def _hide(self, path: Path, why: str) -> bool:
-        """Windows: an entry whose folder cannot be moved (a session holds its files) is hidden at once by
-        a tombstone in its manifest (rewritten: the manifest itself is never held open), so no lookup
-        returns it; its files go at a later housekeeping, when they are no longer held."""
-        try:
-            data = json.loads(_fs.read_small(path / MANIFEST, _manifest.MAX_BYTES))
-            if not isinstance(data, dict):
-                raise ValueError("not a manifest")
-            data["gone"] = {"why": why, "time": time.time()}
-            _fs.atomic_write(path / MANIFEST, _manifest.dumps(data))
-        except (OSError, ValueError, RecursionError) as e:
-            try:  # no manifest to rewrite: without one the folder is no entry either
-                _fs.ops.unlink(str(path / MANIFEST))
-            except FileNotFoundError:
-                pass
-            except OSError:
-                log.warning("cannot hide %s: %s", path, e)
-                return False
-        log.info("%s is held open by another process; hidden now, deleted later", path)
-        return True
-
-    def current_id(self, key: str) -> str | None:
-        """The committed entry_id of ``key`` (``None``: absent or unreadable)."""
-        try:
-            data = json.loads(_fs.read_small(self.entries_dir / key / MANIFEST, _manifest.MAX_BYTES))
-        except (OSError, ValueError, RecursionError):
-            return None
-        value = data.get("entry_id") if isinstance(data, dict) else None
-        return value if isinstance(value, str) else None
-
-    def quarantine(self, key: str, code: str, message: str, expect_id: str | None = None) -> bool:
-        """Move ``key``'s entry out of the way, keeping it and the reason for a post-mortem.
-
-        ``expect_id`` guards a race: the entry judged broken may already have been replaced by a fresh
-        one from another process; that one must not be thrown away. The caller holds the key's lock
-        (see :meth:`evict`).
-        """
-        src = self.entries_dir / key
-        if expect_id is not None:
-            current = self.current_id(key)
-            if current is not None and current != expect_id:
-                return False
-        try:
-            st = os.lstat(src)
-        except OSError:
-            return False
-        if not stat.S_ISDIR(st.st_mode):
-            # A link or file planted as an entry: nothing of ours to keep, and reason.json would be
-            # written through it into the folder it points at.
-            return self._discard(src)
-        dst = self.quarantine_dir / f"{key}.{int(time.time())}.{os.urandom(3).hex()}"
-        try:
-            self.check(self.quarantine_dir)
-            _fs.rename(src, dst)
-        except FileNotFoundError:
-            return False
-        except OSError as e:
-            if _fs.sharing_violation(e):
-                return self._hide(src, f"quarantined: {code}")
-            log.debug("could not quarantine %s (%s); deleting it", src, e)
-            return self._discard(src)
-        try:
-            note = {"code": code, "message": message, "time": time.time()}
-            _fs.write_new(dst / "reason.json", json.dumps(note).encode())
-        except OSError:
-            pass
-        self._quarantine_side(key, dst)
-        self._trim_quarantine()
-        return True
-
-    def _quarantine_side(self, key: str, dst: Path) -> None:
-        """The provider caches of a quarantined entry go with it (they may be why it failed to load)."""
-        side = self.side_dir(key)
-        try:
-            st = os.lstat(side)
-        except OSError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                self.check(dst)
-                _fs.rename(side, dst / "side")
-                return
-            except OSError as e:
-                log.debug("could not quarantine %s (%s); deleting it", side, e)
-        self._discard(side)
-
-    def remove(self, key: str) -> bool:
-        path = self.entries_dir / key
-        if not _fs.exists(path):  # lexists: a dangling link planted as an entry is removed too
-            return False
-        gone = self._discard(path)
-        if gone:
-            self._discard_side(key)
-        return gone
-
-    def _discard_side(self, key: str) -> None:
-        if _fs.exists(self.side_dir(key)):
-            self._discard(self.side_dir(key))
-
-    def evict(self, key: str, code: str, message: str, *, expect_id: str | None = None, keep: bool = True,
-              even_if_locked: bool = False) -> bool:
-        """Take ``key``'s entry out of the cache: the one rule for who may delete an entry.
-
-        Under the key's lock when it is free: a compiler holding it may be replacing this very entry
-        (it finds and handles a broken one itself), so a busy lock means "leave it" unless
-        ``even_if_locked`` (a context that killed its loader: left in place, the lock holder or the
-        next launch would load it and die again). ``expect_id`` spares an entry replaced meanwhile.
-        ``keep`` quarantines (kept for a post-mortem) instead of deleting. Returns whether it went.
-        """
-        from ._locking import release, try_lock
-
-        try:
-            self.check(self.locks_dir)  # filelock creates its file through whatever the folder is
-            handle = try_lock(self.lock_path(key))
-        except OSError:
-            handle = None
-        if handle is None and not even_if_locked:
-            log.info("entry %s is being rebuilt by another process; leaving it to that process", key[:12])
-            return False
-        try:
-            if keep:
-                return self.quarantine(key, code, message, expect_id=expect_id)
-            if expect_id is not None and self.current_id(key) not in (None, expect_id):
-                return False
-            return self.remove(key)
-        finally:
-            if handle is not None:
-                release(handle)
-
-    def crash_count(self, key: str, since: float = 0.0) -> int:
-        """How many quarantined entries of ``key`` killed the process that loaded them (after ``since``)."""
-        n = 0
-        for name in _fs.names(self.quarantine_dir):
-            if not name.startswith(key + "."):
-                continue
-            try:
-                data = json.loads(_fs.read_small(self.quarantine_dir / name / "reason.json", 1 << 16))
-            except (OSError, ValueError, RecursionError):
-                continue
-            if (isinstance(data, dict) and data.get("code") == "crashed_during_load"
-                    and isinstance(data.get("time"), (int, float)) and data["time"] >= since):
-                n += 1
-        return n
-
-    def _trim_quarantine(self) -> None:
-        items = sorted(_fs.iter_children(self.quarantine_dir), key=lambda c: c[1].st_mtime, reverse=True)
-        for name, _st in items[_KEEP_QUARANTINED:]:
-            _fs.remove_tree(self.quarantine_dir / name)
-
-    def _staging_dead(self, name: str, holding: str | None) -> bool:
-        """Whether a staging folder belongs to a compile that is over (its process died or let go).
-
-        A staging folder only exists while its creator holds the key's lock, and the kernel drops that
-        lock when the process dies: a lock that can be taken means a dead compile, whichever process
-        has that pid now (pids are reused; a container's app is pid 1 at every start). Never judged by
-        age either: a device that boots with its clock in 1970 and gets NTP time mid-compile makes a
-        live folder look decades old.
-        """
-        parts = name.split(".")
-        if parts[0] == "trash":
-            return True
-        if len(parts) == 3 and parts[1] == "ready" and _manifest.is_key(parts[0]):
-            # Published beside a held entry: needed until it is promoted, unless a newer entry took its place.
-            return self.current_id(parts[0]) not in (None, *self._hidden_ids(parts[0]))
-        if len(parts) != 3 or not _manifest.is_key(parts[0]) or not parts[1].isdigit():
-            return True  # not a name this store gives: nobody's
-        if parts[0] == holding:
-            return int(parts[1]) != os.getpid()  # this process holds that key's lock: the folder is not its own
-        from ._locking import release, try_lock
-
-        handle = try_lock(self.lock_path(parts[0]))
-        if handle is None:
-            return False
-        release(handle)
-        return True
-
-    def clean_staging(self, *, holding: str | None = None) -> int:
-        """Delete staging folders of compiles that are over (kill -9 mid-compile) and trash.
-
-        ``holding``: the key whose lock the caller holds (its own leftovers are judged by pid)."""
-        removed = 0
-        for name, _st in list(_fs.iter_children(self.staging_dir)):
-            if self._staging_dead(name, holding) and _fs.remove_tree(self.staging_dir / name):
-                removed += 1
-        return removed
-
-    # -- junk: everything the cache keeps besides its entries ------------------------------------
-    def junk(self, *, negative_ttl: float, lock_age: float = 3600.0, keep_quarantined: int = 0) -> list[Junk]:
-        """What housekeeping may delete: quarantined copies (all but the ``keep_quarantined`` newest),
-        staging folders of compiles that are over, memos of files that no longer exist, lock files and
-        heartbeats of keys without an entry that nobody holds (older than ``lock_age``), dead crash
-        markers and death notes of keys without an entry, expired negative records, provider caches
-        (:meth:`side_dir`) of keys without an entry."""
-        from . import _negative
-        from ._markers import _dead
-
-        keys = set(self.list_keys())
-        now = time.time()
-        out: list[Junk] = []
-        quarantined = sorted(_fs.iter_children(self.quarantine_dir), key=lambda c: c[1].st_mtime, reverse=True)
-        for name, st in quarantined[keep_quarantined:]:
-            out.append(Junk("quarantined", self.quarantine_dir / name, _fs.tree_size(self.quarantine_dir / name), st.st_mtime))
-        for name, st in _fs.iter_children(self.entries_dir):
-            if _manifest.is_key(name) and stat.S_ISDIR(st.st_mode) and self._hidden(name):
-                out.append(Junk("hidden", self.entries_dir / name, _fs.tree_size(self.entries_dir / name), st.st_mtime))
-        for name, st in _fs.iter_children(self.staging_dir):
-            if self._staging_dead(name, None):
-                out.append(Junk("staging", self.staging_dir / name, _fs.tree_size(self.staging_dir / name), st.st_mtime))
-        for name, st in _fs.iter_children(self.memo_dir):
-            if name.startswith("verdict-"):
-                if name.split("-")[1] not in keys:  # the verdict of an entry that is gone
-                    out.append(Junk("memo", self.memo_dir / name, st.st_size, st.st_mtime))
-            elif not _memo_alive(self.memo_dir / name):
-                out.append(Junk("memo", self.memo_dir / name, st.st_size, st.st_mtime))
-        for name, st in _fs.iter_children(self.locks_dir):
-            key = name.split(".", 1)[0]
-            if key in keys or not _manifest.is_key(key) or now - st.st_mtime < lock_age:
-                continue
-            if name.endswith(".lock.beat") or self._lock_free(key):
-                out.append(Junk("lock", self.locks_dir / name, st.st_size, st.st_mtime))
-        for name, st in _fs.iter_children(self.markers_dir):
-            key = name.split(".", 1)[0]
-            if key not in keys and (name.endswith(".deaths") or _dead(self.markers_dir, name)):
-                out.append(Junk("marker", self.markers_dir / name, st.st_size, st.st_mtime))
-        for name, st in _fs.iter_children(self.negative_dir):
-            if not _negative.alive(self.negative_dir / name, negative_ttl):
-                out.append(Junk("negative", self.negative_dir / name, st.st_size, st.st_mtime))
-        for name, st in _fs.iter_children(self.side_root):
-            if name not in keys:
-                out.append(Junk("side", self.side_root / name, _fs.tree_size(self.side_root / name), st.st_mtime))
-        return out
-
-    def _hidden_ids(self, key: str) -> tuple[str, ...]:
-        """The entry_id of ``key``'s committed manifest when it is hidden (a tombstone), else nothing."""
-        return (str(self.current_id(key)),) if self._hidden(key) else ()
-
-    def _hidden(self, key: str) -> bool:
-        try:
-            data = json.loads(_fs.read_small(self.entries_dir / key / MANIFEST, _manifest.MAX_BYTES))
-        except (OSError, ValueError, RecursionError):
-            return False
-        return isinstance(data, dict) and "gone" in data
-
-    def _lock_free(self, key: str) -> bool:
-        from ._locking import release, try_lock
-
-        handle = try_lock(self.lock_path(key))
-        if handle is None:
-            return False
-        release(handle)
-        return True
-
-    def remove_junk(self, item: Junk) -> bool:
-        """Delete one junk item (a staging folder or lock is re-judged first: it may have come alive)."""
-        if item.kind == "staging" and not self._staging_dead(item.path.name, None):
-            return False
-        if item.kind == "hidden":
-            return self._discard(item.path) and not _fs.exists(item.path)
-        if item.kind == "lock" and item.path.name.endswith(".lock") and not self._lock_free(item.path.name[:-5]):
-            return False
-        if item.kind == "side" and _fs.exists(self.entries_dir / item.path.name):
-            return False  # its key got an entry since the plan: the cache belongs to it now
-        return _fs.remove_tree(item.path)
-
     # -- listing ------------------------------------------------------------------------------
-    def list_keys(self) -> list[str]:
-        return sorted(n for n in _fs.names(self.entries_dir) if _manifest.is_key(n))
-
     def iter_entries(self) -> Iterator[Entry | tuple[str, BrokenEntry]]:
         for key in self.list_keys():
             try:
