@@ -292,3 +292,29 @@ def test_the_plan_is_typed_and_keyed(tmp_path: Path, conv_model: Path, qnn: list
     assert isinstance(p, ctxcache.Bypass) and p.silent and p.reason.code == "nothing_to_compile"
     assert not hasattr(p, "key")
     assert json.dumps(cache.config.to_json())  # the whole configuration serialises
+
+
+def test_entries_published_beside_a_held_one_are_ordered_by_their_recorded_sequence(
+        tmp_path: Path, conv_model: Path, qnn: list[Any]) -> None:
+    """Windows publishes beside an entry a session holds ("ready" folders with random names): the one to
+    promote is the last published (its manifest's sequence), never the last by name."""
+    import shutil
+
+    from ctxcache._store import Store
+
+    root = tmp_path / "c"
+    r = ctxcache.ContextCache(root).load(conv_model, providers=qnn)
+    assert r.key is not None and r.entry_path is not None
+    lay = Layout(root)
+    manifests = {}
+    for name, seq in (("zzzz", 1), ("aaaa", 2)):  # by name "zzzz" is last; by sequence "aaaa" is
+        ready = lay.staging_dir / f"{r.key}.ready.{name}"
+        shutil.copytree(r.entry_path, ready)
+        m = json.loads((ready / "manifest.json").read_text())
+        m["published_ns"], m["entry_id"] = seq, name * 4
+        (ready / "manifest.json").write_text(json.dumps(m))
+        manifests[name] = m
+    shutil.rmtree(r.entry_path)
+    entry = Store(root).look_again(r.key)
+    assert entry is not None and entry.entry_id == "aaaa" * 4
+    assert ctxcache.ContextCache(root).load(conv_model, providers=qnn).outcome == "hit"

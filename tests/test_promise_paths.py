@@ -248,9 +248,9 @@ def test_background_and_foreground_give_the_same_cache_under_max_size(
     assert _launches("background-cache" if relative else tmp_path / "background-cache", rel_models[1:], "background") == ["hit", "hit"]
 
 
-@pytest.mark.parametrize("setting", ["extra_key", "negative_ttl", "verify"])
+@pytest.mark.parametrize("setting", ["extra_key", "negative_ttl", "verify", "embed"])
 def test_the_worker_makes_the_apps_key_for_every_setting(tmp_path: Path, conv_model: Path, setting: str) -> None:
-    value = {"extra_key": "app-v2", "negative_ttl": 5.0, "verify": "stat"}[setting]
+    value = {"extra_key": "app-v2", "negative_ttl": 5.0, "verify": "stat", "embed": True}[setting]
     outs = {mode: _launches(tmp_path / mode, [conv_model, conv_model], mode, **{setting: value})
             for mode in ("compile", "background")}
     assert outs == {"compile": ["miss", "hit"], "background": ["pending", "hit"]}, outs
