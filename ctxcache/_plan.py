@@ -248,7 +248,7 @@ def trust_problem(entry: Entry, store: Store, trust: Trust) -> Reason | None:
     origin = entry.origin
     if origin is None:
         return None
-    from .tiers._base import still_admitted
+    from .tiers._signing import still_admitted
 
     refused = still_admitted(origin, trust)
     if refused is not None:

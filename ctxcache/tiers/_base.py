@@ -21,14 +21,9 @@ checked with SHA-256 so that a signature over the record also covers every file'
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import hmac
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,26 +35,34 @@ from typing import IO, Any, Literal, Protocol, runtime_checkable
 from .. import _fs, _manifest
 from .._compile import CompileFailed, check_output
 from .._fingerprint import canonical_json
-from .._key import key_of, portable_key
-from .._manifest import CONTEXT, MANIFEST, Entry
+from .._key import portable_key
+from .._manifest import MANIFEST, Entry
 from .._store import BrokenEntry, Store
 from .._trust import (
-    SigningKey,
     SigningKeyArg,
     Trust,
-    ed25519_keys,
-    ed25519_sign,
-    ed25519_verify,
-    signing_keys,
 )
 from ..errors import CacheFaultError, LockTimeoutError, TierError
+from ._records import _CHUNK, _copy_checked
+from ._records import RECORD_FORMAT as RECORD_FORMAT
+from ._records import check_record as check_record
+from ._records import make_record as make_record
+from ._records import parse_json as parse_json
+from ._records import sha256_file as sha256_file
+from ._signing import UNSIGNED as UNSIGNED
+from ._signing import Signer as Signer
+from ._signing import SignerStatus as SignerStatus
+from ._signing import admit as admit
+from ._signing import check_signature as check_signature
+from ._signing import read_signer as read_signer
+from ._signing import read_signer_or_refuse as read_signer_or_refuse
+from ._signing import resolve_signing_keys as resolve_signing_keys
+from ._signing import sign as sign
+from ._signing import sign_ed25519 as sign_ed25519
+from ._signing import still_admitted as still_admitted
 
 log = logging.getLogger("ctxcache")
 
-RECORD_FORMAT = 1
-_SHA_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
-_MAX_FILES = 64
-_CHUNK = 1 << 20
 
 #: Why a tier's entry was refused (``TierError.code``; ``CacheFaultError.code`` in strict mode), and
 #: whether strict mode raises for it (the bytes or their signer were wrong, not the tier absent or down).
@@ -87,34 +90,6 @@ Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 Parts = Sequence[tuple[str, Any]]
 
 
-SignerStatus = Literal["trusted", "invalid", "revoked", "untrusted", "hmac", "unsigned"]
-
-
-@dataclass(frozen=True)
-class Signer:
-    """Who signed what a tier offers, as this device sees it.
-
-    ``trusted``: a valid Ed25519 signature by a trusted key (``key_id``). ``invalid``: a signature that
-    names a trusted key does not verify (tampered). ``revoked``: signed only by a revoked key.
-    ``untrusted``: signed only by keys this device does not know. ``hmac``: no Ed25519 signature, but a
-    valid HMAC with the configured secret. ``unsigned``: neither.
-    """
-
-    status: SignerStatus = "unsigned"
-    key_id: str | None = None
-    hmac: bool = False
-
-    @property
-    def trusted(self) -> bool:
-        return self.status == "trusted"
-
-    def describe(self) -> str:
-        if self.key_id is not None:
-            return f"ed25519 key {self.key_id} ({self.status})" + (" + hmac" if self.hmac else "")
-        return "hmac only" if self.status == "hmac" else "unsigned"
-
-
-UNSIGNED = Signer()
 
 
 @dataclass(frozen=True)
@@ -206,90 +181,6 @@ def check_match(match: str) -> Match:
     return match  # type: ignore[return-value]
 
 
-# -- signing ----------------------------------------------------------------------------------------------
-def resolve_signing_keys(key: SigningKeyArg) -> tuple[SigningKey, ...]:
-    """Argument, else ``$CTXCACHE_SIGNING_KEY`` (read now, never at import), else none."""
-    return signing_keys(key)
-
-
-def sign(data: bytes, key: bytes) -> bytes:
-    """An HMAC signature file's content: ``hmac-sha256:<hex>``."""
-    return b"hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest().encode()
-
-
-def _message(context: str, data: bytes) -> bytes:
-    # Domain separation: a signature over a bundle index is never a valid signature over a remote record.
-    return b"ctxcache-signature-v1\0" + context.encode("ascii") + b"\0" + data
-
-
-def sign_ed25519(data: bytes, keys: Iterable[SigningKey], context: str) -> bytes:
-    """The Ed25519 signature lines (one per key; several during a key rotation) over ``data``."""
-    lines = [f"ed25519:{k.key_id}:{base64.b64encode(ed25519_sign(k, _message(context, data))).decode()}"
-             for k in ed25519_keys(keys)]
-    return "\n".join(lines).encode() + (b"\n" if lines else b"")
-
-
-def check_signature(data: bytes, signature: bytes | None, key: bytes | None, what: str) -> None:
-    """Refuse ``data`` when an HMAC secret is configured and its signature is missing or wrong.
-
-    Without a secret the HMAC is not checked: a bundle signed for one fleet stays usable by an app that
-    does not configure the secret. (An HMAC never makes an entry *trusted*; see :func:`read_signer`.)
-    """
-    if key is None:
-        return
-    if signature is None:
-        raise TierError(f"{what} is not signed, but a signing key is configured", code="tier_signature")
-    if not hmac.compare_digest(signature.strip(), sign(data, key)):
-        raise TierError(f"{what}: signature does not match (tampered, or signed with another key)", code="tier_signature")
-
-
-_MAX_SIGNATURES = 16
-
-
-def read_signer(data: bytes, blob: bytes | None, context: str, trust: Trust, *, hmac_checked: bool = False,
-                own: Iterable[SigningKey] = ()) -> Signer:
-    """Who signed ``data``, from its Ed25519 signature lines, as ``trust`` (plus the tier's own signing
-    keys, ``own``) sees it. Never raises: whether that is good enough is :func:`admit`'s decision.
-
-    One valid line from a trusted key is enough (during a rotation both keys sign). Unknown lines are
-    ignored (a newer ctxcache may add schemes); without ``cryptography`` a line from a trusted key
-    cannot be checked, which :func:`admit` reports as such.
-    """
-    trust = trust.with_signers(own)
-    found: dict[SignerStatus, str] = {}
-    for line in (blob or b"").decode("ascii", "replace").splitlines()[:_MAX_SIGNATURES]:
-        scheme, _, rest = line.strip().partition(":")
-        kid, _, b64 = rest.partition(":")
-        if scheme != "ed25519" or not kid:
-            continue
-        kid = kid.lower()
-        public = trust.public_key(kid)
-        if public is None:
-            found.setdefault("revoked" if trust.is_revoked(kid) else "untrusted", kid)
-            continue
-        try:
-            sig = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError):
-            sig = b""
-        if ed25519_verify(public, sig, _message(context, data)):
-            return Signer("trusted", kid, hmac_checked)
-        found.setdefault("invalid", kid)
-    worst: tuple[SignerStatus, ...] = ("invalid", "revoked", "untrusted")
-    for status in worst:
-        if status in found:
-            return Signer(status, found[status], hmac_checked)
-    return Signer("hmac" if hmac_checked else "unsigned", None, hmac_checked)
-
-
-def read_signer_or_refuse(data: bytes, blob: bytes | None, context: str, trust: Trust, what: str, *,
-                          hmac_checked: bool = False, own: Iterable[SigningKey] = ()) -> Signer:
-    """:func:`read_signer`, with a missing ``cryptography`` turned into a refusal that says what to install."""
-    try:
-        return read_signer(data, blob, context, trust, hmac_checked=hmac_checked, own=own)
-    except ImportError as e:
-        raise TierError(f"{what}: cannot check its Ed25519 signature: {e}", code="tier_untrusted") from None
-
-
 def signature_required(tier: object, trust: Trust) -> bool:
     """The one rule for where a trusted signature is required: the tier's own ``require_signature`` when
     set; else not for a bundle or package inside one of the app's own folders (``trusted_dirs``), and
@@ -298,159 +189,6 @@ def signature_required(tier: object, trust: Trust) -> bool:
     if explicit is not None:
         return bool(explicit)
     return not (isinstance(tier, LocalTier) and trust.covers(tier.location))
-
-
-def admit(signer: Signer, required: bool, what: str, trust: Trust | None = None) -> None:
-    """Refuse an offer whose signer is not good enough. A signature that fails, or a revoked key, is
-    refused everywhere (a forgery is worse than no signature); unsigned, HMAC-only or unknown-key
-    entries only where a signature is required."""
-    if signer.status == "trusted":
-        return
-    if signer.status == "invalid":
-        raise TierError(f"{what}: the signature by trusted key {signer.key_id} does not match (tampered after signing)",
-                        code="tier_signature")
-    if signer.status == "revoked":
-        raise TierError(f"{what}: signed by revoked key {signer.key_id}", code="tier_untrusted")
-    if not required:
-        return
-    note = f" ({trust.problem})" if trust is not None and trust.problem else ""
-    if trust is not None and trust.refused and not trust.problem:
-        note = f" (not trusted: {'; '.join(trust.refused)})"  # an anchor others can write was left out
-    if signer.status == "untrusted":
-        why = f"signed by key {signer.key_id}, which is not a trusted key (trusted_keys= / $CTXCACHE_TRUSTED_KEYS){note}"
-    elif signer.status == "hmac":
-        why = ("only an HMAC: a shared secret proves integrity between machines that share it, not who built the "
-               f"entry; sign with an Ed25519 key (ctxcache keygen) and trust its public key{note}")
-    else:
-        why = ("not signed; sign it with an Ed25519 key (ctxcache keygen; export/push --signing-key-file) and trust its "
-               f"public key, or, for the app's own bundle, name its folder in trusted_dirs={note}")
-    raise TierError(f"{what}: {why}", code="tier_untrusted")
-
-
-def still_admitted(origin: dict[str, Any], trust: Trust) -> str | None:
-    """Why an entry a tier put into this cache would not be admitted today (``None``: it would be), from what
-    its install recorded: the :func:`admit` rule again, with the signer's status as the device's trust says
-    it now. Revoking or removing a leaked key must reach entries it already brought in, not only new
-    imports: a revoked key's entries are refused everywhere; a key no longer among the device's trusted
-    keys (or a bundle folder no longer among its ``trusted_dirs``) is refused where the device names any.
-    Cheap: no file is read."""
-    kid = origin.get("signed_by")
-    recorded = origin.get("signature")
-    admitted = origin.get("admitted")
-    if isinstance(kid, str) and kid:
-        # A device that names no trusted key at all has no policy to ask again (the entry was admitted by
-        # whoever imported it, with theirs); a revoked key is refused everywhere, policy or not.
-        names_keys = bool(trust.keys) or trust.problem is not None or any(r.startswith("trusted_keys") for r in trust.refused)
-        status: SignerStatus = ("revoked" if trust.is_revoked(kid) else
-                                "trusted" if trust.public_key(kid) is not None or not names_keys else "untrusted")
-    else:
-        status = "unsigned" if recorded not in ("hmac",) else "hmac"
-    location = str(origin.get("location", ""))
-    if admitted == "trusted_dir":
-        # The app names its folders (some may have been refused as unsafe): this one must still be among them.
-        names_dirs = bool(trust.dirs) or any(r.startswith("trusted_dirs") for r in trust.refused)
-        required = names_dirs and not trust.covers(location)
-    elif admitted == "not_required":
-        required = False  # the tier itself said so (require_signature=False), at the app's request
-    else:
-        required = recorded == "trusted" or admitted == "signature"
-    try:
-        admit(Signer(status, kid if isinstance(kid, str) else None), required, f"{location}:{origin.get('tier', '?')}",
-              trust)
-    except TierError as e:
-        return f"{e}; it was admitted by {admitted or recorded}, and would not be now"
-    return None
-
-
-# -- records --------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    fd = _fs.open_regular(path)
-    with os.fdopen(fd, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def make_record(entry: Entry, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    raw = entry.manifest.get("model")
-    model: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    return {
-        "format": RECORD_FORMAT,
-        "key": entry.key,
-        "provider": entry.manifest.get("provider"),
-        "model": {"name": model.get("name"), "size": model.get("size")},
-        "parts": entry.manifest.get("parts"),
-        "files": files,
-    }
-
-
-def check_record(record: Any, key: str) -> dict[str, dict[str, Any]]:
-    """Validate an untrusted record for ``key``; returns its file table. Raises ``TierError``."""
-    if not isinstance(record, dict):
-        raise TierError("record is not a JSON object", code="tier_record")
-    fmt = record.get("format")
-    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > RECORD_FORMAT:
-        raise TierError(f"record format {fmt!r} is not readable by this ctxcache", code="tier_record")
-    if record.get("key") != key or not _manifest.is_key(key):
-        raise TierError("record key does not match", code="tier_record")
-    parts = record.get("parts")
-    if not isinstance(parts, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in parts):
-        raise TierError("record has no key parts", code="tier_record")
-    # The parts must hash to the key: an entry cannot claim a key it was not built for.
-    try:
-        if key_of(parts) != key:
-            raise TierError("key parts do not hash to the key", code="tier_record")
-    except (TypeError, ValueError, RecursionError):
-        raise TierError("key parts are not plain JSON", code="tier_record") from None
-    for name in ("provider",):
-        if record.get(name) is not None and not _manifest.printable(record[name], 256):
-            raise TierError(f"record field {name!r} is not a printable string", code="tier_record")
-    model = record.get("model")
-    if model is not None and not (isinstance(model, dict) and (model.get("name") is None or _manifest.file_name(model["name"]))):
-        raise TierError("record's model name is not a file name", code="tier_record")
-    files = record.get("files")
-    if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
-        raise TierError("record has no file table", code="tier_record")
-    for name, spec in files.items():
-        if not _manifest.safe_name(name):
-            raise TierError(f"record names an unsafe file {name!r}", code="tier_unsafe")
-        if not (isinstance(spec, dict) and isinstance(spec.get("size"), int) and not isinstance(spec["size"], bool)
-                and 0 <= spec["size"] < (1 << 50)
-                and isinstance(spec.get("sha256"), str) and _SHA_RE.fullmatch(spec["sha256"])):
-            raise TierError(f"record entry for {name!r} lacks size or sha256", code="tier_record")
-    if MANIFEST not in files or CONTEXT not in files:
-        raise TierError(f"record lacks {MANIFEST} or {CONTEXT}", code="tier_record")
-    return files
-
-
-def parse_json(raw: bytes, what: str) -> Any:
-    """Untrusted JSON: a syntax error, a nesting bomb or a huge number is a ``tier_record`` refusal."""
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise TierError(f"{what} is not valid JSON ({type(e).__name__})", code="tier_record") from None
-
-
-def _copy_checked(src: IO[bytes], dst: Path, size: int, sha: str, what: str) -> None:
-    h = hashlib.sha256()
-    n = 0
-    fd = _fs.create_exclusive(dst)
-    with os.fdopen(fd, "wb") as out:
-        while True:
-            # Never read more than the record promises (+1 to detect a longer file).
-            chunk = src.read(min(_CHUNK, size + 1 - n))
-            if not chunk:
-                break
-            n += len(chunk)
-            if n > size:
-                raise TierError(f"{what} is larger than its recorded {size} bytes", code="tier_digest")
-            h.update(chunk)
-            out.write(chunk)
-    if n != size:
-        raise TierError(f"{what} is {n} bytes, recorded {size}", code="tier_digest")
-    if not hmac.compare_digest(h.hexdigest(), sha):
-        raise TierError(f"{what} content does not match its recorded sha256", code="tier_digest")
 
 
 # -- the one install path ---------------------------------------------------------------------------------
