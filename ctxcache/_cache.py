@@ -23,7 +23,16 @@ from ._config import (
     resolve_cache_dir,
 )
 from ._fingerprint import Fingerprint
-from ._inputs import ProvidersArg, resolve_model
+from ._inputs import (
+    ProvidersArg,
+    Raw,
+    check_kwargs,
+    chosen_by_policy,
+    context_target,
+    plain_session,
+    resolve_model,
+    resolve_providers,
+)
 from ._loader import Loader, bypass_session, make_inputs
 from ._manifest import Entry
 from ._plan import Bypass, Plan, inputs_bypass
@@ -394,10 +403,21 @@ def InferenceSession(
         path_or_bytes = kwargs.pop("model")
     if path_or_bytes is None:
         raise TypeError("InferenceSession() missing the model: pass path_or_bytes (a path or bytes)")
+    if cache is None:
+        # No compiling provider first, or a selection policy: exactly onnxruntime's session, decided from the
+        # provider arguments alone, before the model file or the default cache folder is touched at all.
+        chain = resolve_providers(providers, provider_options)
+        if chosen_by_policy(chain, sess_options) or context_target(chain) is not None:
+            checked = check_kwargs(kwargs) if kwargs else {}
+            try:
+                return plain_session(Raw(path_or_bytes, providers, provider_options), sess_options, checked)
+            except Exception as e:
+                # Refused: said as a load would say it (a missing file, not an ONNX model), else ORT's own error.
+                resolve_model(path_or_bytes).explain_failure(e)
+                raise
     inputs = make_inputs(path_or_bytes, providers, provider_options, sess_options, kwargs=kwargs)
     if cache is None:
-        # Nothing to cache for these arguments (CPU first, a selection policy, settings a context cannot
-        # honour): decided from the arguments alone, before the default cache's folder is even looked up.
+        # Settings a context cannot honour: the provider's session on the caller's own options, nothing written.
         early = inputs_bypass(inputs)
         if early is not None:
             return bypass_session(inputs, early)

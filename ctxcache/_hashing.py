@@ -267,11 +267,26 @@ def forget_model(model: Path, memo_dir: Path) -> None:
     _fs.remove_file(_memo_path(memo_dir, str(Path(os.path.abspath(model)))))
 
 
+#: Library digests this process already made, by absolute path: (stat identity, digest). A second cache
+#: folder in one process (or a cache folder just emptied) would otherwise hash ~220 MB of QNN libraries
+#: again; the same identity rule as the on-disk memo decides whether a file is still the one hashed.
+_PROCESS_MEMO: dict[str, tuple[list[object], str]] = {}
+
+
 def files_digest(paths: Iterable[Path], memo_dir: Path | None) -> dict[str, str]:
-    """Digest each file (native libraries), memoised by stat signature like models."""
+    """Digest each file (native libraries), memoised by stat signature like models (on disk, per cache
+    folder, and for this process)."""
     out: dict[str, str] = {}
     for path in paths:
         key = "file:" + os.path.abspath(path)
+        known = _PROCESS_MEMO.get(key)
+        if known is not None:
+            try:
+                if identity(str(path)) == known[0]:
+                    out[path.name] = known[1]
+                    continue
+            except OSError:
+                pass
         memo_file = _memo_path(memo_dir, key) if memo_dir is not None else None
         data = _read_memo(memo_file, key) if memo_file is not None else None
         if data is not None and _memo_valid(data):
@@ -284,6 +299,7 @@ def files_digest(paths: Iterable[Path], memo_dir: Path | None) -> dict[str, str]
             out[path.name] = "missing"
             continue
         out[path.name] = digest
+        _PROCESS_MEMO[key] = (sig, digest)
         if memo_file is not None:
             payload = {"format": _MEMO_FORMAT, "key": key, "digest": digest, "files": [[os.path.abspath(path), sig]]}
             try:
