@@ -18,7 +18,8 @@ HIT_PATH = {
     "ctxcache", "ctxcache._cache", "ctxcache._config", "ctxcache._events", "ctxcache._fingerprint", "ctxcache._fs",
     "ctxcache._hashing", "ctxcache._inputs", "ctxcache._key", "ctxcache._loader", "ctxcache._log", "ctxcache._manifest", "ctxcache._record",
     "ctxcache._markers", "ctxcache._negative", "ctxcache._onnxproto", "ctxcache._plan", "ctxcache._seams",
-    "ctxcache._servable", "ctxcache._sessopts", "ctxcache._store", "ctxcache._trace", "ctxcache._trust",
+    "ctxcache._servable", "ctxcache._sessopts", "ctxcache._store", "ctxcache._storebase", "ctxcache._removal",
+    "ctxcache._housekeeping", "ctxcache._trace", "ctxcache._trust",
     "ctxcache._types", "ctxcache._version", "ctxcache.errors", "ctxcache.providers", "ctxcache.providers._base",
     "ctxcache.providers.qnn",
 }
