@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,28 @@ def jit_outputs(model: Path) -> list[float]:
 
 def first_outputs(result: Any) -> list[float]:
     return [float(x) for x in result.session.run(None, models.random_input(result.session, seed=7))[0].ravel()[:64]]
+
+
+@contextmanager
+def read_only_bind(src: Path, ro: Path) -> Iterator[Path]:
+    """``src`` bind-mounted read-only at ``ro`` (root ignores permission bits, so a chmod proves nothing),
+    unmounted after; the test skips, saying why, where this machine cannot mount or the mount takes writes."""
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root and mount permission): {mounted.stderr.strip()}")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True, text=True, check=False)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
+        try:
+            (ro / "probe").write_text("x")
+            pytest.skip("the read-only mount accepted a write")
+        except OSError:
+            pass
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True, check=False)
 
 
 def layout(cache: Any) -> Layout:

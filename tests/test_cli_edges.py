@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, launch, layout, run_python
+from conftest import ROOT, launch, layout, read_only_bind, run_python
 from test_cli import cli, flip_byte
 
 import ctxcache
@@ -227,23 +227,8 @@ def read_only_cache(two_models: tuple[Path, Path], tmp_path: Path) -> Iterator[d
         assert cli("warm", str(model), "--cache-dir", str(src)).returncode == 0
         (damaged,) = set(lay.keys()) - before
     flip_byte(next(p for p in lay.entry_path(damaged).iterdir() if p.suffix == ".bin"))
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot bind-mount here (needs root and mount permission): {mounted.stderr.strip()}")
-    try:
-        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True, text=True, check=False)
-        if remount.returncode != 0:
-            pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
-        try:
-            (ro / "probe").write_text("x")
-            pytest.skip("the read-only mount accepted a write")
-        except OSError:
-            pass
+    with read_only_bind(src, tmp_path / "ro") as ro:
         yield {"dir": ro, "keys": lay.keys(), "damaged": damaged, "models": two_models}
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True, check=False)
 
 
 def test_doctor_on_a_read_only_cache_says_hits_yes_compiles_no(read_only_cache: dict[str, Any]) -> None:

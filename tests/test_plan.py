@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
-from _child import Child
-from conftest import QNN, Layout, run_python
+from _child import Child, dead_pid
+from conftest import QNN, Layout, read_only_bind, run_python
 
 import ctxcache
 from ctxcache import models
@@ -229,21 +228,12 @@ def test_background_mode_with_a_stopped_worker_says_so(tmp_path: Path, conv_mode
 
 
 @pytest.fixture
-def read_only_image(tmp_path: Path, conv_model: Path, conv_model_b: Path, qnn_options: dict[str, str]) -> Iterator[Path]:
+def read_only_image(tmp_path: Path, conv_model: Path, qnn_options: dict[str, str]) -> Iterator[Path]:
     """A cache holding conv_model's entry, bind-mounted read-only (root ignores permission bits)."""
-    src, ro = tmp_path / "src", tmp_path / "ro"
+    src = tmp_path / "src"
     assert ctxcache.ContextCache(src).load(conv_model, providers=[(QNN, qnn_options)]).outcome == "miss"
-    ro.mkdir()
-    mounted = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot bind-mount here (needs root and mount permission): {mounted.stderr.strip()}")
-    try:
-        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True, text=True, check=False)
-        if remount.returncode != 0:
-            pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
+    with read_only_bind(src, tmp_path / "ro") as ro:
         yield ro
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 def test_read_only_image(read_only_image: Path, conv_model: Path, conv_model_b: Path, qnn: list[Any]) -> None:
@@ -260,13 +250,9 @@ def test_a_dead_loaders_marker_in_a_read_only_image_costs_no_probe(tmp_path: Pat
     src, ro = tmp_path / "src", tmp_path / "ro"
     first = ctxcache.ContextCache(src).load(conv_model, providers=[(QNN, qnn_options)])
     assert first.key is not None
-    # A marker of a loader that died (pid that is not alive), as _markers writes them.
-    (Layout(src).markers_dir / f"{first.key}.999999.abcdef").write_text("")
-    ro.mkdir()
-    if subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True, check=False).returncode != 0:
-        pytest.skip("cannot bind-mount here (needs root and mount permission)")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+    # A marker of a loader that died (a pid that exited and was reaped), as _markers writes them.
+    (Layout(src).markers_dir / f"{first.key}.{dead_pid()}.abcdef").write_text("")
+    with read_only_bind(src, ro):
         from ctxcache import _probe
 
         calls: list[Any] = []
@@ -277,8 +263,6 @@ def test_a_dead_loaders_marker_in_a_read_only_image_costs_no_probe(tmp_path: Pat
         finally:
             _probe.probe = real  # type: ignore[assignment]
         assert r.outcome == "hit" and calls == []
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 def test_the_plan_is_typed_and_keyed(tmp_path: Path, conv_model: Path, qnn: list[Any]) -> None:

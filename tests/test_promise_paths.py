@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _child import dead_pid
 from conftest import QNN, Layout, first_outputs, jit_outputs, run_python
 
 import ctxcache
@@ -314,8 +315,8 @@ def test_a_crash_on_damaged_bytes_is_damage_not_a_crash(tmp_path: Path, conv_mod
     raw = bytearray(binary.read_bytes())
     raw[len(raw) // 3] ^= 0x40
     binary.write_bytes(bytes(raw))
-    # The marker a loader killed during the context load leaves (a dead pid).
-    (Layout(cache).markers_dir / f"{r.key}.999999.abcdef").write_text("")
+    # The marker a loader killed during the context load leaves (a pid that exited and was reaped).
+    (Layout(cache).markers_dir / f"{r.key}.{dead_pid()}.abcdef").write_text("")
     bad = cache.load(conv_model, providers=qnn_providers)
     assert bad.outcome == "fallback" and bad.reason is not None and bad.reason.code == "artifact_digest"
     assert "a loader died on these bytes" in bad.reason.message
