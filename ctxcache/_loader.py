@@ -58,12 +58,12 @@ def make_inputs(model: ModelArg, providers: ProvidersArg, provider_options: Sequ
 
 
 def bypass_session(inputs: Inputs, decided: Bypass) -> ort.InferenceSession:
-    """The session of a bypass decided from the inputs alone (no cache, no store, nothing written)."""
-    assert decided.silent
-    log.debug("%s: bypass (%s)", inputs.model.shown, decided.reason.code)
-    if decided.session == "whole":
-        return original_session(inputs, whole=True)
-    return plain(inputs)
+    """The session a bypass plan names (no cached context): onnxruntime's own with the caller's arguments
+    (``policy``, ``plain``), or the provider's on the original model (``whole``: the caller's own
+    SessionOptions object). Needs no store: the drop-in runs it before any cache folder is looked up."""
+    if decided.session in ("policy", "plain"):
+        return plain(inputs)
+    return original_session(inputs, whole=decided.session == "whole")
 
 
 def original_session(inputs: Inputs, *, target: bool = True, whole: bool = False) -> ort.InferenceSession:
@@ -152,13 +152,11 @@ class Loader:
 
     # ---- the ways a load ends ----------------------------------------------------------------
     def bypass(self, inputs: Inputs, trace: Trace, decided: Bypass) -> LoadResult:
+        sess = bypass_session(inputs, decided)
+        reason = decided.reason
         if decided.session == "policy":
-            sess = plain(inputs)
-            reason = Reason("provider_policy", f"{decided.reason.message}; ONNX Runtime picked {sess.get_providers()[0]}")
-            return self.finish(trace, sess, "bypass", reason)
-        if decided.session == "plain":
-            return self.finish(trace, plain(inputs), "bypass", decided.reason)
-        return self.original(inputs, trace, "bypass", decided.reason, whole=decided.session == "whole")
+            reason = Reason("provider_policy", f"{reason.message}; ONNX Runtime picked {sess.get_providers()[0]}")
+        return self.finish(trace, sess, "bypass", reason)
 
     def serve(self, inputs: Inputs, trace: Trace, entry: Entry, outcome: Outcome, *, answer: Verdict = "unknown",
               detail: str = "", checked: bool = False, fresh: bool = False) -> LoadResult:
