@@ -95,15 +95,21 @@ def here(loader: Loader, inputs: Inputs, trace: Trace, decided: Miss) -> LoadRes
         hooks.published(entry)
         loader.after_publish(entry)
     if outcome == "hit" and trace.tier is None:
-        # Published by the process we waited for: the plan's rule, as for any committed entry.
-        from ._plan import Serve, of_entry
-
-        again = of_entry(inputs, store, loader.env, config, decided.fingerprint, decided.digest, entry, act=True)
-        if not isinstance(again, Serve):
-            return loader.execute(inputs, again, trace)
-        return loader.serve(inputs, trace, again.entry, "hit", answer=again.answer, detail=again.detail,
-                            checked=again.checked)
+        return found(loader, inputs, trace, decided, entry)
     return loader.serve(inputs, trace, entry, outcome, fresh=outcome == "miss")
+
+
+def found(loader: Loader, inputs: Inputs, trace: Trace, decided: Miss, entry: Entry) -> LoadResult:
+    """An entry another process published after this load's plan was made (found by looking again): judged
+    by the plan's own rule for a committed entry (trust, files, every byte, the verdict), as any hit is."""
+    from ._plan import Serve, of_entry
+
+    again = of_entry(inputs, loader.store, loader.env, loader.config, decided.fingerprint, decided.digest, entry,
+                     act=True)
+    if not isinstance(again, Serve):
+        return loader.execute(inputs, again, trace)
+    return loader.serve(inputs, trace, again.entry, "hit", answer=again.answer, detail=again.detail,
+                        checked=again.checked)
 
 
 def background(loader: Loader, inputs: Inputs, trace: Trace, decided: Miss) -> LoadResult | None:
@@ -122,9 +128,10 @@ def background(loader: Loader, inputs: Inputs, trace: Trace, decided: Miss) -> L
         finally:
             release(handle)
         if entry is not None:
-            if trace.tier is not None:
-                hooks.published(entry)
-                loader.after_publish(entry)
+            if trace.tier is None:
+                return found(loader, inputs, trace, decided, entry)
+            hooks.published(entry)
+            loader.after_publish(entry)
             return loader.serve(inputs, trace, entry, "hit")
     def give_up(why: str) -> None:
         _negative.remember(store.negative_dir, decided.key, "compile_failed", why)

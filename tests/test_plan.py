@@ -302,3 +302,23 @@ def test_entries_published_beside_a_held_one_are_ordered_by_their_recorded_seque
     entry = Store(root).look_again(r.key)
     assert entry is not None and entry.entry_id == "aaaa" * 4
     assert ctxcache.ContextCache(root).load(conv_model, providers=qnn).outcome == "hit"
+
+
+@pytest.mark.parametrize("mode", ["compile", "background"])
+def test_an_entry_found_by_looking_again_is_judged_like_any_hit(tmp_path: Path, conv_model: Path, qnn: list[Any],
+                                                                mode: str) -> None:
+    """The plan saw no entry; under the key's lock the load finds one (published beside a held entry, or by the
+    process it waited for). Its bytes are checked before the provider sees them, in both miss modes."""
+    import shutil
+
+    root = tmp_path / "c"
+    r = ctxcache.ContextCache(root).load(conv_model, providers=qnn)
+    assert r.key is not None and r.entry_path is not None
+    ready = Layout(root).staging_dir / f"{r.key}.ready.abcd"
+    shutil.move(str(r.entry_path), ready)
+    binary = next(p for p in ready.iterdir() if p.suffix == ".bin")
+    data = bytearray(binary.read_bytes())
+    data[len(data) // 2] ^= 0x01  # loads and runs with wrong outputs if it ever reached QNN
+    binary.write_bytes(bytes(data))
+    bad = ctxcache.ContextCache(root, on_miss=mode).load(conv_model, providers=qnn)  # type: ignore[arg-type]
+    assert (bad.outcome, bad.reason.code if bad.reason else None) == ("fallback", "artifact_digest"), bad
